@@ -1,0 +1,35 @@
+# drstream developer commands. `make test` works on a fresh machine: it creates .venv,
+# installs the package with its test extra, and runs the whole suite, starting real Kafka
+# clusters and an S3 API server itself (see tests/infra/).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install test lint unit bench-codec services-down clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: install
+	$(PY) -m pytest tests/unit tests/contract -k "not s3" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check daemon connectors tests benchmarks
+	$(VENV)/bin/mypy
+
+bench-codec: install
+	$(PY) -m benchmarks.codec
+
+services-down:
+	$(PY) -m tests.infra stop-all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

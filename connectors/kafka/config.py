@@ -1,0 +1,104 @@
+"""Typed config of the Kafka connector (source side; the sink joins it with `apply`)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from daemon.secrets import SECRET_REF_HELP, is_secret_ref
+
+DEFAULT_DISCOVERY_INTERVAL_S = 5.0
+DEFAULT_CONNECT_TIMEOUT_S = 15.0
+DEFAULT_CONSUME_BATCH = 2000
+# Internal topics are never replicated, whatever the include list says.
+ALWAYS_EXCLUDED = (r"__.*", r"_confluent.*", r"drstream\..*")
+
+
+def _check_regexes(patterns: list[str]) -> list[str]:
+    for i, pattern in enumerate(patterns):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"[{i}] {pattern!r} is not a valid regular expression: {e}") from e
+    return patterns
+
+
+class Selection(BaseModel):
+    """Names chosen by full-match regexes: included and not excluded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        return _check_regexes(patterns)
+
+    def matches(self, name: str) -> bool:
+        if any(re.fullmatch(p, name) for p in self.exclude):
+            return False
+        return any(re.fullmatch(p, name) for p in self.include)
+
+
+class KafkaSourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["kafka"]
+    name: str = Field("primary", pattern=r"^[A-Za-z0-9._-]{1,64}$",
+                      description="cluster name; the stream is 'kafka:<name>'")
+    bootstrap_servers: str = Field(min_length=1)
+    topics: Selection
+    groups: Selection = Selection()
+    start_from: str = Field("earliest", description="earliest | latest | an RFC 3339 time, "
+                            "used only for partitions the log has no position for")
+    group_id: str | None = Field(None, description="consumer group for visibility commits "
+                                 "(default drstream-<log_id>); never read back")
+    discovery_interval_s: float = Field(DEFAULT_DISCOVERY_INTERVAL_S, gt=0)
+    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+    consume_batch: int = Field(DEFAULT_CONSUME_BATCH, ge=1, le=100_000)
+    properties: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="extra librdkafka properties (security, tuning)")
+    secret_properties: dict[str, str] = Field(
+        default_factory=dict, description="librdkafka properties whose values are secrets, "
+        "by reference (e.g. sasl.password: env:KAFKA_PASSWORD)")
+
+    @field_validator("topics")
+    @classmethod
+    def _some_topics(cls, topics: Selection) -> Selection:
+        if not topics.include:
+            raise ValueError("topics.include needs at least one regex (e.g. '.*')")
+        return topics
+
+    @field_validator("start_from")
+    @classmethod
+    def _start(cls, value: str) -> str:
+        if value not in ("earliest", "latest"):
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError("must be earliest, latest or an RFC 3339 time") from None
+        return value
+
+    @field_validator("secret_properties")
+    @classmethod
+    def _refs(cls, props: dict[str, str]) -> dict[str, str]:
+        for key, ref in props.items():
+            if not is_secret_ref(ref):
+                raise ValueError(f"{key} must be {SECRET_REF_HELP}")
+        return props
+
+    @property
+    def stream(self) -> str:
+        return f"kafka:{self.name}"
+
+    def start_timestamp_ms(self) -> int | None:
+        if self.start_from in ("earliest", "latest"):
+            return None
+        return int(datetime.fromisoformat(self.start_from).timestamp() * 1000)
+
+
+KafkaStart = Literal["earliest", "latest"]

@@ -1,0 +1,343 @@
+"""Kafka source: tails topics with read_committed, manual assignment, bounded memory.
+
+librdkafka's consumer is not thread-safe and its calls block, so one dedicated thread owns
+the Consumer (poll, pause/resume, discovery, commits) and hands `Delivery`s to the event
+loop. Positions live in the log, not in Kafka: the group commits below are for
+visibility in standard tooling and are never read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
+
+from connectors.kafka.config import ALWAYS_EXCLUDED, KafkaSourceConfig
+from daemon.codec import KafkaBatch, KafkaRecord
+from daemon.errors import SourceError, SourceUnavailableError
+from daemon.logging import get_logger
+from daemon.secrets import read_secret
+from daemon.source import Delivery
+
+log = get_logger("drstream.kafka.source")
+
+RECORD_OVERHEAD_BYTES = 64  # per-record bookkeeping counted against the buffer bound
+POLL_TIMEOUT_S = 0.1
+ORIGIN_HEADER = "drstream.origin"
+
+Positions = dict[str, dict[str, int]]  # topic -> partition (as str, JSON keys) -> next offset
+
+
+def client_config(config: KafkaSourceConfig) -> dict[str, Any]:
+    conf: dict[str, Any] = {"bootstrap.servers": config.bootstrap_servers, **config.properties}
+    for key, ref in config.secret_properties.items():
+        conf[key] = read_secret(ref, f"secret_properties.{key}")
+    return conf
+
+
+class KafkaSource:
+    def __init__(self, config: KafkaSourceConfig, *, log_id: str, buffer_max_bytes: int) -> None:
+        self.config = config
+        self.stream = config.stream
+        self.group_id = config.group_id or f"drstream-{log_id}"
+        self.buffer_max_bytes = buffer_max_bytes
+        self._positions: Positions = {}
+        self._delivered: Positions = {}
+        self._buffered = 0
+        self._buffer_lock = threading.Lock()
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        self._paused = False
+        self._topics: dict[str, int] = {}  # topic -> partition count
+        self._shipped_meta: dict[str, Any] = {}
+        self._group_offsets: dict[str, Any] = {}
+        self._next_discovery = 0.0
+        self._consumer: Consumer | None = None
+        self._admin: AdminClient | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._out: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    # -- event-loop side ---------------------------------------------------------------
+
+    async def start(self, positions: dict[str, Any] | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._positions = {t: {p: int(o) for p, o in parts.items()}
+                           for t, parts in (positions or {}).items()}
+        await asyncio.to_thread(self._connect)
+        self._thread = threading.Thread(target=self._run, name=f"kafka-{self.config.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    async def read(self, timeout_s: float) -> Delivery | None:
+        if self._failure is not None and self._out.empty():
+            raise self._failure
+        try:
+            delivery = await asyncio.wait_for(self._out.get(), timeout_s)
+        except TimeoutError:
+            return None
+        self._delivered = delivery.positions
+        return delivery
+
+    def positions(self) -> dict[str, Any]:
+        return self._delivered
+
+    def release(self, nbytes: int) -> None:
+        with self._buffer_lock:
+            self._buffered -= nbytes
+
+    async def durable(self, positions: dict[str, Any]) -> None:
+        offsets = [TopicPartition(t, int(p), int(o))
+                   for t, parts in positions.items() for p, o in parts.items()]
+        if offsets:
+            self._commands.put(lambda: self._commit(offsets))
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # -- consumer thread ---------------------------------------------------------------
+
+    def _connect(self) -> None:
+        conf = client_config(self.config)
+        self._consumer = Consumer({
+            **conf,
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            # librdkafka's own prefetch counts against our memory bound too
+            "queued.max.messages.kbytes": max(1024, self.buffer_max_bytes // 4096),
+            "client.id": f"drstream-ship-{self.config.name}",
+        })
+        self._admin = AdminClient(conf)
+        try:
+            self._discover(initial=True)
+        except KafkaException as e:
+            self._consumer.close()
+            raise SourceUnavailableError(
+                f"cannot reach Kafka cluster {self.config.name!r} at "
+                f"{self.config.bootstrap_servers} within {self.config.connect_timeout_s:g}s: "
+                f"{e.args[0] if e.args else e}"
+            ) from e
+
+    def _run(self) -> None:
+        assert self._consumer is not None
+        try:
+            while not self._stop.is_set():
+                self._run_commands()
+                if time.monotonic() >= self._next_discovery:
+                    self._discover(initial=False)
+                self._flow_control()
+                msgs = self._consumer.consume(self.config.consume_batch, POLL_TIMEOUT_S)
+                delivery = self._to_delivery(msgs)
+                if delivery is not None:
+                    self._emit(delivery)
+        except BaseException as e:  # surfaced to the pipeline by read()
+            self._failure = e if isinstance(e, SourceError) else SourceError(
+                f"Kafka source {self.config.name!r} failed: {e}")
+            log.error("source_failed", source=self.stream, error=str(e))
+        finally:
+            self._run_commands()
+            with contextlib.suppress(Exception):
+                self._consumer.close()
+
+    def _emit(self, delivery: Delivery) -> None:
+        assert self._loop is not None
+        with self._buffer_lock:
+            self._buffered += delivery.nbytes
+        self._loop.call_soon_threadsafe(self._out.put_nowait, delivery)
+
+    def _flow_control(self) -> None:
+        """Pause every partition while the pipeline is behind; resume at half the bound."""
+        assert self._consumer is not None
+        with self._buffer_lock:
+            buffered = self._buffered
+        if not self._paused and buffered >= self.buffer_max_bytes:
+            self._consumer.pause(self._consumer.assignment())
+            self._paused = True
+            log.info("source_paused", source=self.stream, buffered_bytes=buffered)
+        elif self._paused and buffered < self.buffer_max_bytes // 2:
+            self._consumer.resume(self._consumer.assignment())
+            self._paused = False
+            log.info("source_resumed", source=self.stream, buffered_bytes=buffered)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _commit(self, offsets: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as e:  # visibility only: never fatal
+            log.warning("visibility_commit_failed", source=self.stream, error=str(e))
+
+    def _to_delivery(self, msgs: list[Any]) -> Delivery | None:
+        meta, groups = self._pending_meta, self._pending_groups
+        if not msgs and meta is None and groups is None:
+            return None
+        runs: dict[tuple[str, int], list[KafkaRecord]] = {}
+        nbytes = 0
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                self._on_error(err)
+                continue
+            ts_type, ts = m.timestamp()
+            key, value = m.key(), m.value()
+            rec = KafkaRecord(m.offset(), ts, ts_type, key, value, m.headers() or [])
+            runs.setdefault((m.topic(), m.partition()), []).append(rec)
+            nbytes += RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
+        batches = []
+        for (topic, partition), records in runs.items():
+            self._positions.setdefault(topic, {})[str(partition)] = records[-1].offset + 1
+            batches.append(KafkaBatch(self.stream, topic, partition, records))
+        self._pending_meta = self._pending_groups = None
+        return Delivery(
+            batches=batches, nbytes=nbytes, metadata=meta, group_offsets=groups or {},
+            positions={t: dict(parts) for t, parts in self._positions.items()},
+        )
+
+    _pending_meta: dict[str, Any] | None = None
+    _pending_groups: dict[str, Any] | None = None
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            raise SourceError(f"Kafka cluster {self.config.name!r}: fatal error: {err.str()}")
+        log.warning("source_error", source=self.stream, code=err.name(), error=err.str())
+
+    # -- discovery: topics, partitions, configs, group offsets ---------------------------
+
+    def _discover(self, *, initial: bool) -> None:
+        assert self._consumer is not None
+        self._next_discovery = time.monotonic() + self.config.discovery_interval_s
+        timeout = self.config.connect_timeout_s if initial else 10.0
+        try:
+            md = self._consumer.list_topics(timeout=timeout)
+        except KafkaException:
+            if initial:
+                raise
+            log.warning("discovery_failed", source=self.stream)
+            return
+        wanted = {
+            name: len(t.partitions) for name, t in md.topics.items()
+            if t.error is None and self._selected(name)
+        }
+        new_parts = [(t, p) for t, n in wanted.items() for p in range(n)
+                     if p >= self._topics.get(t, 0)]
+        if new_parts:
+            self._assign(new_parts, initial=initial)
+        changed = {t for t, n in wanted.items() if self._topics.get(t) != n}
+        self._topics = wanted
+        self._refresh_metadata(force=initial or bool(changed))
+        if self.config.groups.include:
+            self._refresh_groups()
+
+    def _selected(self, topic: str) -> bool:
+        import re
+
+        if any(re.fullmatch(p, topic) for p in ALWAYS_EXCLUDED):
+            return False
+        return self.config.topics.matches(topic)
+
+    def _assign(self, parts: list[tuple[str, int]], *, initial: bool) -> None:
+        assert self._consumer is not None
+        tps = []
+        for topic, partition in parts:
+            known = self._positions.get(topic, {}).get(str(partition))
+            offset = known if known is not None else self._start_offset(topic, partition, initial)
+            self._positions.setdefault(topic, {})[str(partition)] = offset
+            tps.append(TopicPartition(topic, partition, offset))
+        self._consumer.incremental_assign(tps)
+        if self._paused:
+            self._consumer.pause(tps)
+        log.info("partitions_assigned", source=self.stream, count=len(tps),
+                 topics=sorted({t for t, _ in parts}))
+
+    def _start_offset(self, topic: str, partition: int, initial: bool) -> int:
+        """A concrete offset, so the log records it and a restart never re-resolves it."""
+        assert self._consumer is not None
+        tp = TopicPartition(topic, partition)
+        timeout = self.config.connect_timeout_s
+        low, high = self._consumer.get_watermark_offsets(tp, timeout=timeout)
+        # Topics and partitions that appear while running start at their beginning.
+        mode = self.config.start_from if initial else "earliest"
+        if mode == "earliest":
+            return int(low)
+        if mode == "latest":
+            return int(high)
+        ts = self.config.start_timestamp_ms() or 0
+        [found] = self._consumer.offsets_for_times(
+            [TopicPartition(topic, partition, ts)], timeout=timeout)
+        return int(high) if found.offset in (OFFSET_INVALID, -1) else int(found.offset)
+
+    def _refresh_metadata(self, *, force: bool) -> None:
+        meta = {t: {"partitions": n, "configs": self._topic_configs(t)} for t, n in
+                self._topics.items()}
+        changed = {t: m for t, m in meta.items() if self._shipped_meta.get(t) != m}
+        if changed or force:
+            self._shipped_meta = meta
+            self._pending_meta = {**(self._pending_meta or {}), **(meta if force else changed)}
+
+    def _topic_configs(self, topic: str) -> dict[str, str]:
+        """Only the configs set on the topic itself (the standby applies those)."""
+        assert self._admin is not None
+        res = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        try:
+            entries = self._admin.describe_configs([res])[res].result(timeout=10)
+        except KafkaException as e:
+            log.warning("describe_configs_failed", source=self.stream, topic=topic, error=str(e))
+            previous: dict[str, str] = self._shipped_meta.get(topic, {}).get("configs", {})
+            return previous
+        return {
+            name: e.value for name, e in entries.items()
+            if not e.is_default and e.source == 1 and e.value is not None  # DYNAMIC_TOPIC_CONFIG
+        }
+
+    def _refresh_groups(self) -> None:
+        assert self._admin is not None
+        try:
+            listed = self._admin.list_consumer_groups().result(timeout=10)
+            offsets: dict[str, Any] = {}
+            for g in listed.valid:
+                gid = g.group_id
+                if gid == self.group_id or not self.config.groups.matches(gid):
+                    continue
+                req = [ConsumerGroupTopicPartitions(gid)]
+                res = self._admin.list_consumer_group_offsets(req)[gid].result(timeout=10)
+                parts: dict[str, dict[str, int]] = {}
+                for tp in res.topic_partitions:
+                    if tp.offset >= 0 and tp.topic in self._topics:
+                        parts.setdefault(tp.topic, {})[str(tp.partition)] = tp.offset
+                if parts:
+                    offsets[gid] = parts
+        except KafkaException as e:
+            log.warning("group_offsets_failed", source=self.stream, error=str(e))
+            return
+        if offsets != self._group_offsets:
+            self._group_offsets = offsets
+            self._pending_groups = offsets

@@ -1,0 +1,271 @@
+"""The `drstream` command line. Every subcommand listed here works; each takes the same config.
+
+Exit codes: 0 success, 1 the command ran and found problems (verify), 2 bad usage or
+config, 3 a runtime failure (store down, key missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__
+from daemon.config import Config, load_config
+from daemon.errors import ConfigError, ConfigFieldError, DrstreamError
+from daemon.keyring import KeyRing, generate_key_file, load_key
+from daemon.logging import configure_logging, get_logger
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
+
+
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """Run the command's coroutine on uvloop (the CLI is the only place that picks a loop)."""
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+def keyring_from_config(config: Config) -> KeyRing:
+    keys = {}
+    for key_id, ref in config.keyring.keys.items():
+        try:
+            keys[key_id] = load_key(ref)
+        except DrstreamError as e:
+            raise ConfigError(
+                "keyring", [ConfigFieldError(f"keyring.keys.{key_id}", ref, str(e))]
+            ) from e
+    return KeyRing(keys, config.keyring.active)
+
+
+def keyring_from_args(specs: list[str]) -> KeyRing:
+    """`--key ID=REF` (repeatable; the first is active)."""
+    keys: dict[str, bytes] = {}
+    for spec in specs:
+        key_id, sep, ref = spec.partition("=")
+        if not sep:
+            raise ConfigError("--key", [ConfigFieldError("--key", spec, "expected ID=REF")])
+        keys[key_id] = load_key(ref)
+    return KeyRing(keys, next(iter(keys)))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.check_keys:
+        keyring_from_config(config)
+    print(f"{args.config}: ok (log_id {config.log_id}, store {config.store.type})")
+    return EXIT_OK
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    generate_key_file(path)
+    print(f"wrote a new 256-bit key to {path} (mode 0600)")
+    print("reference it in the config as:")
+    print(f"  keyring:\n    active: {args.id}\n    keys:\n      {args.id}: file:{path.resolve()}")
+    return EXIT_OK
+
+
+def _progress_printer(total_hint: Callable[[], int | None]) -> Callable[[Any], None]:
+    last = [0.0]
+    interactive = sys.stderr.isatty()
+
+    def show(report: Any) -> None:
+        now = time.monotonic()
+        if now - last[0] < (0.5 if interactive else 10.0):
+            return
+        last[0] = now
+        total = total_hint()
+        of = f"/{total}" if total else ""
+        end = "\r" if interactive else "\n"
+        print(f"verify {report.log_id}: {report.segments}{of} segments, "
+              f"{report.stored_bytes / 2**20:.1f} MiB, {len(report.problems)} problems",
+              end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _print_report(report: Any) -> None:
+    status = "OK" if report.ok else "FAILED"
+    print(f"log {report.log_id}: {status}")
+    print(f"  segments   {report.segments} (seq {report.first_seq}..{report.last_seq}), "
+          f"{report.stored_bytes / 2**20:.2f} MiB stored")
+    if report.first_created_ms is not None:
+        print(f"  written    {_iso(report.first_created_ms)} .. {_iso(report.last_created_ms)}")
+    print(f"  key ids    {', '.join(sorted(report.key_ids)) or '-'}")
+    if report.deep:
+        print(f"  records    {report.records} ({report.heartbeats} heartbeat segments)")
+        if report.min_record_ms is not None:
+            print(f"  record ts  {_iso(report.min_record_ms)} .. {_iso(report.max_record_ms)}")
+    for problem in report.problems:
+        print(f"  PROBLEM    {problem}")
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+async def _verify(args: argparse.Namespace) -> int:
+    from daemon.deltalog import DeltaLog
+    from daemon.store import open_store, store_config_from_url
+    from daemon.verify import verify_log
+
+    config = load_config(args.config) if args.config else None
+    if args.url:
+        store_config = store_config_from_url(args.url)
+    elif config is not None:
+        store_config = config.store
+    else:
+        raise ConfigError("verify", [ConfigFieldError("URL", None, "give a store URL or --config")])
+    keyring = None
+    if args.key:
+        keyring = keyring_from_args(args.key)
+    elif config is not None and args.deep:
+        keyring = keyring_from_config(config)
+    async with open_store(store_config) as store:
+        log_ids = [args.log_id] if args.log_id else (
+            [config.log_id] if config is not None else await _discover_logs(store)
+        )
+        if not log_ids:
+            print(f"no logs under {store.url}", file=sys.stderr)
+            return EXIT_PROBLEMS
+        reports = []
+        for log_id in log_ids:
+            report = await verify_log(
+                DeltaLog(store, log_id), keyring=keyring, deep=args.deep,
+                from_seq=args.from_seq, to_seq=args.to_seq,
+                progress=_progress_printer(lambda: None),
+            )
+            reports.append(report)
+    if args.json:
+        print(json.dumps([r.to_json() for r in reports], indent=2))
+    else:
+        for report in reports:
+            _print_report(report)
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_PROBLEMS
+
+
+async def _discover_logs(store: Any) -> list[str]:
+    """Log ids under logs/, one LIST call per log (skip past each log's keys)."""
+    ids: list[str] = []
+    start_after = None
+    while True:
+        found = None
+        async for key in store.list("logs/", start_after=start_after, limit=1):
+            found = key.split("/")[1]
+        if found is None:
+            return ids
+        ids.append(found)
+        start_after = f"logs/{found}0"  # '0' sorts right after '/', past all of its segments
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    return run_async(_verify(args))
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT: stop intake and drain. A second one: exit at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signame: str) -> None:
+        if stop.is_set():
+            print(f"drstream: second {signame}: exiting without draining", file=sys.stderr)
+            os._exit(EXIT_FAILURE)
+        get_logger("drstream").info("stop_requested", signal=signame)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+
+async def _ship(args: argparse.Namespace) -> int:
+    from daemon.pipeline import Shipper
+    from daemon.store import open_store
+
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format)
+    if not config.sources:
+        raise ConfigError(args.config, [ConfigFieldError("sources", [], "ship needs a source")])
+    keyring = keyring_from_config(config)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    async with open_store(config.store) as store:
+        await Shipper(config, store, keyring).run(stop)
+    return EXIT_OK
+
+
+def cmd_ship(args: argparse.Namespace) -> int:
+    return run_async(_ship(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drstream",
+        description="Disaster-recovery replication through an encrypted, hash-chained delta log.",
+    )
+    parser.add_argument("--version", action="version", version=f"drstream {__version__}")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a config file; exit 2 with every error found")
+    p.add_argument("config", help="path of the YAML config")
+    p.add_argument("--check-keys", action="store_true",
+                   help="also load every key of the key ring (file modes, sizes)")
+    p.set_defaults(func=cmd_validate)
+
+    keys = sub.add_parser("keys", help="manage encryption keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    p = keys_sub.add_parser("generate", help="write a new random 256-bit key file (mode 0600)")
+    p.add_argument("path", help="where to write the key; an existing file is never overwritten")
+    p.add_argument("--id", default="k1", help="key id to show in the config snippet")
+    p.set_defaults(func=cmd_keys_generate)
+
+    p = sub.add_parser("verify", help="walk a log's hash chain; --deep also checks every MAC")
+    p.add_argument("url", nargs="?", help="store URL (file:///path, s3://bucket/prefix)")
+    p.add_argument("--config", help="take store, log_id and keys from this config")
+    p.add_argument("--log-id", help="verify only this log (default: every log in the store)")
+    p.add_argument("--key", action="append", default=[], metavar="ID=REF",
+                   help="a key for --deep, e.g. k1=file:/etc/drstream/k1.key (repeatable)")
+    p.add_argument("--deep", action="store_true", help="decrypt and decode every segment")
+    p.add_argument("--from-seq", type=int, default=1, metavar="N")
+    p.add_argument("--to-seq", type=int, default=None, metavar="N")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("ship", help="tail the configured sources into the delta log until SIGTERM")
+    p.add_argument("--config", required=True, help="path of the YAML config")
+    p.set_defaults(func=cmd_ship)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        code: int = args.func(args)
+    except ConfigError as e:
+        print(f"drstream: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigFieldError as e:
+        print(f"drstream: invalid argument: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DrstreamError as e:
+        print(f"drstream: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("drstream: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The drstream config file: one YAML document, typed, unknown keys rejected.
+
+Every validation error names the field path and the bad value
+(`store.path: field required (got None)`), and all errors are reported at once.
+Store sections are validated by the config model that the store's connector
+registered under its type name (daemon.store.STORE_TYPES).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from daemon.errors import HIDDEN, MISSING, ConfigError, ConfigFieldError
+from daemon.secrets import SECRET_REF_HELP, is_secret_ref
+from daemon.source import SOURCE_TYPES, load_builtin_sources
+from daemon.store import STORE_TYPES, load_builtin_connectors
+
+LOG_ID_RE = r"^[A-Za-z0-9._-]{1,128}$"
+KEY_ID_RE = r"^[A-Za-z0-9._-]{1,64}$"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+DEFAULT_LOG_LEVEL: LogLevel = "info"
+DEFAULT_LOG_FORMAT: LogFormat = "auto"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _secret_ref(value: str) -> str:
+    if not is_secret_ref(value):
+        raise ValueError(f"must be {SECRET_REF_HELP}")
+    return value
+
+
+SecretRef = Annotated[str, AfterValidator(_secret_ref)]
+"""A config value naming where a secret lives; the value itself is never echoed."""
+
+
+class KeyRingConfig(Strict):
+    active: str = Field(pattern=KEY_ID_RE, description="key id used to encrypt new segments")
+    keys: dict[str, SecretRef] = Field(description="key id -> secret reference of a 32-byte key")
+
+    @field_validator("keys")
+    @classmethod
+    def _ids(cls, keys: dict[str, str]) -> dict[str, str]:
+        if not keys:
+            raise ValueError("at least one key is required")
+        for key_id in keys:
+            if not re.match(KEY_ID_RE, key_id):
+                raise ValueError(f"key id {key_id!r} must match {KEY_ID_RE}")
+        return keys
+
+    @model_validator(mode="after")
+    def _active_known(self) -> KeyRingConfig:
+        if self.active not in self.keys:
+            raise ValueError(f"active key {self.active!r} is not in keys {sorted(self.keys)}")
+        return self
+
+
+class LoggingConfig(Strict):
+    level: LogLevel = DEFAULT_LOG_LEVEL
+    format: LogFormat = DEFAULT_LOG_FORMAT
+
+
+DEFAULT_MAX_BYTES = 1 << 20
+DEFAULT_FLUSH_INTERVAL_S = 0.25
+DEFAULT_MAX_IN_FLIGHT = 4
+DEFAULT_HEARTBEAT_INTERVAL_S = 10.0
+DEFAULT_BUFFER_MAX_BYTES = 64 << 20
+DEFAULT_DRAIN_DEADLINE_S = 30.0
+
+
+class ShipConfig(Strict):
+    """How `ship` cuts and uploads segments."""
+
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, le=256 << 20,
+                           description="cut a segment once its records reach this many bytes")
+    flush_interval_s: float = Field(DEFAULT_FLUSH_INTERVAL_S, gt=0, le=3600,
+                                    description="cut a segment this long after its first record")
+    max_in_flight: int = Field(DEFAULT_MAX_IN_FLIGHT, ge=1, le=64)
+    heartbeat_interval_s: float = Field(DEFAULT_HEARTBEAT_INTERVAL_S, gt=0)
+    buffer_max_bytes: int = Field(DEFAULT_BUFFER_MAX_BYTES, ge=1 << 20,
+                                  description="consumed but not yet encoded bytes before "
+                                              "the source pauses its partitions")
+    drain_deadline_s: float = Field(DEFAULT_DRAIN_DEADLINE_S, gt=0)
+    zstd_level: int = Field(1, ge=-7, le=22)
+    upload_retry_deadline_s: float | None = Field(
+        None, gt=0, description="give up on a segment upload after this long (default: never)"
+    )
+
+
+class Config(Strict):
+    log_id: str = Field(pattern=LOG_ID_RE, description="name of this shipper's ordered log")
+    store: Any = Field(description="the log store; its keys depend on store.type")
+    keyring: KeyRingConfig
+    sources: list[Any] = Field(default_factory=list, description="what `ship` reads")
+    ship: ShipConfig = Field(default_factory=lambda: ShipConfig.model_validate({}))
+    logging: LoggingConfig = LoggingConfig()
+
+
+def _fmt_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _field_errors(e: ValidationError, prefix: str = "") -> list[ConfigFieldError]:
+    errors = []
+    for err in e.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = _fmt_loc(loc)
+        if prefix:
+            path = prefix if path == "(top level)" else f"{prefix}.{path}"
+        reason = str(err["msg"]).removeprefix("Value error, ")
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            reason = "unknown key"
+        elif err["type"] == "missing":
+            reason, value = "required key is missing", MISSING
+        if SECRET_REF_HELP in reason:
+            value = HIDDEN
+        errors.append(ConfigFieldError(path, value, reason))
+    return errors
+
+
+def _validate_typed(
+    path: str, raw: Any, models: dict[str, type[BaseModel]]
+) -> tuple[BaseModel | None, list[ConfigFieldError]]:
+    """Validate a connector section by the model registered under its `type`."""
+    if not isinstance(raw, dict):
+        return None, [ConfigFieldError(path, raw, "must be a mapping with a 'type' key")]
+    name = raw.get("type")
+    if name not in models:
+        valid = ", ".join(sorted(models))
+        return None, [ConfigFieldError(f"{path}.type", name, f"unknown type; valid: {valid}")]
+    try:
+        return models[name].model_validate(raw), []
+    except ValidationError as e:
+        return None, _field_errors(e, path)
+
+
+def _validate_connectors(data: dict[str, Any]) -> tuple[dict[str, Any], list[ConfigFieldError]]:
+    load_builtin_connectors()
+    load_builtin_sources()
+    out: dict[str, Any] = {}
+    errors: list[ConfigFieldError] = []
+    if "store" in data:
+        stores = {name: t.config_model for name, t in STORE_TYPES.items()}
+        out["store"], errs = _validate_typed("store", data["store"], stores)
+        errors += errs
+    raw_sources = data.get("sources", [])
+    if not isinstance(raw_sources, list):
+        return out, [*errors, ConfigFieldError("sources", raw_sources, "must be a list")]
+    sources = {name: t.config_model for name, t in SOURCE_TYPES.items()}
+    out["sources"] = []
+    for i, raw in enumerate(raw_sources):
+        model, errs = _validate_typed(f"sources[{i}]", raw, sources)
+        out["sources"].append(model)
+        errors += errs
+    return out, errors
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate an already-parsed YAML document; raise ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [ConfigFieldError("(top level)", data, "must be a mapping")])
+    connectors, errors = _validate_connectors(data)
+    try:
+        config = Config.model_validate({**data, **connectors})
+    except ValidationError as e:
+        errors += [
+            fe for fe in _field_errors(e) if not fe.path.startswith(("store", "sources"))
+        ]
+        if "store" not in data:
+            errors.append(ConfigFieldError("store", MISSING, "required key is missing"))
+        raise ConfigError(source, errors) from None
+    if errors:
+        raise ConfigError(source, errors)
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(str(path), [ConfigFieldError("(file)", str(path), reason)]) from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(
+            str(path), [ConfigFieldError(where, MISSING, f"YAML syntax: {problem}")]
+        ) from e
+    return parse_config(data, str(path))

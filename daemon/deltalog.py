@@ -1,0 +1,318 @@
+"""The delta log: an ordered, hash-chained run of segments for one log_id over a Store.
+
+Writers append with several uploads in flight while the durable head only advances over a
+contiguous run of seqs. Readers find the newest segment with O(log n) existence probes,
+never a full LIST, and follow new segments by probing seq+1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+from daemon.codec import Body, Manifest
+from daemon.errors import DrstreamError, FencedError, SegmentFormatError, StoreError
+from daemon.keyring import KeyRing
+from daemon.logging import get_logger
+from daemon.segment import encode_segment, read_manifest, segment_digest
+from daemon.store import Store
+
+ZERO_DIGEST: Final = bytes(32)
+DEFAULT_MAX_IN_FLIGHT: Final = 4
+DEFAULT_ZSTD_LEVEL: Final = 1
+UPLOAD_RETRY_MIN_S: Final = 0.2
+UPLOAD_RETRY_MAX_S: Final = 10.0
+FOLLOW_POLL_MIN_S: Final = 0.05
+FOLLOW_POLL_MAX_S: Final = 2.0
+ORPHAN_WINDOW: Final = 256
+
+log = get_logger("drstream.deltalog")
+
+
+def segments_prefix(log_id: str) -> str:
+    return f"logs/{log_id}/"
+
+
+def segment_key(log_id: str, seq: int) -> str:
+    return f"logs/{log_id}/{seq:020d}.seg"
+
+
+def seq_from_key(key: str) -> int | None:
+    """The seq of a segment key, or None for any other object."""
+    name = key.rsplit("/", 1)[-1]
+    stem, dot, ext = name.partition(".")
+    if ext != "seg" or not dot or len(stem) != 20 or not stem.isdigit():
+        return None
+    return int(stem)
+
+
+class DeltaLog:
+    """Read access to one log: locate the ends, fetch segments, follow the head."""
+
+    def __init__(self, store: Store, log_id: str) -> None:
+        self.store = store
+        self.log_id = log_id
+
+    def key(self, seq: int) -> str:
+        return segment_key(self.log_id, seq)
+
+    async def first_seq(self) -> int | None:
+        """The oldest segment still stored (prune may have removed earlier ones): one LIST."""
+        async for key in self.store.list(segments_prefix(self.log_id), limit=1):
+            return seq_from_key(key)
+        return None
+
+    async def exists(self, seq: int) -> bool:
+        return await self.store.exists(self.key(seq))
+
+    async def head_seq(self) -> int | None:
+        """The newest segment of the contiguous run (the durable head)."""
+        head, _ = await self.locate_head()
+        return head
+
+    async def locate_head(self) -> tuple[int | None, list[int]]:
+        """(durable head, orphans): O(log n) HEADs plus one LIST of a small window.
+
+        A writer killed with several uploads in flight can leave a hole with a few later
+        segments stored behind it ("orphans"). They were never durable (the head only
+        advances over a contiguous run), but they fool a plain binary search, so the
+        window just below the probed head is listed and cut at its first gap.
+        """
+        first = await self.first_seq()
+        if first is None:
+            return None, []
+        lo, step = first, 1
+        while await self.exists(lo + step):
+            lo, step = lo + step, step * 2
+        hi = lo + step  # lo exists, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if await self.exists(mid):
+                lo = mid
+            else:
+                hi = mid
+        return await self._cut_at_first_gap(first, lo)
+
+    async def _cut_at_first_gap(self, first: int, probed: int) -> tuple[int, list[int]]:
+        start = max(first, probed - ORPHAN_WINDOW)
+        seqs = []
+        async for key in self.store.list(
+            segments_prefix(self.log_id), start_after=self.key(start - 1) if start > 1 else None,
+            limit=2 * ORPHAN_WINDOW,
+        ):
+            seq = seq_from_key(key)
+            if seq is not None:
+                seqs.append(seq)
+        if not seqs:  # pruned between the two calls
+            return probed, []
+        head = seqs[0]
+        for seq in seqs[1:]:
+            if seq != head + 1:
+                break
+            head = seq
+        return head, [s for s in seqs if s > head]
+
+    async def fetch(self, seq: int) -> bytes | None:
+        return await self.store.get(self.key(seq))
+
+    async def follow(
+        self, after_seq: int, stop: asyncio.Event | None = None
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield (seq, bytes) for after_seq+1, +2, ... as they appear; back off while idle."""
+        seq, delay = after_seq + 1, FOLLOW_POLL_MIN_S
+        while stop is None or not stop.is_set():
+            data = await self.fetch(seq)
+            if data is None:
+                await _sleep_or_stop(delay, stop)
+                delay = min(delay * 2, FOLLOW_POLL_MAX_S)
+                continue
+            yield seq, data
+            seq, delay = seq + 1, FOLLOW_POLL_MIN_S
+
+
+async def _sleep_or_stop(delay: float, stop: asyncio.Event | None) -> None:
+    if stop is None:
+        await asyncio.sleep(delay)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
+
+
+class LogWriter:
+    """Appends segments to one log; the single writer of that log_id.
+
+    `append` assigns the next seq, encodes (in a thread) and starts the upload; at most
+    `max_in_flight` uploads run at once. `durable_seq` is the highest seq such that every
+    seq up to it is stored. A failed upload is retried with the same bytes; a create that
+    meets other bytes under the same key is split brain and stops the writer for good.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        log_id: str,
+        keyring: KeyRing,
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        retry_deadline_s: float | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self.log = DeltaLog(store, log_id)
+        self.keyring = keyring
+        self.zstd_level = zstd_level
+        self.retry_deadline_s = retry_deadline_s
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._append_lock = asyncio.Lock()
+        self._durable_changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._done: set[int] = set()
+        self._next_seq = 0
+        self._prev_digest = ZERO_DIGEST
+        self.durable_seq = 0
+        self.failure: BaseException | None = None
+        self.opened = False
+
+    @property
+    def log_id(self) -> str:
+        return self.log.log_id
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    async def open(self) -> Manifest | None:
+        """Find the head and return its manifest: the positions to resume from.
+
+        Orphans left behind a hole by a crash are deleted: their records come after the
+        head's positions and will be read from the source again.
+        """
+        head, orphans = await self.log.locate_head()
+        for seq in orphans:
+            log.warning("orphan_segment_deleted", log_id=self.log_id, seq=seq, durable_head=head)
+            await self.log.store.delete(self.log.key(seq))
+        self.opened = True
+        if head is None:
+            self._next_seq, self._prev_digest, self.durable_seq = 1, ZERO_DIGEST, 0
+            return None
+        data = await self.log.fetch(head)
+        if data is None:
+            raise SegmentFormatError("head segment vanished while opening", log_id=self.log_id,
+                                     seq=head, key=self.log.key(head))
+        _, manifest = await asyncio.to_thread(
+            read_manifest, data, self.keyring, expect_log_id=self.log_id, expect_seq=head
+        )
+        self._next_seq, self._prev_digest, self.durable_seq = head + 1, segment_digest(data), head
+        log.info("log_opened", log_id=self.log_id, head_seq=head)
+        return manifest
+
+    async def append(self, body: Body) -> int:
+        """Encode `body` as the next segment and start uploading it; returns its seq."""
+        if not self.opened:
+            raise DrstreamError("LogWriter.open() must run before append()")
+        self._raise_if_failed()
+        await self._slots.acquire()
+        try:
+            async with self._append_lock:
+                self._raise_if_failed()
+                seq = self._next_seq
+                data = await asyncio.to_thread(
+                    encode_segment, body, log_id=self.log_id, seq=seq,
+                    prev_digest=self._prev_digest, keyring=self.keyring,
+                    zstd_level=self.zstd_level,
+                )
+                self._next_seq, self._prev_digest = seq + 1, segment_digest(data)
+        except BaseException:
+            self._slots.release()
+            raise
+        task = asyncio.create_task(self._upload(seq, data), name=f"upload-{seq}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return seq
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once every segment up to `seq` is stored; raise if the writer failed."""
+        async with self._durable_changed:
+            await self._durable_changed.wait_for(
+                lambda: self.durable_seq >= seq or self.failure is not None
+            )
+        if self.durable_seq < seq:
+            self._raise_if_failed()
+
+    async def flush(self) -> None:
+        """Wait for every started upload; raise the writer's failure if there was one."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._raise_if_failed()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def __aenter__(self) -> LogWriter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def _upload(self, seq: int, data: bytes) -> None:
+        try:
+            await self._put_with_retries(seq, data)
+        except BaseException as e:  # the writer stops for good: later appends re-raise it
+            if not isinstance(e, asyncio.CancelledError):
+                self.failure = e
+                log.error("segment_upload_failed", log_id=self.log_id, seq=seq, error=str(e))
+            async with self._durable_changed:
+                self._durable_changed.notify_all()
+            raise
+        finally:
+            self._slots.release()
+        async with self._durable_changed:
+            self._done.add(seq)
+            while self.durable_seq + 1 in self._done:
+                self._done.discard(self.durable_seq + 1)
+                self.durable_seq += 1
+            self._durable_changed.notify_all()
+
+    async def _put_with_retries(self, seq: int, data: bytes) -> None:
+        key = self.log.key(seq)
+        started, delay = time.monotonic(), UPLOAD_RETRY_MIN_S
+        while True:
+            try:
+                await self._put_once(key, data)
+                return
+            except StoreError as e:
+                elapsed = time.monotonic() - started
+                out_of_time = self.retry_deadline_s is not None and elapsed > self.retry_deadline_s
+                if not e.retriable or out_of_time:
+                    raise
+                log.warning("segment_upload_retry", log_id=self.log_id, seq=seq,
+                            error=str(e), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, UPLOAD_RETRY_MAX_S)
+
+    async def _put_once(self, key: str, data: bytes) -> None:
+        if await self.log.store.put_if_absent(key, data):
+            return
+        # Exists already: our own earlier attempt (a retry after a lost reply) is fine;
+        # other bytes mean a second writer with the same log_id.
+        existing = await self.log.store.get(key)
+        if existing == data:
+            return
+        raise FencedError(
+            f"object {key} already exists with other bytes: another writer is using "
+            f"log_id {self.log_id!r} (split brain); this writer stops",
+            key=key,
+        )
+

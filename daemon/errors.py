@@ -1,0 +1,126 @@
+"""One root exception for everything drstream raises on purpose.
+
+`retriable` tells a caller whether the same operation may succeed if tried again
+(a store that is down, a broker restarting) or never will (bad config, a tampered
+segment, a fenced writer). Library errors are wrapped at the connector edge with
+`raise ... from e` so the cause stays visible.
+"""
+
+from __future__ import annotations
+
+
+class DrstreamError(Exception):
+    retriable: bool = False
+
+    def __init__(self, message: str, *, retriable: bool | None = None) -> None:
+        super().__init__(message)
+        if retriable is not None:
+            self.retriable = retriable
+
+
+MISSING = object()
+HIDDEN = object()
+
+
+class ConfigFieldError(DrstreamError):
+    """One bad field: where it is, what was there, what is wrong.
+
+    `value` may be MISSING (nothing to show) or HIDDEN (a would-be secret: never echoed).
+    """
+
+    def __init__(self, path: str, value: object, reason: str) -> None:
+        self.path = path
+        self.value = value
+        self.reason = reason
+        if value is MISSING:
+            shown = ""
+        elif value is HIDDEN:
+            shown = " (value hidden: it may be a secret)"
+        else:
+            shown = f" (got {value!r})"
+        super().__init__(f"{path}: {reason}{shown}")
+
+
+class ConfigError(DrstreamError):
+    """A config that cannot be used; carries every field error found."""
+
+    def __init__(self, source: str, errors: list[ConfigFieldError]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"invalid config {source}:\n{lines}")
+
+
+class KeyRingError(DrstreamError):
+    """A key that cannot be loaded or used (missing, unsafe file mode, wrong size)."""
+
+
+class StoreError(DrstreamError):
+    """A store operation failed; `key` names the object when there is one."""
+
+    def __init__(
+        self, message: str, *, key: str | None = None, retriable: bool | None = None
+    ) -> None:
+        self.key = key
+        super().__init__(message, retriable=retriable)
+
+
+class StoreUnavailableError(StoreError):
+    """The store did not answer (connection refused, timeout, 5xx) after retries."""
+
+    retriable = True
+
+
+class FencedError(StoreError):
+    """Another writer already created this object with other bytes: split brain."""
+
+
+class SegmentError(DrstreamError):
+    """A segment that cannot be trusted: names the log and seq (and object key if known)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        log_id: str | None = None,
+        seq: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.log_id = log_id
+        self.seq = seq
+        self.key = key
+        where = []
+        if log_id is not None:
+            where.append(f"log {log_id}")
+        if seq is not None:
+            where.append(f"seq {seq}")
+        if key is not None:
+            where.append(f"object {key}")
+        prefix = f"segment {' '.join(where)}: " if where else "segment: "
+        super().__init__(prefix + message)
+
+
+class SegmentFormatError(SegmentError):
+    """Bytes that do not parse as a segment (bad magic, truncated, trailing bytes)."""
+
+
+class SegmentAuthError(SegmentError):
+    """AES-GCM authentication failed: tampered bytes or the wrong key."""
+
+
+class UnknownKeyError(SegmentError):
+    """The segment names a key id that the key ring does not hold."""
+
+
+class ChainError(SegmentError):
+    """The hash chain is broken: wrong predecessor digest, a gap, or a moved segment."""
+
+
+class SourceError(DrstreamError):
+    """A source (Kafka cluster, registry) failed; the message names the cluster."""
+
+
+class SourceUnavailableError(SourceError):
+    """The source cannot be reached (yet); the shipper may retry or fail readiness."""
+
+    retriable = True

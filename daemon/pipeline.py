@@ -1,0 +1,217 @@
+"""`ship`: sources -> open segment -> LogWriter, with positions travelling in each segment.
+
+The pipeline cuts a segment at `max_bytes` or `flush_interval_s` after its first record,
+writes a heartbeat segment when nothing was written for `heartbeat_interval_s`, and
+includes consumer-group offsets only once every record below them is in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.codec import Body, KafkaBatch, make_manifest
+from daemon.config import Config
+from daemon.deltalog import LogWriter
+from daemon.errors import DrstreamError
+from daemon.keyring import KeyRing
+from daemon.logging import get_logger
+from daemon.source import SOURCE_TYPES, Delivery, Source, load_builtin_sources
+from daemon.store import Store
+
+log = get_logger("drstream.ship")
+
+
+@dataclass
+class OpenSegment:
+    """Records gathered for the next segment, merged per partition in arrival order."""
+
+    batches: dict[tuple[str, str, int], KafkaBatch] = field(default_factory=dict)
+    nbytes: int = 0
+    records: int = 0
+    first_at: float | None = None
+    released: dict[int, int] = field(default_factory=dict)  # source index -> bytes
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # stream -> topics
+
+    def add(self, index: int, stream: str, d: Delivery) -> None:
+        for b in d.batches:
+            key = (stream, b.topic, b.partition)
+            if key in self.batches:
+                self.batches[key].records.extend(b.records)
+            else:
+                self.batches[key] = KafkaBatch(stream, b.topic, b.partition, list(b.records))
+            self.records += len(b.records)
+        if d.batches and self.first_at is None:
+            self.first_at = time.monotonic()
+        self.nbytes += d.nbytes
+        self.released[index] = self.released.get(index, 0) + d.nbytes
+        if d.metadata:
+            self.metadata.setdefault(stream, {}).update(d.metadata)
+
+
+def gate_group_offsets(
+    pending: dict[str, Any], positions: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split group offsets into (ready, still pending): an offset is ready once every
+    record below it is in the log, i.e. it is <= the log position of its partition."""
+    ready: dict[str, Any] = {}
+    waiting: dict[str, Any] = {}
+    for group, topics in pending.items():
+        for topic, parts in topics.items():
+            for p, offset in parts.items():
+                shipped = positions.get(topic, {}).get(p)
+                target = ready if shipped is not None and offset <= shipped else waiting
+                target.setdefault(group, {}).setdefault(topic, {})[p] = offset
+    return ready, waiting
+
+
+class Shipper:
+    def __init__(self, config: Config, store: Store, keyring: KeyRing) -> None:
+        self.config = config
+        self.ship = config.ship
+        self.writer = LogWriter(
+            store, config.log_id, keyring, max_in_flight=self.ship.max_in_flight,
+            zstd_level=self.ship.zstd_level, retry_deadline_s=self.ship.upload_retry_deadline_s,
+        )
+        load_builtin_sources()
+        self.sources: list[Source] = [
+            SOURCE_TYPES[s.type].factory(s, log_id=config.log_id,
+                                         buffer_max_bytes=self.ship.buffer_max_bytes)
+            for s in config.sources
+        ]
+        self.positions: dict[str, Any] = {}
+        self.pending_groups: dict[str, dict[str, Any]] = {}
+        self.last_append = time.monotonic()
+        self.ready = asyncio.Event()
+        self._inbox: asyncio.Queue[tuple[int, Delivery]] = asyncio.Queue(maxsize=64)
+        self._open = OpenSegment()
+        self._commit_tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Open the log, resume every source at the head's positions."""
+        manifest = await self.writer.open()
+        self.positions = dict(manifest.positions) if manifest else {}
+        for src in self.sources:
+            await src.start(self.positions.get(src.stream))
+            self.positions[src.stream] = src.positions() or self.positions.get(src.stream, {})
+        self.ready.set()
+        log.info("ship_started", log_id=self.config.log_id, next_seq=self.writer.next_seq,
+                 sources=[s.stream for s in self.sources])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Ship until `stop` is set, then drain: flush the open segment and the uploads."""
+        await self.start()
+        readers = [asyncio.create_task(self._reader(i, s, stop)) for i, s in
+                   enumerate(self.sources)]
+        try:
+            await self._loop(stop, readers)
+        finally:
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        await self._drain()
+
+    async def _reader(self, index: int, src: Source, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            delivery = await src.read(0.2)
+            if delivery is not None:
+                await self._inbox.put((index, delivery))
+
+    async def _loop(self, stop: asyncio.Event, readers: list[asyncio.Task[None]]) -> None:
+        while not stop.is_set():
+            for task in readers:
+                if task.done() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            try:
+                index, delivery = await asyncio.wait_for(self._inbox.get(), self._wait_s())
+                self._accept(index, delivery)
+            except TimeoutError:
+                pass
+            await self._maybe_cut()
+        self._drain_inbox()
+
+    def _drain_inbox(self) -> None:
+        while not self._inbox.empty():
+            self._accept(*self._inbox.get_nowait())
+
+    def _accept(self, index: int, delivery: Delivery) -> None:
+        stream = self.sources[index].stream
+        self._open.add(index, stream, delivery)
+        self.positions[stream] = delivery.positions
+        for group, offsets in delivery.group_offsets.items():
+            self.pending_groups.setdefault(stream, {})[group] = offsets
+
+    def _wait_s(self) -> float:
+        now = time.monotonic()
+        deadline = self.last_append + self.ship.heartbeat_interval_s
+        if self._open.first_at is not None:
+            deadline = min(deadline, self._open.first_at + self.ship.flush_interval_s)
+        return max(0.001, min(deadline - now, 0.5))
+
+    async def _maybe_cut(self) -> None:
+        now, seg = time.monotonic(), self._open
+        full = seg.nbytes >= self.ship.max_bytes
+        due = seg.first_at is not None and now - seg.first_at >= self.ship.flush_interval_s
+        idle = now - self.last_append >= self.ship.heartbeat_interval_s
+        if full or due or idle or seg.metadata or self._groups_ready():
+            await self.cut()
+
+    def _groups_ready(self) -> bool:
+        return any(gate_group_offsets(p, self.positions.get(s, {}))[0]
+                   for s, p in self.pending_groups.items())
+
+    async def cut(self) -> int:
+        """Append the open segment (or a heartbeat) and start its upload."""
+        seg, self._open = self._open, OpenSegment()
+        extra: dict[str, Any] = {}
+        for stream, topics in seg.metadata.items():
+            extra.setdefault(stream, {})["topics"] = topics
+        for stream, pending in list(self.pending_groups.items()):
+            ready, waiting = gate_group_offsets(pending, self.positions.get(stream, {}))
+            if ready:
+                extra.setdefault(stream, {})["groups"] = ready
+            self.pending_groups[stream] = waiting
+        batches = list(seg.batches.values())
+        positions = {s: {t: dict(p) for t, p in parts.items()}
+                     for s, parts in self.positions.items()}
+        body = Body(make_manifest(positions, list(batches), extra=extra), list(batches))
+        seq = await self.writer.append(body)
+        self.last_append = time.monotonic()
+        for index, nbytes in seg.released.items():
+            self.sources[index].release(nbytes)
+        task = asyncio.create_task(self._after_durable(seq, positions))
+        self._commit_tasks.add(task)
+        task.add_done_callback(self._commit_tasks.discard)
+        log.debug("segment_appended", seq=seq, records=seg.records, bytes=seg.nbytes)
+        return seq
+
+    async def _after_durable(self, seq: int, positions: dict[str, Any]) -> None:
+        with contextlib.suppress(DrstreamError):
+            await self.writer.wait_durable(seq)
+            for src in self.sources:
+                await src.durable(positions.get(src.stream, {}))
+
+    async def _drain(self) -> None:
+        """Stop intake has happened; flush what is open and wait for uploads, bounded."""
+        try:
+            async with asyncio.timeout(self.ship.drain_deadline_s):
+                if self._open.records or self._open.metadata:
+                    await self.cut()
+                await self.writer.flush()
+                if self._commit_tasks:
+                    await asyncio.gather(*list(self._commit_tasks), return_exceptions=True)
+        except TimeoutError:
+            log.error("drain_deadline_exceeded", deadline_s=self.ship.drain_deadline_s,
+                      durable_seq=self.writer.durable_seq, next_seq=self.writer.next_seq)
+            raise DrstreamError(
+                f"shutdown drain did not finish within {self.ship.drain_deadline_s:g}s; "
+                f"segments after {self.writer.durable_seq} were not stored (their records "
+                "will be shipped again on restart)") from None
+        finally:
+            for src in self.sources:
+                await src.close()
+            await self.writer.close()
+        log.info("ship_stopped", durable_seq=self.writer.durable_seq)

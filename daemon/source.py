@@ -1,0 +1,70 @@
+"""The Source interface (what `ship` reads from) and the source registry.
+
+A source runs its client off the event loop and hands the pipeline `Delivery`s: records
+grouped by partition, plus the source's FULL position map right after those records.
+The pipeline writes that map into each segment's manifest, which is what makes the log
+the shipper's checkpoint: segment durable => positions durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from daemon.codec import KafkaBatch
+
+
+@dataclass
+class Delivery:
+    batches: list[KafkaBatch]
+    positions: dict[str, Any]  # this source's full position map after these records
+    nbytes: int = 0  # buffered payload bytes; released with Source.release
+    metadata: dict[str, Any] | None = None  # topic metadata that is new or changed
+    group_offsets: dict[str, Any] = field(default_factory=dict)  # group -> topic -> p -> off
+
+
+class Source(Protocol):
+    stream: str  # stream name in manifests, e.g. "kafka:primary"
+
+    async def start(self, positions: dict[str, Any] | None) -> None:
+        """Connect and assign, resuming at `positions` (None: the configured start)."""
+        ...
+
+    async def read(self, timeout_s: float) -> Delivery | None:
+        """The next delivery, or None if nothing arrived within `timeout_s`."""
+        ...
+
+    def positions(self) -> dict[str, Any]:
+        """The full position map after the last delivery handed out."""
+        ...
+
+    def release(self, nbytes: int) -> None:
+        """The pipeline has encoded `nbytes` of delivered payload: buffer space is free."""
+        ...
+
+    async def durable(self, positions: dict[str, Any]) -> None:
+        """Positions are durable in the log (for visibility commits only)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SourceType:
+    name: str
+    config_model: type[BaseModel]
+    factory: Callable[..., Source]
+
+
+SOURCE_TYPES: dict[str, SourceType] = {}
+
+
+def register_source(source_type: SourceType) -> None:
+    SOURCE_TYPES[source_type.name] = source_type
+
+
+def load_builtin_sources() -> None:
+    import connectors.kafka  # noqa: F401

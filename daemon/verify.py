@@ -1,0 +1,204 @@
+"""`drstream verify`: walk a log's chain and report every problem by log_id and seq.
+
+Without keys it checks what anyone may check: contiguous seqs, each header naming its own
+log and seq, and each prev_digest matching the SHA-256 of the segment before. With
+`deep` it also authenticates and decodes every segment (MAC, zstd, records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from daemon.deltalog import ZERO_DIGEST, DeltaLog, segments_prefix, seq_from_key
+from daemon.errors import ChainError, DrstreamError, SegmentAuthError, UnknownKeyError
+from daemon.keyring import KeyRing
+from daemon.segment import SegmentHeader, decode_segment, parse_header, segment_digest
+
+VERIFY_PREFETCH: Final = 8
+
+
+@dataclass
+class Problem:
+    log_id: str
+    seq: int | None
+    kind: str  # gap, format, chain, moved, auth, key, missing, stray
+    message: str
+
+    def __str__(self) -> str:
+        where = f"seq {self.seq}" if self.seq is not None else "log"
+        return f"{self.log_id} {where}: {self.kind}: {self.message}"
+
+
+@dataclass
+class Report:
+    log_id: str
+    deep: bool
+    segments: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    first_created_ms: int | None = None
+    last_created_ms: int | None = None
+    key_ids: set[str] = field(default_factory=set)
+    records: int = 0
+    heartbeats: int = 0
+    min_record_ms: int | None = None
+    max_record_ms: int | None = None
+    plaintext_bytes: int = 0
+    stored_bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.segments > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "log_id": self.log_id, "ok": self.ok, "deep": self.deep,
+            "segments": self.segments, "first_seq": self.first_seq, "last_seq": self.last_seq,
+            "first_created_ms": self.first_created_ms, "last_created_ms": self.last_created_ms,
+            "key_ids": sorted(self.key_ids), "stored_bytes": self.stored_bytes,
+            "records": self.records if self.deep else None,
+            "heartbeats": self.heartbeats if self.deep else None,
+            "min_record_ms": self.min_record_ms, "max_record_ms": self.max_record_ms,
+            "problems": [p.__dict__ for p in self.problems],
+        }
+
+
+Progress = Callable[[Report], None]
+
+
+async def _seqs(log: DeltaLog, report: Report, from_seq: int, to_seq: int | None) -> list[int]:
+    """Segment seqs in range, from a LIST (verify is an audit: it must see every object)."""
+    seqs = []
+    start_after = log.key(from_seq - 1) if from_seq > 1 else None
+    async for key in log.store.list(segments_prefix(log.log_id), start_after=start_after):
+        seq = seq_from_key(key)
+        if seq is None:
+            report.problems.append(Problem(log.log_id, None, "stray", f"unexpected object {key}"))
+            continue
+        if to_seq is not None and seq > to_seq:
+            break
+        seqs.append(seq)
+    return seqs
+
+
+async def _fetch_ahead(log: DeltaLog, seqs: list[int]) -> AsyncIterator[tuple[int, bytes | None]]:
+    """Fetch in order with a bounded number of GETs running ahead."""
+    pending: list[asyncio.Task[bytes | None]] = []
+    it = iter(seqs)
+    for seq in it:
+        pending.append(asyncio.create_task(log.fetch(seq)))
+        if len(pending) >= VERIFY_PREFETCH:
+            break
+    order = seqs[: len(pending)]
+    idx = len(pending)
+    try:
+        while pending:
+            data = await pending.pop(0)
+            yield order.pop(0), data
+            if idx < len(seqs):
+                pending.append(asyncio.create_task(log.fetch(seqs[idx])))
+                order.append(seqs[idx])
+                idx += 1
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+def _check_header(report: Report, seq: int, data: bytes) -> SegmentHeader | None:
+    try:
+        header, _ = parse_header(data)
+    except DrstreamError as e:
+        report.problems.append(Problem(report.log_id, seq, "format", str(e)))
+        return None
+    if header.log_id != report.log_id or header.seq != seq:
+        report.problems.append(Problem(
+            report.log_id, seq, "moved",
+            f"header says log {header.log_id!r} seq {header.seq}: segment moved or copied",
+        ))
+    return header
+
+
+def _check_link(report: Report, seq: int, header: SegmentHeader, prev: bytes | None) -> None:
+    if seq == 1 and header.prev_digest != ZERO_DIGEST:
+        report.problems.append(
+            Problem(report.log_id, seq, "chain", "first segment must link to zeros")
+        )
+    elif prev is not None and header.prev_digest != prev:
+        report.problems.append(Problem(
+            report.log_id, seq, "chain",
+            f"prev_digest {header.prev_digest.hex()[:16]}… does not match segment {seq - 1} "
+            f"({prev.hex()[:16]}…)",
+        ))
+
+
+_DEEP_KINDS: Final = ((UnknownKeyError, "key"), (SegmentAuthError, "auth"), (ChainError, "moved"))
+
+
+def _check_deep(report: Report, seq: int, data: bytes, keyring: KeyRing) -> None:
+    try:
+        _, body = decode_segment(data, keyring, expect_log_id=report.log_id, expect_seq=seq)
+    except DrstreamError as e:
+        kind = next((k for cls, k in _DEEP_KINDS if isinstance(e, cls)), "format")
+        report.problems.append(Problem(report.log_id, seq, kind, str(e)))
+        return
+    m = body.manifest
+    report.records += m.record_count
+    report.heartbeats += m.kind == "heartbeat"
+    if m.min_timestamp_ms is not None:
+        report.min_record_ms = min(m.min_timestamp_ms, report.min_record_ms or m.min_timestamp_ms)
+    if m.max_timestamp_ms is not None:
+        report.max_record_ms = max(m.max_timestamp_ms, report.max_record_ms or m.max_timestamp_ms)
+
+
+def _account(report: Report, seq: int, header: SegmentHeader, size: int) -> None:
+    report.segments += 1
+    report.stored_bytes += size
+    report.key_ids.add(header.key_id)
+    report.first_seq = seq if report.first_seq is None else report.first_seq
+    report.last_seq = seq
+    if report.first_created_ms is None:
+        report.first_created_ms = header.created_at_ms
+    report.last_created_ms = header.created_at_ms
+
+
+async def verify_log(
+    log: DeltaLog,
+    *,
+    keyring: KeyRing | None = None,
+    deep: bool = False,
+    from_seq: int = 1,
+    to_seq: int | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    if deep and keyring is None:
+        raise DrstreamError("verify --deep needs the key ring (--config or --key)")
+    report = Report(log_id=log.log_id, deep=deep)
+    seqs = await _seqs(log, report, from_seq, to_seq)
+    if not seqs:
+        report.problems.append(Problem(log.log_id, None, "missing", "no segments in range"))
+        return report
+    prev_seq, prev_digest = None, None
+    async for seq, data in _fetch_ahead(log, seqs):
+        if prev_seq is not None and seq != prev_seq + 1:
+            report.problems.append(Problem(
+                log.log_id, prev_seq + 1, "gap", f"segments {prev_seq + 1}..{seq - 1} are missing"
+            ))
+            prev_digest = None
+        if data is None:  # listed, then gone: deleted while we ran
+            report.problems.append(Problem(log.log_id, seq, "missing", "segment disappeared"))
+            prev_seq, prev_digest = seq, None
+            continue
+        header = _check_header(report, seq, data)
+        if header is not None:
+            _check_link(report, seq, header, prev_digest)
+            _account(report, seq, header, len(data))
+            if deep and keyring is not None:
+                await asyncio.to_thread(_check_deep, report, seq, data, keyring)
+        prev_seq, prev_digest = seq, segment_digest(data)
+        if progress is not None:
+            progress(report)
+    return report

@@ -1,0 +1,3 @@
+"""Shared fixtures: real services come from tests/infra (never mocks)."""
+
+pytest_plugins = ["tests.infra.kafka_fixtures", "tests.infra.s3_fixtures"]
