@@ -74,7 +74,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def _progress_printer(total_hint: Callable[[], int | None]) -> Callable[[Any], None]:
-    last = [0.0]
+    last = [time.monotonic()]  # nothing for the first interval: short runs stay quiet
     interactive = sys.stderr.isatty()
 
     def show(report: Any) -> None:
