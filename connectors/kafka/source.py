@@ -64,6 +64,7 @@ class KafkaSource:
         self._failure: BaseException | None = None
         self._paused = False
         self._topics: dict[str, int] = {}  # topic -> partition count
+        self._assigned: list[TopicPartition] = []
         self._shipped_meta: dict[str, Any] = {}
         self._group_offsets: dict[str, Any] = {}
         self._next_discovery = 0.0
@@ -196,9 +197,23 @@ class KafkaSource:
         except KafkaException as e:  # visibility only: never fatal
             log.warning("visibility_commit_failed", source=self.stream, error=str(e))
 
+    def _advance_positions(self) -> bool:
+        """Take librdkafka's positions: they also step over transaction markers and aborted
+        records, which the last record's offset + 1 would not (a group offset committed
+        past a marker could otherwise never be shown to be covered by the log)."""
+        assert self._consumer is not None
+        moved = False
+        for tp in self._consumer.position(self._assigned):
+            parts = self._positions.setdefault(tp.topic, {})
+            if tp.offset >= 0 and tp.offset > parts.get(str(tp.partition), -1):
+                parts[str(tp.partition)] = tp.offset
+                moved = True
+        return moved
+
     def _to_delivery(self, msgs: list[Any]) -> Delivery | None:
         meta, groups = self._pending_meta, self._pending_groups
-        if not msgs and meta is None and groups is None:
+        moved = self._advance_positions() if self._assigned else False
+        if not msgs and meta is None and groups is None and not moved:
             return None
         runs: dict[tuple[str, int], list[KafkaRecord]] = {}
         nbytes = 0
@@ -214,7 +229,8 @@ class KafkaSource:
             nbytes += RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
         batches = []
         for (topic, partition), records in runs.items():
-            self._positions.setdefault(topic, {})[str(partition)] = records[-1].offset + 1
+            parts = self._positions.setdefault(topic, {})
+            parts[str(partition)] = max(parts.get(str(partition), 0), records[-1].offset + 1)
             batches.append(KafkaBatch(self.stream, topic, partition, records))
         self._pending_meta = self._pending_groups = None
         return Delivery(
@@ -273,6 +289,7 @@ class KafkaSource:
             self._positions.setdefault(topic, {})[str(partition)] = offset
             tps.append(TopicPartition(topic, partition, offset))
         self._consumer.incremental_assign(tps)
+        self._assigned.extend(TopicPartition(t, p) for t, p in parts)
         if self._paused:
             self._consumer.pause(tps)
         log.info("partitions_assigned", source=self.stream, count=len(tps),
