@@ -205,6 +205,30 @@ def cmd_ship(args: argparse.Namespace) -> int:
     return run_async(_ship(args))
 
 
+async def _apply(args: argparse.Namespace) -> int:
+    from daemon.applier import Applier
+    from daemon.store import open_store
+
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format)
+    if not config.sinks:
+        raise ConfigError(args.config, [ConfigFieldError("sinks", [], "apply needs a sink")])
+    keyring = keyring_from_config(config)
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    async with open_store(config.store) as store:
+        applier = Applier(config, store, keyring)
+        try:
+            await applier.run(stop)
+        finally:
+            await applier.close()
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    return run_async(_apply(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drstream",
@@ -244,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ship", help="tail the configured sources into the delta log until SIGTERM")
     p.add_argument("--config", required=True, help="path of the YAML config")
     p.set_defaults(func=cmd_ship)
+
+    p = sub.add_parser("apply", help="follow the delta log into the standby sinks until SIGTERM")
+    p.add_argument("--config", required=True, help="path of the YAML config")
+    p.set_defaults(func=cmd_apply)
     return parser
 
 

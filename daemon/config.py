@@ -25,6 +25,7 @@ from pydantic import (
 
 from daemon.errors import HIDDEN, MISSING, ConfigError, ConfigFieldError
 from daemon.secrets import SECRET_REF_HELP, is_secret_ref
+from daemon.sink import SINK_TYPES
 from daemon.source import SOURCE_TYPES, load_builtin_sources
 from daemon.store import STORE_TYPES, load_builtin_connectors
 
@@ -104,12 +105,29 @@ class ShipConfig(Strict):
     )
 
 
+DEFAULT_APPLY_POLL_MAX_S = 1.0
+DEFAULT_GROUP_SYNC_INTERVAL_S = 5.0
+DEFAULT_APPLY_PREFETCH = 4
+
+
+class ApplyConfig(Strict):
+    """How `apply` follows the log."""
+
+    poll_max_s: float = Field(DEFAULT_APPLY_POLL_MAX_S, gt=0, le=60,
+                              description="longest wait between probes for the next segment")
+    prefetch: int = Field(DEFAULT_APPLY_PREFETCH, ge=1, le=64,
+                          description="segments fetched ahead while one is applied")
+    group_sync_interval_s: float = Field(DEFAULT_GROUP_SYNC_INTERVAL_S, gt=0)
+
+
 class Config(Strict):
     log_id: str = Field(pattern=LOG_ID_RE, description="name of this shipper's ordered log")
     store: Any = Field(description="the log store; its keys depend on store.type")
     keyring: KeyRingConfig
     sources: list[Any] = Field(default_factory=list, description="what `ship` reads")
     ship: ShipConfig = Field(default_factory=lambda: ShipConfig.model_validate({}))
+    sinks: list[Any] = Field(default_factory=list, description="what `apply` writes")
+    apply: ApplyConfig = Field(default_factory=lambda: ApplyConfig.model_validate({}))
     logging: LoggingConfig = LoggingConfig()
 
 
@@ -164,6 +182,15 @@ def _validate_connectors(data: dict[str, Any]) -> tuple[dict[str, Any], list[Con
         stores = {name: t.config_model for name, t in STORE_TYPES.items()}
         out["store"], errs = _validate_typed("store", data["store"], stores)
         errors += errs
+    raw_sinks = data.get("sinks", [])
+    if not isinstance(raw_sinks, list):
+        return out, [*errors, ConfigFieldError("sinks", raw_sinks, "must be a list")]
+    sinks = {name: t.config_model for name, t in SINK_TYPES.items()}
+    out["sinks"] = []
+    for i, raw in enumerate(raw_sinks):
+        model, errs = _validate_typed(f"sinks[{i}]", raw, sinks)
+        out["sinks"].append(model)
+        errors += errs
     raw_sources = data.get("sources", [])
     if not isinstance(raw_sources, list):
         return out, [*errors, ConfigFieldError("sources", raw_sources, "must be a list")]
@@ -185,7 +212,8 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         config = Config.model_validate({**data, **connectors})
     except ValidationError as e:
         errors += [
-            fe for fe in _field_errors(e) if not fe.path.startswith(("store", "sources"))
+            fe for fe in _field_errors(e)
+            if not fe.path.startswith(("store", "sources", "sinks"))
         ]
         if "store" not in data:
             errors.append(ConfigFieldError("store", MISSING, "required key is missing"))

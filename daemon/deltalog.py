@@ -120,18 +120,39 @@ class DeltaLog:
         return await self.store.get(self.key(seq))
 
     async def follow(
-        self, after_seq: int, stop: asyncio.Event | None = None
+        self,
+        after_seq: int,
+        stop: asyncio.Event | None = None,
+        *,
+        prefetch: int = 1,
+        poll_max_s: float = FOLLOW_POLL_MAX_S,
     ) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield (seq, bytes) for after_seq+1, +2, ... as they appear; back off while idle."""
-        seq, delay = after_seq + 1, FOLLOW_POLL_MIN_S
-        while stop is None or not stop.is_set():
-            data = await self.fetch(seq)
-            if data is None:
-                await _sleep_or_stop(delay, stop)
-                delay = min(delay * 2, FOLLOW_POLL_MAX_S)
-                continue
-            yield seq, data
-            seq, delay = seq + 1, FOLLOW_POLL_MIN_S
+        """Yield (seq, bytes) for after_seq+1, +2, ... as they appear; back off while idle.
+
+        Up to `prefetch` GETs run ahead while behind; once caught up the window drops to
+        one probe, so tailing costs one request per poll, not `prefetch`.
+        """
+        seq, delay, window = after_seq + 1, FOLLOW_POLL_MIN_S, 1
+        pending: dict[int, asyncio.Task[bytes | None]] = {}
+        try:
+            while stop is None or not stop.is_set():
+                for s in range(seq, seq + window):
+                    if s not in pending:
+                        pending[s] = asyncio.create_task(self.fetch(s))
+                data = await pending.pop(seq)
+                if data is None:
+                    for task in pending.values():
+                        task.cancel()
+                    pending.clear()
+                    window = 1
+                    await _sleep_or_stop(delay, stop)
+                    delay = min(delay * 2, poll_max_s)
+                    continue
+                yield seq, data
+                seq, delay, window = seq + 1, FOLLOW_POLL_MIN_S, min(window * 2, prefetch)
+        finally:
+            for task in pending.values():
+                task.cancel()
 
 
 async def _sleep_or_stop(delay: float, stop: asyncio.Event | None) -> None:

@@ -124,3 +124,11 @@ class SourceUnavailableError(SourceError):
     """The source cannot be reached (yet); the shipper may retry or fail readiness."""
 
     retriable = True
+
+
+class SinkError(DrstreamError):
+    """A sink (standby cluster, registry) failed; the message names the cluster and seq."""
+
+
+class SinkFencedError(SinkError):
+    """Another apply with the same transactional identity took over; this one stops."""

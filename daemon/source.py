@@ -67,4 +67,6 @@ def register_source(source_type: SourceType) -> None:
 
 
 def load_builtin_sources() -> None:
-    import connectors.kafka  # noqa: F401
+    from daemon.store import load_builtin_connectors
+
+    load_builtin_connectors()

@@ -63,6 +63,7 @@ def register_store(store_type: StoreType) -> None:
 def load_builtin_connectors() -> None:
     """Import the built-in connector packages so they register themselves."""
     import connectors.file
+    import connectors.kafka
     import connectors.s3  # noqa: F401
 
 

@@ -1,14 +1,12 @@
-"""The `kafka` connector: source (ship) now; sink and admin join with apply."""
+"""The `kafka` connector: the source that `ship` tails and the sink that `apply` writes."""
 
-from connectors.kafka.config import KafkaSourceConfig
+from connectors.kafka.config import KafkaSinkConfig, KafkaSourceConfig
+from connectors.kafka.sink import KafkaSink
 from connectors.kafka.source import KafkaSource
+from daemon.sink import SinkType, register_sink
 from daemon.source import SourceType, register_source
 
+register_source(SourceType(name="kafka", config_model=KafkaSourceConfig, factory=KafkaSource))
+register_sink(SinkType(name="kafka", config_model=KafkaSinkConfig, factory=KafkaSink))
 
-def _source(config: KafkaSourceConfig, **kw: object) -> KafkaSource:
-    return KafkaSource(config, **kw)  # type: ignore[arg-type]
-
-
-register_source(SourceType(name="kafka", config_model=KafkaSourceConfig, factory=_source))
-
-__all__ = ["KafkaSource", "KafkaSourceConfig"]
+__all__ = ["KafkaSink", "KafkaSinkConfig", "KafkaSource", "KafkaSourceConfig"]

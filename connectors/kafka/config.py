@@ -65,6 +65,9 @@ class KafkaSourceConfig(BaseModel):
     secret_properties: dict[str, str] = Field(
         default_factory=dict, description="librdkafka properties whose values are secrets, "
         "by reference (e.g. sasl.password: env:KAFKA_PASSWORD)")
+    skip_origins: list[str] = Field(
+        default_factory=lambda: ["*"], description="records that drstream applied from these "
+        "clusters (drstream.origin header) are not shipped back; '*' = any, [] = none")
 
     @field_validator("topics")
     @classmethod
@@ -102,3 +105,51 @@ class KafkaSourceConfig(BaseModel):
 
 
 KafkaStart = Literal["earliest", "latest"]
+
+
+DEFAULT_CHECKPOINT_TOPIC = "drstream.checkpoints"
+DEFAULT_TOPIC_TEMPLATE = "{topic}"
+
+
+class KafkaSinkConfig(BaseModel):
+    """The standby cluster that `apply` writes to, one transaction per segment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["kafka"]
+    name: str = Field("standby", pattern=r"^[A-Za-z0-9._-]{1,64}$",
+                      description="this cluster's name (origin header, checkpoints)")
+    bootstrap_servers: str = Field(min_length=1)
+    source: str = Field("kafka:primary", description="the stream in the log to apply")
+    topic_template: str = Field(DEFAULT_TOPIC_TEMPLATE,
+                                description="target topic name; {topic} and {cluster} expand")
+    checkpoint_topic: str = Field(DEFAULT_CHECKPOINT_TOPIC)
+    transactional_id: str | None = Field(None, description="default drstream-apply-<log_id>-"
+                                         "<name>; a second apply with it is fenced")
+    replication_factor: int = Field(-1, description="for created topics; -1: broker default")
+    sync_groups: bool = Field(True, description="commit translated consumer-group offsets "
+                              "for groups with no active members on this cluster")
+    transaction_timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+    properties: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    secret_properties: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("topic_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            value.format(topic="t", cluster="c")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{topic}} and {{cluster}} may appear: {e}") from None
+        return value
+
+    @field_validator("secret_properties")
+    @classmethod
+    def _refs(cls, props: dict[str, str]) -> dict[str, str]:
+        for key, ref in props.items():
+            if not is_secret_ref(ref):
+                raise ValueError(f"{key} must be {SECRET_REF_HELP}")
+        return props
+
+    def target_topic(self, topic: str, cluster: str) -> str:
+        return self.topic_template.format(topic=topic, cluster=cluster)

@@ -26,27 +26,19 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 
+from connectors.kafka.common import ORIGIN_HEADER, client_config
 from connectors.kafka.config import ALWAYS_EXCLUDED, KafkaSourceConfig
 from daemon.codec import KafkaBatch, KafkaRecord
 from daemon.errors import SourceError, SourceUnavailableError
 from daemon.logging import get_logger
-from daemon.secrets import read_secret
 from daemon.source import Delivery
 
 log = get_logger("drstream.kafka.source")
 
 RECORD_OVERHEAD_BYTES = 64  # per-record bookkeeping counted against the buffer bound
 POLL_TIMEOUT_S = 0.1
-ORIGIN_HEADER = "drstream.origin"
 
 Positions = dict[str, dict[str, int]]  # topic -> partition (as str, JSON keys) -> next offset
-
-
-def client_config(config: KafkaSourceConfig) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": config.bootstrap_servers, **config.properties}
-    for key, ref in config.secret_properties.items():
-        conf[key] = read_secret(ref, f"secret_properties.{key}")
-    return conf
 
 
 class KafkaSource:
@@ -222,9 +214,12 @@ class KafkaSource:
             if err is not None:
                 self._on_error(err)
                 continue
+            headers = m.headers() or []
+            if headers and self._replicated(headers):
+                continue  # applied here by drstream: shipping it back would loop
             ts_type, ts = m.timestamp()
             key, value = m.key(), m.value()
-            rec = KafkaRecord(m.offset(), ts, ts_type, key, value, m.headers() or [])
+            rec = KafkaRecord(m.offset(), ts, ts_type, key, value, headers)
             runs.setdefault((m.topic(), m.partition()), []).append(rec)
             nbytes += RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
         batches = []
@@ -237,6 +232,13 @@ class KafkaSource:
             batches=batches, nbytes=nbytes, metadata=meta, group_offsets=groups or {},
             positions={t: dict(parts) for t, parts in self._positions.items()},
         )
+
+    def _replicated(self, headers: list[tuple[str, bytes | None]]) -> bool:
+        skip = self.config.skip_origins
+        for name, value in headers:
+            if name == ORIGIN_HEADER:
+                return "*" in skip or (value or b"").decode(errors="replace") in skip
+        return False
 
     _pending_meta: dict[str, Any] | None = None
     _pending_groups: dict[str, Any] | None = None

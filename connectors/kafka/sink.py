@@ -1,0 +1,454 @@
+"""Kafka sink: each segment is one transaction holding its records AND its checkpoint.
+
+The checkpoint record (applied seq, segment digest, source->target offsets, group offsets)
+goes to a compacted topic on the standby inside the same transaction as the records, so
+after any crash the standby holds either both or neither: exactly once. A second apply
+with the same transactional.id fences this one (init_transactions), never both writing.
+
+librdkafka's producer calls block, so every call runs on one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+)
+
+from connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER, client_config
+from connectors.kafka.config import KafkaSinkConfig
+from daemon.codec import Body, KafkaBatch
+from daemon.errors import SinkError, SinkFencedError
+from daemon.logging import get_logger
+from daemon.sink import Checkpoint
+
+log = get_logger("drstream.kafka.sink")
+T = TypeVar("T")
+
+ADMIN_TIMEOUT_S = 30.0
+EMPTY_GROUP_STATES = {"EMPTY", "DEAD", "UNKNOWN"}
+
+# src topic -> partition (str) -> [source next offset, target next offset]
+OffsetMap = dict[str, dict[str, list[int]]]
+
+
+class KafkaSink:
+    def __init__(self, config: KafkaSinkConfig, *, log_id: str) -> None:
+        self.config = config
+        self.name = f"kafka:{config.name}"
+        self.log_id = log_id
+        self.cluster = config.source.split(":", 1)[-1]
+        self.txn_id = config.transactional_id or f"drstream-apply-{log_id}-{config.name}"
+        self._ckpt_key = f"{log_id}/{config.name}".encode()
+        self._origin = self.cluster.encode()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-sink-{config.name}")
+        self._cp = Checkpoint()
+        self._partitions: dict[str, int] = {}  # target topic -> known partition count
+        self._configs_applied: dict[str, dict[str, str]] = {}
+        self._groups_committed: dict[str, Any] = {}
+        self._producer: Producer | None = None
+        self._admin: AdminClient | None = None
+        self._reader: Consumer | None = None
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def checkpoint(self) -> Checkpoint:
+        return self._cp
+
+    # -- start: reach the cluster, fence older instances, read the checkpoint ----------
+
+    async def start(self) -> Checkpoint:
+        await self._call(self._start_sync)
+        return self._cp
+
+    def _start_sync(self) -> None:
+        conf = client_config(self.config)
+        self._admin = AdminClient(conf)
+        try:
+            md = self._admin.list_topics(timeout=self.config.connect_timeout_s)
+        except KafkaException as e:
+            raise SinkError(
+                f"cannot reach standby Kafka cluster {self.config.name!r} at "
+                f"{self.config.bootstrap_servers} within {self.config.connect_timeout_s:g}s: "
+                f"{e.args[0] if e.args else e}", retriable=True) from e
+        self._partitions = {n: len(t.partitions) for n, t in md.topics.items() if t.error is None}
+        self._ensure_checkpoint_topic()
+        self._producer = Producer({
+            **conf,
+            "transactional.id": self.txn_id,
+            "enable.idempotence": True,
+            "transaction.timeout.ms": int(self.config.transaction_timeout_s * 1000),
+            "linger.ms": 5,
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+            "client.id": f"drstream-apply-{self.config.name}",
+        })
+        try:
+            # Aborts whatever a crashed predecessor left open and fences it for good.
+            self._producer.init_transactions(self.config.connect_timeout_s * 4)
+        except KafkaException as e:
+            raise SinkError(f"{self.name}: init_transactions failed: {e}", retriable=True) from e
+        self._cp = self._read_checkpoint()
+        log.info("sink_started", sink=self.name, applied_seq=self._cp.seq, txn_id=self.txn_id)
+
+    def _ensure_checkpoint_topic(self) -> None:
+        topic = self.config.checkpoint_topic
+        if topic in self._partitions:
+            return
+        new = NewTopic(topic, 1, self.config.replication_factor,
+                       config={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"})
+        self._create_topics([new])
+
+    def _create_topics(self, topics: list[Any]) -> None:
+        assert self._admin is not None
+        for name, fut in self._admin.create_topics(topics).items():
+            try:
+                fut.result(ADMIN_TIMEOUT_S)
+            except KafkaException as e:
+                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise SinkError(f"{self.name}: cannot create topic {name!r}: {e}") from e
+        for t in topics:
+            self._partitions[t.topic] = t.num_partitions
+
+    def _read_checkpoint(self) -> Checkpoint:
+        consumer = self._consumer()
+        topic = self.config.checkpoint_topic
+        try:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0),
+                                                     timeout=ADMIN_TIMEOUT_S)
+            consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+            last: bytes | None = None
+            deadline = time.monotonic() + ADMIN_TIMEOUT_S
+            while high > 0 and time.monotonic() < deadline:
+                for m in consumer.consume(500, 0.5):
+                    if m.error() is None and m.key() == self._ckpt_key:
+                        last = m.value()
+                [pos] = consumer.position([TopicPartition(topic, 0)])
+                if pos.offset >= high:
+                    break
+            else:
+                if high > 0:
+                    raise SinkError(f"{self.name}: timed out reading checkpoint topic {topic}")
+        finally:
+            consumer.unassign()
+        return _decode_checkpoint(last) if last else Checkpoint()
+
+    def _consumer(self) -> Consumer:
+        if self._reader is None:
+            self._reader = Consumer({
+                **client_config(self.config),
+                "group.id": f"drstream-apply-reader-{self.log_id}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": False,
+            })
+        return self._reader
+
+    # -- apply one segment --------------------------------------------------------------
+
+    async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
+        await self._call(self._apply_sync, seq, digest, created_at_ms, body)
+
+    def _apply_sync(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
+        extra = body.manifest.extra.get(self.config.source, {})
+        if extra.get("topics"):
+            self._ensure_topics(extra["topics"])
+        batches = [b for b in body.batches
+                   if isinstance(b, KafkaBatch) and b.stream == self.config.source and b.records]
+        for b in batches:
+            self._ensure_partition(self._target(b.topic), b.partition)
+        offsets = {t: {p: list(v) for p, v in parts.items()}
+                   for t, parts in self._cp.offsets.get("map", {}).items()}
+        groups = dict(self._cp.offsets.get("groups", {}))
+        groups.update(extra.get("groups", {}))
+        # cp holds `offsets`, which the transaction fills in with the target offsets
+        cp = self._next_checkpoint(seq, digest, created_at_ms, body, offsets, groups)
+        try:
+            self._transaction(seq, body, batches, offsets)
+            self._commit(cp)
+        except KafkaException as e:
+            self._abort_or_raise(seq, e)
+        self._cp = cp
+
+    def _target(self, topic: str) -> str:
+        return self.config.target_topic(topic, self.cluster)
+
+    def _transaction(self, seq: int, body: Body, batches: list[KafkaBatch],
+                     offsets: OffsetMap) -> None:
+        p = self._producer
+        assert p is not None
+        p.begin_transaction()
+        last: dict[tuple[str, int], int] = {}
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                last[(msg.topic(), msg.partition())] = msg.offset()
+
+        origin = (ORIGIN_HEADER, self._origin)
+        for b in batches:
+            topic = self._target(b.topic)
+            final = len(b.records) - 1
+            for i, r in enumerate(b.records):
+                headers = [*r.headers, origin, (SOURCE_OFFSET_HEADER, str(r.offset).encode())]
+                ts = r.timestamp if r.timestamp >= 0 else 0
+                self._produce(p, topic, b.partition, r.key, r.value, headers, ts,
+                              delivered if i == final else None)
+        if p.flush(self.config.transaction_timeout_s) > 0:
+            raise SinkError(f"{self.name}: segment {seq}: records not delivered in time",
+                            retriable=True)
+        positions = body.manifest.positions.get(self.config.source, {})
+        for b in batches:
+            key = (self._target(b.topic), b.partition)
+            if key not in last:
+                raise SinkError(f"{self.name}: segment {seq}: no delivery report for "
+                                f"{key[0]}[{key[1]}]", retriable=True)
+            src_next = positions.get(b.topic, {}).get(str(b.partition), b.records[-1].offset + 1)
+            offsets.setdefault(b.topic, {})[str(b.partition)] = [src_next, last[key] + 1]
+        for topic, parts in positions.items():  # partitions that moved only over markers
+            for part, src_next in parts.items():
+                entry = offsets.get(topic, {}).get(part)
+                if entry is not None and entry[0] < src_next:
+                    entry[0] = src_next
+
+    @staticmethod
+    def _produce(p: Producer, topic: str, partition: int, key: bytes | None,
+                 value: bytes | None, headers: list[Any], ts: int, cb: Any) -> None:
+        while True:
+            try:
+                if cb is None:
+                    p.produce(topic, value, key, partition, headers=headers, timestamp=ts)
+                else:
+                    p.produce(topic, value, key, partition, headers=headers, timestamp=ts,
+                              on_delivery=cb)
+                return
+            except BufferError:
+                p.poll(0.05)
+
+    def _next_checkpoint(self, seq: int, digest: bytes, created_at_ms: int, body: Body,
+                         offsets: OffsetMap, groups: dict[str, Any]) -> Checkpoint:
+        m = body.manifest
+        newest = self._cp.max_record_ms
+        if m.max_timestamp_ms is not None:
+            newest = max(newest or m.max_timestamp_ms, m.max_timestamp_ms)
+        return Checkpoint(seq=seq, digest=digest, created_at_ms=created_at_ms,
+                          max_record_ms=newest, positions=m.positions,
+                          offsets={"map": offsets, "groups": groups})
+
+    def _commit(self, cp: Checkpoint) -> None:
+        p = self._producer
+        assert p is not None
+        value = _encode_checkpoint(cp)
+        self._produce(p, self.config.checkpoint_topic, 0, self._ckpt_key, value, [], 0, None)
+        p.commit_transaction(self.config.transaction_timeout_s)
+
+    def _abort_or_raise(self, seq: int, e: KafkaException) -> None:
+        err = e.args[0] if e.args else None
+        p = self._producer
+        if isinstance(err, KafkaError) and (err.fatal() or err.code() in (
+                KafkaError._FENCED, KafkaError.PRODUCER_FENCED)):
+            raise SinkFencedError(
+                f"{self.name}: segment {seq}: fenced by another apply using transactional.id "
+                f"{self.txn_id!r}; this apply stops") from e
+        if p is not None:
+            try:
+                p.abort_transaction(self.config.transaction_timeout_s)
+            except KafkaException as abort_err:
+                raise SinkError(f"{self.name}: segment {seq}: abort failed: {abort_err}") from e
+        raise SinkError(f"{self.name}: segment {seq}: transaction aborted: {e}",
+                        retriable=True) from e
+
+    # -- topics: same names (or templated), partition counts and topic configs ----------
+
+    def _ensure_topics(self, topics: dict[str, Any]) -> None:
+        assert self._admin is not None
+        create, grow = [], []
+        for src, meta in topics.items():
+            name, count = self._target(src), int(meta.get("partitions", 1))
+            configs = {k: str(v) for k, v in meta.get("configs", {}).items()}
+            have = self._partitions.get(name)
+            if have is None:
+                create.append(NewTopic(name, count, self.config.replication_factor,
+                                       config=configs))
+                self._configs_applied[name] = configs
+            elif have < count:
+                grow.append(NewPartitions(name, count))
+            if have is not None and self._configs_applied.get(name) != configs:
+                self._alter_configs(name, configs)
+        if create:
+            self._create_topics(create)
+            log.info("topics_created", sink=self.name, topics=[t.topic for t in create])
+        if grow:
+            self._grow(grow)
+
+    def _grow(self, grow: list[Any]) -> None:
+        assert self._admin is not None
+        for name, fut in self._admin.create_partitions(grow).items():
+            try:
+                fut.result(ADMIN_TIMEOUT_S)
+            except KafkaException as e:
+                if e.args[0].code() != KafkaError.INVALID_PARTITIONS:
+                    raise SinkError(f"{self.name}: cannot add partitions to {name}: {e}") from e
+        for g in grow:
+            self._partitions[g.topic] = g.new_total_count
+        log.info("partitions_added", sink=self.name, topics=[g.topic for g in grow])
+
+    def _alter_configs(self, name: str, configs: dict[str, str]) -> None:
+        assert self._admin is not None
+        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                   for k, v in configs.items()]
+        if entries:
+            res = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
+            for fut in self._admin.incremental_alter_configs([res]).values():
+                try:
+                    fut.result(ADMIN_TIMEOUT_S)
+                except KafkaException as e:
+                    raise SinkError(f"{self.name}: cannot set configs of {name}: {e}") from e
+        self._configs_applied[name] = configs
+
+    def _ensure_partition(self, topic: str, partition: int) -> None:
+        """A batch for a partition the standby lacks (no metadata seen): create/grow."""
+        have = self._partitions.get(topic)
+        if have is None:
+            self._create_topics([NewTopic(topic, partition + 1, self.config.replication_factor)])
+        elif partition >= have:
+            self._grow([NewPartitions(topic, partition + 1)])
+
+    # -- consumer-group offsets ----------------------------------------------------------
+
+    async def sync_groups(self) -> dict[str, Any]:
+        if not self.config.sync_groups:
+            return {}
+        result: dict[str, Any] = await self._call(self._sync_groups_sync)
+        return result
+
+    def _sync_groups_sync(self) -> dict[str, Any]:
+        assert self._admin is not None
+        wanted = self._cp.offsets.get("groups", {})
+        committed: dict[str, Any] = {}
+        for group, topics in wanted.items():
+            if self._groups_committed.get(group) == topics:
+                continue
+            if not self._group_is_empty(group):
+                log.info("group_sync_skipped_active", sink=self.name, group=group)
+                continue
+            tps = [TopicPartition(self._target(t), int(p), self.translate(t, int(p), int(o)))
+                   for t, parts in topics.items() for p, o in parts.items()]
+            req = [ConsumerGroupTopicPartitions(group, tps)]
+            try:
+                self._admin.alter_consumer_group_offsets(req)[group].result(ADMIN_TIMEOUT_S)
+            except KafkaException as e:
+                log.warning("group_sync_failed", sink=self.name, group=group, error=str(e))
+                continue
+            self._groups_committed[group] = topics
+            committed[group] = {tp.topic: {} for tp in tps}
+            for tp in tps:
+                committed[group][tp.topic][str(tp.partition)] = tp.offset
+        if committed:
+            log.info("groups_synced", sink=self.name, groups=sorted(committed))
+        return committed
+
+    def _group_is_empty(self, group: str) -> bool:
+        assert self._admin is not None
+        try:
+            desc = self._admin.describe_consumer_groups([group])[group].result(ADMIN_TIMEOUT_S)
+        except KafkaException:
+            return True  # unknown group: nothing active
+        state = getattr(desc.state, "name", str(desc.state)).upper()
+        return state in EMPTY_GROUP_STATES or not desc.members
+
+    def translate(self, topic: str, partition: int, offset: int) -> int:
+        """Target offset at which a consumer resumes to read exactly what it would have
+        read next on the primary: the first replicated record with source offset >= offset."""
+        entry = self._cp.offsets.get("map", {}).get(topic, {}).get(str(partition))
+        if entry is None:
+            return 0
+        src_next, tgt_next = entry
+        if offset >= src_next:
+            return int(tgt_next)
+        return self._search(self._target(topic), partition, offset, int(tgt_next))
+
+    def _search(self, topic: str, partition: int, offset: int, hi: int) -> int:
+        consumer = self._consumer()
+        low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                timeout=ADMIN_TIMEOUT_S)
+        lo = int(low)
+        try:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                found = self._record_at(consumer, topic, partition, mid, hi)
+                if found is None or found[1] >= offset:
+                    hi = mid
+                else:
+                    lo = found[0] + 1
+        finally:
+            consumer.unassign()
+        return lo
+
+    @staticmethod
+    def _record_at(consumer: Consumer, topic: str, partition: int, at: int,
+                   hi: int) -> tuple[int, int] | None:
+        """(target offset, source offset) of the first record at or after `at`, below hi."""
+        consumer.assign([TopicPartition(topic, partition, at)])
+        deadline = time.monotonic() + ADMIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for m in consumer.consume(1, 1.0):
+                if m.error() is not None:
+                    continue
+                found = int(m.offset() or 0)
+                if found >= hi:
+                    return None
+                for name, value in m.headers() or []:  # type: ignore[str-unpack]
+                    if name == SOURCE_OFFSET_HEADER and value is not None:
+                        return found, int(value)
+                return found, -1  # not replicated by us: written on the standby
+        raise SinkError(f"offset translation: no record readable at {topic}[{partition}]@{at}")
+
+    async def close(self) -> None:
+        def close_sync() -> None:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            if self._producer is not None:
+                self._producer.flush(5)
+                self._producer = None
+
+        await self._call(close_sync)
+        self._executor.shutdown(wait=True)
+
+
+def _encode_checkpoint(cp: Checkpoint) -> bytes:
+    return json.dumps({
+        "v": 1, "seq": cp.seq, "digest": cp.digest.hex(), "created_at_ms": cp.created_at_ms,
+        "max_record_ms": cp.max_record_ms, "positions": cp.positions, "offsets": cp.offsets,
+    }, separators=(",", ":")).encode()
+
+
+def _decode_checkpoint(raw: bytes) -> Checkpoint:
+    try:
+        doc = json.loads(raw)
+        return Checkpoint(seq=int(doc["seq"]), digest=bytes.fromhex(doc["digest"]),
+                          created_at_ms=int(doc["created_at_ms"]),
+                          max_record_ms=doc.get("max_record_ms"),
+                          positions=doc.get("positions", {}), offsets=doc.get("offsets", {}))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SinkError(f"unreadable checkpoint record: {e}") from e

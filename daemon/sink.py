@@ -1,0 +1,61 @@
+"""The Sink interface (what `apply` writes to) and the sink registry.
+
+A sink owns its checkpoint because exactly-once needs the checkpoint written atomically
+with the data (for Kafka: in the same transaction). `apply` hands every segment in order;
+the sink skips what its checkpoint says is already applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from daemon.codec import Body
+
+
+@dataclass
+class Checkpoint:
+    seq: int = 0  # last applied segment (0: nothing yet)
+    digest: bytes = b""  # SHA-256 of that segment, so a rewritten log is noticed
+    created_at_ms: int = 0  # that segment's write time
+    max_record_ms: int | None = None  # newest record timestamp applied so far
+    positions: dict[str, Any] = field(default_factory=dict)  # the segment's manifest positions
+    offsets: dict[str, Any] = field(default_factory=dict)  # sink-specific (Kafka: src->tgt)
+
+
+class Sink(Protocol):
+    name: str
+
+    async def start(self) -> Checkpoint:
+        """Connect, fence older instances, and return the last committed checkpoint."""
+        ...
+
+    async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
+        """Write the segment's changes and its checkpoint atomically."""
+        ...
+
+    def checkpoint(self) -> Checkpoint: ...
+
+    async def sync_groups(self) -> dict[str, Any]:
+        """Translate the group offsets applied so far and commit those that changed on
+        groups with no active members; returns what was committed."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SinkType:
+    name: str
+    config_model: type[BaseModel]
+    factory: Callable[..., Sink]
+
+
+SINK_TYPES: dict[str, SinkType] = {}
+
+
+def register_sink(sink_type: SinkType) -> None:
+    SINK_TYPES[sink_type.name] = sink_type
