@@ -229,6 +229,77 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return run_async(_apply(args))
 
 
+async def _status(args: argparse.Namespace) -> int:
+    from daemon.ops import status
+    from daemon.store import open_store
+
+    config = load_config(args.config)
+    keyring = keyring_from_config(config)
+    async with open_store(config.store) as store:
+        report = await status(config, store, keyring)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return EXIT_OK
+
+
+def _age(ms: int | None) -> str:
+    return "-" if ms is None else f"{_iso(ms)} ({(time.time() * 1000 - ms) / 1000:.1f}s ago)"
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    print(f"log {r['log_id']} at {r['store']}")
+    print(f"  durable head   seq {r['durable_head_seq']}, written {_age(r['head_written_at_ms'])}")
+    for stream, s in r["streams"].items():
+        if s["reachable"]:
+            print(f"  {stream:<14} pending {s['pending_records']} records, "
+                  f"ship lag / RPO {s['rpo_s']:.2f}s")
+        else:
+            print(f"  {stream:<14} UNREACHABLE ({s['error']}); RPO <= "
+                  f"{s['rpo_s_upper_bound']}s (last heartbeat)")
+    for sink, s in r["sinks"].items():
+        lag = "-" if s["apply_lag_s"] is None else f"{s['apply_lag_s']:.2f}s"
+        print(f"  {sink:<14} applied seq {s['applied_seq']}, "
+              f"{s['apply_lag_segments']} segments behind, apply lag {lag}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return run_async(_status(args))
+
+
+async def _failover(args: argparse.Namespace) -> int:
+    from daemon.ops import failover
+    from daemon.store import open_store
+
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format)
+    keyring = keyring_from_config(config)
+    async with open_store(config.store) as store:
+        report = await failover(config, store, keyring)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"failover of log {report['log_id']}: applied through seq "
+              f"{report['applied_seq']} (durable head {report['durable_head_seq']}) "
+              f"in {report['drain_s']}s")
+        for stream, s in report["streams"].items():
+            if s["primary"] == "reachable":
+                print(f"  {stream}: RPO {s['rpo_s']:.3f}s, "
+                      f"{s['records_not_replicated']} records not replicated")
+            else:
+                print(f"  {stream}: primary unreachable; last heartbeat "
+                      f"{_age(s['last_heartbeat_ms'])}; RPO <= {s['rpo_s_upper_bound']}s")
+        for sink, groups in report["groups_committed"].items():
+            print(f"  {sink}: group offsets committed for {sorted(groups) or 'no groups'}")
+        print(f"  audit record: {report['audit_object']}")
+    return EXIT_OK
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    return run_async(_failover(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drstream",
@@ -272,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="follow the delta log into the standby sinks until SIGTERM")
     p.add_argument("--config", required=True, help="path of the YAML config")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("status", help="ship lag, durable head, applied seq, apply lag, RPO")
+    p.add_argument("--config", required=True, help="path of the YAML config")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("failover", help="apply every durable segment, sync consumer-group "
+                       "offsets, report and record the final RPO")
+    p.add_argument("--config", required=True, help="path of the YAML config")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_failover)
     return parser
 
 

@@ -39,6 +39,10 @@ class Sink(Protocol):
 
     def checkpoint(self) -> Checkpoint: ...
 
+    async def peek(self) -> Checkpoint:
+        """Read the committed checkpoint without fencing a running apply (status)."""
+        ...
+
     async def sync_groups(self) -> dict[str, Any]:
         """Translate the group offsets applied so far and commit those that changed on
         groups with no active members; returns what was committed."""

@@ -51,6 +51,10 @@ class Source(Protocol):
 
     async def close(self) -> None: ...
 
+    async def probe(self, positions: dict[str, Any]) -> SourceProbe:
+        """Compare the live source with `positions` without joining or assigning anything."""
+        ...
+
 
 @dataclass(frozen=True)
 class SourceType:
@@ -70,3 +74,14 @@ def load_builtin_sources() -> None:
     from daemon.store import load_builtin_connectors
 
     load_builtin_connectors()
+
+
+@dataclass
+class SourceProbe:
+    """What a source's live cluster says, next to what the log holds (status, failover)."""
+
+    reachable: bool
+    error: str | None = None
+    pending_records: int = 0  # records on the source beyond the given positions
+    oldest_pending_ms: int | None = None  # timestamp of the oldest record not in the log
+    newest_record_ms: int | None = None  # newest record timestamp seen on the source

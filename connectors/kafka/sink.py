@@ -75,6 +75,17 @@ class KafkaSink:
     def checkpoint(self) -> Checkpoint:
         return self._cp
 
+    async def peek(self) -> Checkpoint:
+        try:
+            cp: Checkpoint = await self._call(self._read_checkpoint)
+        except KafkaException as e:
+            code = e.args[0].code() if e.args else None
+            if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION):
+                return Checkpoint()  # no apply has run against this cluster yet
+            raise SinkError(f"{self.name}: cannot read checkpoints from "
+                            f"{self.config.bootstrap_servers}: {e}", retriable=True) from e
+        return cp
+
     # -- start: reach the cluster, fence older instances, read the checkpoint ----------
 
     async def start(self) -> Checkpoint:

@@ -31,7 +31,7 @@ from connectors.kafka.config import ALWAYS_EXCLUDED, KafkaSourceConfig
 from daemon.codec import KafkaBatch, KafkaRecord
 from daemon.errors import SourceError, SourceUnavailableError
 from daemon.logging import get_logger
-from daemon.source import Delivery
+from daemon.source import Delivery, SourceProbe
 
 log = get_logger("drstream.kafka.source")
 
@@ -99,6 +99,43 @@ class KafkaSource:
                    for t, parts in positions.items() for p, o in parts.items()]
         if offsets:
             self._commands.put(lambda: self._commit(offsets))
+
+    async def probe(self, positions: dict[str, Any]) -> SourceProbe:
+        return await asyncio.to_thread(self._probe_sync, positions)
+
+    def _probe_sync(self, positions: dict[str, Any]) -> SourceProbe:
+        consumer = Consumer({
+            **client_config(self.config), "group.id": f"{self.group_id}-probe",
+            "enable.auto.commit": False, "isolation.level": "read_committed",
+            "enable.partition.eof": False,
+        })
+        try:
+            md = consumer.list_topics(timeout=min(self.config.connect_timeout_s, 10.0))
+            probe = SourceProbe(reachable=True)
+            for name, topic in md.topics.items():
+                if topic.error is None and self._selected(name):
+                    for p in topic.partitions:
+                        self._probe_partition(consumer, probe, name, p,
+                                              positions.get(name, {}).get(str(p)))
+            return probe
+        except KafkaException as e:
+            return SourceProbe(reachable=False, error=str(e.args[0] if e.args else e))
+        finally:
+            consumer.close()
+
+    @staticmethod
+    def _probe_partition(consumer: Consumer, probe: SourceProbe, topic: str, p: int,
+                         position: int | None) -> None:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        start = low if position is None else max(position, low)
+        if high > start:
+            probe.pending_records += high - start
+            first = _timestamps(consumer, topic, p, start, high, limit=1)
+            if first:
+                probe.oldest_pending_ms = min(first[0], probe.oldest_pending_ms or first[0])
+        tail = _timestamps(consumer, topic, p, max(low, high - 16), high, limit=16)
+        if tail:
+            probe.newest_record_ms = max(max(tail), probe.newest_record_ms or 0)
 
     async def close(self) -> None:
         self._stop.set()
@@ -360,3 +397,24 @@ class KafkaSource:
         if offsets != self._group_offsets:
             self._group_offsets = offsets
             self._pending_groups = offsets
+
+
+def _timestamps(consumer: Consumer, topic: str, p: int, start: int, end: int,
+                limit: int) -> list[int]:
+    """Timestamps of up to `limit` readable records in [start, end) (markers skipped)."""
+    if end <= start:
+        return []
+    consumer.assign([TopicPartition(topic, p, start)])
+    out: list[int] = []
+    deadline = time.monotonic() + 5.0
+    try:
+        while len(out) < limit and time.monotonic() < deadline:
+            for m in consumer.consume(limit, 0.5):
+                if m.error() is None and (m.offset() or 0) < end:
+                    out.append(m.timestamp()[1])
+            [pos] = consumer.position([TopicPartition(topic, p)])
+            if pos.offset >= end:
+                break
+    finally:
+        consumer.unassign()
+    return out[:limit]

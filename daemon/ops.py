@@ -1,0 +1,150 @@
+"""Operator views and actions over a running pair: `status` and `failover`.
+
+Both read the log head and the sinks' checkpoints without disturbing a running ship or
+apply (status never fences anything); failover deliberately takes over the apply role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.applier import Applier
+from daemon.config import Config
+from daemon.deltalog import DeltaLog
+from daemon.keyring import KeyRing
+from daemon.logging import get_logger
+from daemon.segment import read_manifest
+from daemon.sink import SINK_TYPES
+from daemon.source import SOURCE_TYPES, SourceProbe
+from daemon.store import Store, load_builtin_connectors
+
+log = get_logger("drstream.ops")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class LogHead:
+    seq: int | None = None
+    created_at_ms: int | None = None
+    positions: dict[str, Any] = field(default_factory=dict)
+    max_record_ms: int | None = None
+
+
+async def read_head(log: DeltaLog, keyring: KeyRing) -> LogHead:
+    seq = await log.head_seq()
+    if seq is None:
+        return LogHead()
+    data = await log.fetch(seq)
+    if data is None:
+        return LogHead(seq=seq)
+    header, manifest = await asyncio.to_thread(
+        read_manifest, data, keyring, expect_log_id=log.log_id, expect_seq=seq)
+    return LogHead(seq=seq, created_at_ms=header.created_at_ms, positions=manifest.positions,
+                   max_record_ms=manifest.max_timestamp_ms)
+
+
+async def probe_sources(config: Config, positions: dict[str, Any]) -> dict[str, SourceProbe]:
+    load_builtin_connectors()
+    out = {}
+    for s in config.sources:
+        src = SOURCE_TYPES[s.type].factory(s, log_id=config.log_id,
+                                           buffer_max_bytes=config.ship.buffer_max_bytes)
+        out[src.stream] = await src.probe(positions.get(src.stream, {}))
+    return out
+
+
+async def status(config: Config, store: Store, keyring: KeyRing) -> dict[str, Any]:
+    """Per stream: ship lag and RPO estimate; per sink: applied seq and apply lag."""
+    head = await read_head(DeltaLog(store, config.log_id), keyring)
+    now = now_ms()
+    report: dict[str, Any] = {
+        "log_id": config.log_id, "store": store.url, "durable_head_seq": head.seq,
+        "head_written_at_ms": head.created_at_ms,
+        "head_age_s": None if head.created_at_ms is None else (now - head.created_at_ms) / 1000,
+        "streams": {}, "sinks": {},
+    }
+    for stream, probe in (await probe_sources(config, head.positions)).items():
+        report["streams"][stream] = _stream_status(probe, head, now)
+    for s in config.sinks:
+        sink = SINK_TYPES[s.type].factory(s, log_id=config.log_id)
+        try:
+            cp = await sink.peek()
+        finally:
+            await sink.close()
+        report["sinks"][sink.name] = {
+            "applied_seq": cp.seq,
+            "apply_lag_segments": None if head.seq is None else head.seq - cp.seq,
+            "apply_lag_s": None if head.created_at_ms is None or not cp.created_at_ms
+            else max(0.0, (head.created_at_ms - cp.created_at_ms) / 1000),
+            "newest_applied_record_ms": cp.max_record_ms,
+        }
+    return report
+
+
+def _stream_status(probe: SourceProbe, head: LogHead, now: int) -> dict[str, Any]:
+    if not probe.reachable:
+        return {"reachable": False, "error": probe.error,
+                "rpo_s_upper_bound": None if head.created_at_ms is None
+                else (now - head.created_at_ms) / 1000}
+    rpo = 0.0 if probe.oldest_pending_ms is None else (now - probe.oldest_pending_ms) / 1000
+    return {"reachable": True, "pending_records": probe.pending_records,
+            "ship_lag_s": rpo, "rpo_s": rpo, "newest_record_ms": probe.newest_record_ms}
+
+
+async def failover(config: Config, store: Store, keyring: KeyRing) -> dict[str, Any]:
+    """Apply every durable segment, sync group offsets a last time, report the RPO."""
+    log_ = DeltaLog(store, config.log_id)
+    head = await read_head(log_, keyring)
+    started = time.monotonic()
+    applier = Applier(config, store, keyring)
+    try:
+        applied = await applier.run(asyncio.Event(), until_seq=head.seq or 0)
+        groups = await applier.sync_groups_now()
+        checkpoints = {s.name: s.checkpoint() for s in applier.sinks}
+    finally:
+        await applier.close()
+    probes = await probe_sources(config, head.positions)
+    report = _failover_report(config, head, applied, groups, checkpoints, probes)
+    report["drain_s"] = round(time.monotonic() - started, 3)
+    key = f"audit/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-failover-{config.log_id}.json"
+    await store.put_if_absent(key, json.dumps(report, indent=2).encode())
+    report["audit_object"] = key
+    log.info("failover_done", applied_seq=applied, audit=key)
+    return report
+
+
+def _failover_report(config: Config, head: LogHead, applied: int, groups: dict[str, Any],
+                     checkpoints: dict[str, Any], probes: dict[str, SourceProbe]) -> dict[str, Any]:
+    newest_applied = max((cp.max_record_ms or 0 for cp in checkpoints.values()), default=0)
+    streams: dict[str, Any] = {}
+    for stream, probe in probes.items():
+        if probe.reachable:
+            newest = probe.newest_record_ms or 0
+            streams[stream] = {
+                "primary": "reachable", "records_not_replicated": probe.pending_records,
+                "newest_primary_record_ms": probe.newest_record_ms,
+                "rpo_s": max(0.0, (newest - newest_applied) / 1000) if newest else 0.0,
+            }
+        else:
+            streams[stream] = {
+                "primary": "unreachable", "error": probe.error,
+                "last_heartbeat_ms": head.created_at_ms,
+                "rpo_s_upper_bound": None if head.created_at_ms is None
+                else max(0.0, (now_ms() - head.created_at_ms) / 1000),
+            }
+    return {
+        "action": "failover", "log_id": config.log_id, "at_ms": now_ms(),
+        "durable_head_seq": head.seq, "applied_seq": applied,
+        "newest_applied_record_ms": newest_applied or None,
+        "sinks": {name: {"applied_seq": cp.seq, "positions": cp.positions}
+                  for name, cp in checkpoints.items()},
+        "groups_committed": groups, "streams": streams,
+    }
+
