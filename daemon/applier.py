@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from daemon.config import Config
 from daemon.deltalog import ZERO_DIGEST, DeltaLog
-from daemon.errors import ChainError, DrstreamError
+from daemon.errors import ChainError, ConfigError, ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
+from daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
 from daemon.segment import decode_segment, parse_header, segment_digest
 from daemon.sink import SINK_TYPES, Sink
 from daemon.store import Store, load_builtin_connectors
@@ -30,6 +31,7 @@ class ApplyProgress:
     applied_at: float = 0.0  # monotonic time of the last apply
     segment_created_ms: int = 0  # write time of the last applied segment
     records: int = 0
+    lag_s: float = 0.0  # segment write -> apply, for the last segment applied
 
 
 class Applier:
@@ -43,6 +45,7 @@ class Applier:
         ]
         self.progress = ApplyProgress()
         self.ready = asyncio.Event()
+        self.health = Health()
         self._prev_digest = ZERO_DIGEST
         self._next_group_sync = 0.0
 
@@ -73,7 +76,8 @@ class Applier:
             return after
         apply_cfg = self.config.apply
         async for seq, data in self.log.follow(after, stop, prefetch=apply_cfg.prefetch,
-                                               poll_max_s=apply_cfg.poll_max_s):
+                                               poll_max_s=apply_cfg.poll_max_s,
+                                               tick=self.health.tick):
             await self.apply_segment(seq, data)
             await self._maybe_sync_groups()
             if until_seq is not None and seq >= until_seq:
@@ -96,6 +100,24 @@ class Applier:
         p.applied_seq, p.applied_at = seq, time.monotonic()
         p.segment_created_ms = header.created_at_ms
         p.records += body.manifest.record_count
+        APPLIED_SEQ.set(seq)
+        p.lag_s = max(0.0, time.time() - header.created_at_ms / 1000)
+        APPLY_LAG.set(p.lag_s)
+        RECORDS.labels("apply", self.log.log_id).inc(body.manifest.record_count)
+        SEGMENTS.labels("apply", body.manifest.kind).inc()
+        BYTES.labels("applied").inc(len(data))
+
+    def summary(self) -> str:
+        p = self.progress
+        return f"apply: applied seq {p.applied_seq}, lag {p.lag_s:.2f}s"
+
+    def reload(self, config: Config) -> None:
+        """Live changes: apply intervals, prefetch, group sync interval."""
+        if [s.model_dump() for s in config.sinks] != [s.model_dump() for s in self.config.sinks]:
+            raise ConfigError(str(config.log_id), [ConfigFieldError(
+                "sinks", "...", "changing sinks needs a restart")])
+        self.config = config
+        self.health.stall_after_s = config.service.stall_after_s
 
     async def _maybe_sync_groups(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -7,10 +7,7 @@ config, 3 a runtime failure (store down, key missing).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -21,7 +18,7 @@ from daemon import __version__
 from daemon.config import Config, load_config
 from daemon.errors import ConfigError, ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing, generate_key_file, load_key
-from daemon.logging import configure_logging, get_logger
+from daemon.logging import configure_logging
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
 
@@ -170,35 +167,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return run_async(_verify(args))
 
 
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """First SIGTERM/SIGINT: stop intake and drain. A second one: exit at once."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signame: str) -> None:
-        if stop.is_set():
-            print(f"drstream: second {signame}: exiting without draining", file=sys.stderr)
-            os._exit(EXIT_FAILURE)
-        get_logger("drstream").info("stop_requested", signal=signame)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-
-
 async def _ship(args: argparse.Namespace) -> int:
     from daemon.pipeline import Shipper
-    from daemon.store import open_store
+    from daemon.service import Service
 
     config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
     if not config.sources:
         raise ConfigError(args.config, [ConfigFieldError("sources", [], "ship needs a source")])
     keyring = keyring_from_config(config)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    async with open_store(config.store) as store:
-        await Shipper(config, store, keyring).run(stop)
-    return EXIT_OK
+    return await Service("ship", args.config, config).run(keyring, Shipper)
 
 
 def cmd_ship(args: argparse.Namespace) -> int:
@@ -207,22 +185,14 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
 async def _apply(args: argparse.Namespace) -> int:
     from daemon.applier import Applier
-    from daemon.store import open_store
+    from daemon.service import Service
 
     config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
     if not config.sinks:
         raise ConfigError(args.config, [ConfigFieldError("sinks", [], "apply needs a sink")])
     keyring = keyring_from_config(config)
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    async with open_store(config.store) as store:
-        applier = Applier(config, store, keyring)
-        try:
-            await applier.run(stop)
-        finally:
-            await applier.close()
-    return EXIT_OK
+    return await Service("apply", args.config, config).run(keyring, Applier)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:

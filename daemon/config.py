@@ -120,6 +120,23 @@ class ApplyConfig(Strict):
     group_sync_interval_s: float = Field(DEFAULT_GROUP_SYNC_INTERVAL_S, gt=0)
 
 
+DEFAULT_SHIP_METRICS_LISTEN = "127.0.0.1:9464"
+DEFAULT_APPLY_METRICS_LISTEN = "127.0.0.1:9465"
+DEFAULT_STALL_AFTER_S = 60.0
+
+
+class ServiceConfig(Strict):
+    """Running under systemd: metrics/health endpoints and readiness."""
+
+    ship_metrics_listen: str | None = Field(
+        DEFAULT_SHIP_METRICS_LISTEN, pattern=r"^[^:]*:\d+$",
+        description="host:port for /metrics, /healthz, /readyz of ship (null: off)")
+    apply_metrics_listen: str | None = Field(DEFAULT_APPLY_METRICS_LISTEN,
+                                             pattern=r"^[^:]*:\d+$")
+    stall_after_s: float = Field(DEFAULT_STALL_AFTER_S, gt=0,
+                                 description="/readyz fails when the main loop is idle this long")
+
+
 class Config(Strict):
     log_id: str = Field(pattern=LOG_ID_RE, description="name of this shipper's ordered log")
     store: Any = Field(description="the log store; its keys depend on store.type")
@@ -128,6 +145,9 @@ class Config(Strict):
     ship: ShipConfig = Field(default_factory=lambda: ShipConfig.model_validate({}))
     sinks: list[Any] = Field(default_factory=list, description="what `apply` writes")
     apply: ApplyConfig = Field(default_factory=lambda: ApplyConfig.model_validate({}))
+    service: ServiceConfig = Field(default_factory=lambda: ServiceConfig.model_validate({}))
+    allowed_regions: list[str] | None = Field(
+        None, description="data residency: every store and cluster must declare one of these")
     logging: LoggingConfig = LoggingConfig()
 
 
@@ -218,9 +238,28 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         if "store" not in data:
             errors.append(ConfigFieldError("store", MISSING, "required key is missing"))
         raise ConfigError(source, errors) from None
+    errors += _region_errors(config)
     if errors:
         raise ConfigError(source, errors)
     return config
+
+
+def _region_errors(config: Config) -> list[ConfigFieldError]:
+    """The data-residency guard: with allowed_regions set, nothing may be elsewhere or vague."""
+    if config.allowed_regions is None:
+        return []
+    allowed = config.allowed_regions
+    sections = [("store", config.store)]
+    sections += [(f"sources[{i}]", s) for i, s in enumerate(config.sources)]
+    sections += [(f"sinks[{i}]", s) for i, s in enumerate(config.sinks)]
+    errors = []
+    for path, section in sections:
+        region = getattr(section, "region", None)
+        if region not in allowed:
+            reason = (f"region is not in allowed_regions {allowed}" if region is not None
+                      else f"declares no region; allowed_regions {allowed} requires one")
+            errors.append(ConfigFieldError(f"{path}.region", region, reason))
+    return errors
 
 
 def load_config(path: str | Path) -> Config:

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from daemon.codec import Body, Manifest
 from daemon.errors import DrstreamError, FencedError, SegmentFormatError, StoreError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
+from daemon.metrics import BYTES, ERRORS, UPLOAD_SECONDS
 from daemon.segment import encode_segment, read_manifest, segment_digest
 from daemon.store import Store
 
@@ -28,6 +29,7 @@ UPLOAD_RETRY_MIN_S: Final = 0.2
 UPLOAD_RETRY_MAX_S: Final = 10.0
 FOLLOW_POLL_MIN_S: Final = 0.05
 FOLLOW_POLL_MAX_S: Final = 2.0
+FOLLOW_FAST_WINDOW_S: Final = 1.0
 ORPHAN_WINDOW: Final = 256
 
 log = get_logger("drstream.deltalog")
@@ -126,6 +128,7 @@ class DeltaLog:
         *,
         prefetch: int = 1,
         poll_max_s: float = FOLLOW_POLL_MAX_S,
+        tick: Callable[[], None] | None = None,
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Yield (seq, bytes) for after_seq+1, +2, ... as they appear; back off while idle.
 
@@ -134,8 +137,11 @@ class DeltaLog:
         """
         seq, delay, window = after_seq + 1, FOLLOW_POLL_MIN_S, 1
         pending: dict[int, asyncio.Task[bytes | None]] = {}
+        last_found = time.monotonic()
         try:
             while stop is None or not stop.is_set():
+                if tick is not None:
+                    tick()
                 for s in range(seq, seq + window):
                     if s not in pending:
                         pending[s] = asyncio.create_task(self.fetch(s))
@@ -146,9 +152,13 @@ class DeltaLog:
                     pending.clear()
                     window = 1
                     await _sleep_or_stop(delay, stop)
-                    delay = min(delay * 2, poll_max_s)
+                    # Poll fast right after a segment (the next is usually a flush interval
+                    # away); back off exponentially only once the log has gone quiet.
+                    if time.monotonic() - last_found > FOLLOW_FAST_WINDOW_S:
+                        delay = min(delay * 2, poll_max_s)
                     continue
                 yield seq, data
+                last_found = time.monotonic()
                 seq, delay, window = seq + 1, FOLLOW_POLL_MIN_S, min(window * 2, prefetch)
         finally:
             for task in pending.values():
@@ -288,11 +298,15 @@ class LogWriter:
             raise self.failure
 
     async def _upload(self, seq: int, data: bytes) -> None:
+        started = time.monotonic()
         try:
             await self._put_with_retries(seq, data)
+            UPLOAD_SECONDS.observe(time.monotonic() - started)
+            BYTES.labels("encrypted").inc(len(data))
         except BaseException as e:  # the writer stops for good: later appends re-raise it
             if not isinstance(e, asyncio.CancelledError):
                 self.failure = e
+                ERRORS.labels(type(e).__name__).inc()
                 log.error("segment_upload_failed", log_id=self.log_id, seq=seq, error=str(e))
             async with self._durable_changed:
                 self._durable_changed.notify_all()

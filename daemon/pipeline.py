@@ -16,9 +16,10 @@ from typing import Any
 from daemon.codec import Body, KafkaBatch, make_manifest
 from daemon.config import Config
 from daemon.deltalog import LogWriter
-from daemon.errors import DrstreamError
+from daemon.errors import ConfigError, ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
+from daemon.metrics import BYTES, DURABLE_HEAD, RECORDS, SEGMENTS, SHIP_LAG, Health
 from daemon.source import SOURCE_TYPES, Delivery, Source, load_builtin_sources
 from daemon.store import Store
 
@@ -33,11 +34,15 @@ class OpenSegment:
     nbytes: int = 0
     records: int = 0
     first_at: float | None = None
+    min_ts: int | None = None  # oldest record timestamp (ms) in the segment
     released: dict[int, int] = field(default_factory=dict)  # source index -> bytes
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # stream -> topics
 
     def add(self, index: int, stream: str, d: Delivery) -> None:
         for b in d.batches:
+            if b.records:
+                first = b.records[0].timestamp
+                self.min_ts = first if self.min_ts is None else min(self.min_ts, first)
             key = (stream, b.topic, b.partition)
             if key in self.batches:
                 self.batches[key].records.extend(b.records)
@@ -86,6 +91,9 @@ class Shipper:
         self.pending_groups: dict[str, dict[str, Any]] = {}
         self.last_append = time.monotonic()
         self.ready = asyncio.Event()
+        self.health = Health()
+        self.lag_s = 0.0
+        self._pending_min_ts: dict[int, int] = {}  # seq in flight -> oldest record timestamp
         self._inbox: asyncio.Queue[tuple[int, Delivery]] = asyncio.Queue(maxsize=64)
         self._open = OpenSegment()
         self._commit_tasks: set[asyncio.Task[None]] = set()
@@ -120,8 +128,37 @@ class Shipper:
             if delivery is not None:
                 await self._inbox.put((index, delivery))
 
+    def summary(self) -> str:
+        lag = self.lag_s
+        return (f"ship: durable seq {self.writer.durable_seq}, next {self.writer.next_seq}, "
+                f"lag {lag:.2f}s")
+
+    def reload(self, config: Config) -> None:
+        """Live changes: topic/group selection, intervals and limits, log level."""
+        if [s.model_dump(include={"type", "name", "bootstrap_servers"}) for s in config.sources] \
+                != [s.model_dump(include={"type", "name", "bootstrap_servers"})
+                    for s in self.config.sources]:
+            raise ConfigError(str(self.config.log_id), [ConfigFieldError(
+                "sources", "...", "adding, removing or re-pointing a source needs a restart")])
+        for src, new in zip(self.sources, config.sources, strict=True):
+            src.reconfigure(new)
+        self.config, self.ship = config, config.ship
+        self.health.stall_after_s = config.service.stall_after_s
+
+    def _update_lag(self) -> None:
+        now_ms = time.time() * 1000
+        oldest = min(self._pending_min_ts.values(), default=None)
+        if self._open.min_ts is not None:
+            oldest = self._open.min_ts if oldest is None else min(oldest, self._open.min_ts)
+        lag = 0.0 if oldest is None else max(0.0, (now_ms - oldest) / 1000)
+        self.lag_s = lag
+        for src in self.sources:
+            SHIP_LAG.labels(src.stream).set(lag)
+
     async def _loop(self, stop: asyncio.Event, readers: list[asyncio.Task[None]]) -> None:
         while not stop.is_set():
+            self.health.tick()
+            self._update_lag()
             for task in readers:
                 if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -180,6 +217,13 @@ class Shipper:
         body = Body(make_manifest(positions, list(batches), extra=extra), list(batches))
         seq = await self.writer.append(body)
         self.last_append = time.monotonic()
+        if seg.min_ts is not None:
+            self._pending_min_ts[seq] = seg.min_ts
+        for stream in {b.stream for b in batches}:
+            RECORDS.labels("ship", stream).inc(sum(len(b.records) for b in batches
+                                                   if b.stream == stream))
+        BYTES.labels("raw").inc(seg.nbytes)
+        SEGMENTS.labels("ship", body.manifest.kind).inc()
         for index, nbytes in seg.released.items():
             self.sources[index].release(nbytes)
         task = asyncio.create_task(self._after_durable(seq, positions))
@@ -191,8 +235,13 @@ class Shipper:
     async def _after_durable(self, seq: int, positions: dict[str, Any]) -> None:
         with contextlib.suppress(DrstreamError):
             await self.writer.wait_durable(seq)
+            self._pending_min_ts.pop(seq, None)
+            DURABLE_HEAD.set(self.writer.durable_seq)
             for src in self.sources:
                 await src.durable(positions.get(src.stream, {}))
+
+    async def close(self) -> None:
+        """Everything is closed by the drain at the end of run(); nothing else is held."""
 
     async def _drain(self) -> None:
         """Stop intake has happened; flush what is open and wait for uploads, bounded."""

@@ -51,6 +51,10 @@ class Source(Protocol):
 
     async def close(self) -> None: ...
 
+    def reconfigure(self, config: Any) -> None:
+        """Take a reloaded config of the same source (selection, intervals)."""
+        ...
+
     async def probe(self, positions: dict[str, Any]) -> SourceProbe:
         """Compare the live source with `positions` without joining or assigning anything."""
         ...

@@ -69,6 +69,7 @@ class FileStoreConfig(BaseModel):
 
     type: Literal["file"]
     path: str
+    region: str | None = None  # where this disk is, for the allowed_regions guard
 
     @field_validator("path")
     @classmethod

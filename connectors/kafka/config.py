@@ -50,6 +50,7 @@ class KafkaSourceConfig(BaseModel):
     type: Literal["kafka"]
     name: str = Field("primary", pattern=r"^[A-Za-z0-9._-]{1,64}$",
                       description="cluster name; the stream is 'kafka:<name>'")
+    region: str | None = Field(None, description="where the cluster runs (allowed_regions)")
     bootstrap_servers: str = Field(min_length=1)
     topics: Selection
     groups: Selection = Selection()
@@ -119,6 +120,7 @@ class KafkaSinkConfig(BaseModel):
     type: Literal["kafka"]
     name: str = Field("standby", pattern=r"^[A-Za-z0-9._-]{1,64}$",
                       description="this cluster's name (origin header, checkpoints)")
+    region: str | None = Field(None, description="where the cluster runs (allowed_regions)")
     bootstrap_servers: str = Field(min_length=1)
     source: str = Field("kafka:primary", description="the stream in the log to apply")
     topic_template: str = Field(DEFAULT_TOPIC_TEMPLATE,

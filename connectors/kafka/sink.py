@@ -244,6 +244,7 @@ class KafkaSink:
     @staticmethod
     def _produce(p: Producer, topic: str, partition: int, key: bytes | None,
                  value: bytes | None, headers: list[Any], ts: int, cb: Any) -> None:
+        deadline = time.monotonic() + ADMIN_TIMEOUT_S
         while True:
             try:
                 if cb is None:
@@ -253,6 +254,14 @@ class KafkaSink:
                               on_delivery=cb)
                 return
             except BufferError:
+                p.poll(0.05)
+            except KafkaException as e:
+                # Partitions just added (_grow) are unknown to the producer's cached
+                # metadata until it is refreshed: produce() fails at once without this.
+                if e.args[0].code() != KafkaError._UNKNOWN_PARTITION or \
+                        time.monotonic() >= deadline:
+                    raise
+                p.list_topics(topic, timeout=5)
                 p.poll(0.05)
 
     def _next_checkpoint(self, seq: int, digest: bytes, created_at_ms: int, body: Body,

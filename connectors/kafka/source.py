@@ -100,6 +100,11 @@ class KafkaSource:
         if offsets:
             self._commands.put(lambda: self._commit(offsets))
 
+    def reconfigure(self, config: KafkaSourceConfig) -> None:
+        """Swap in a reloaded config; the consumer thread rediscovers at once."""
+        self.config = config
+        self._next_discovery = 0.0
+
     async def probe(self, positions: dict[str, Any]) -> SourceProbe:
         return await asyncio.to_thread(self._probe_sync, positions)
 
@@ -306,6 +311,11 @@ class KafkaSource:
                      if p >= self._topics.get(t, 0)]
         if new_parts:
             self._assign(new_parts, initial=initial)
+        dropped = [tp for tp in self._assigned if tp.topic not in wanted]
+        if dropped:  # deselected by a reload: stop reading; positions stay in the log
+            self._consumer.incremental_unassign(dropped)
+            self._assigned = [tp for tp in self._assigned if tp.topic in wanted]
+            log.info("partitions_unassigned", source=self.stream, count=len(dropped))
         changed = {t for t, n in wanted.items() if self._topics.get(t) != n}
         self._topics = wanted
         self._refresh_metadata(force=initial or bool(changed))

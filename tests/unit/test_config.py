@@ -127,3 +127,18 @@ def test_help_lists_only_working_commands() -> None:
     commands = result.stdout.split("COMMAND", 2)[2].split("options:")[0]
     listed = [m.group(1) for m in re.finditer(r"^    (\S+)", commands, re.MULTILINE)]
     assert sorted(listed) == ["apply", "failover", "keys", "ship", "status", "validate", "verify"]
+
+
+def test_allowed_regions_refuses_a_store_elsewhere_naming_both() -> None:
+    data = {**GOOD, "allowed_regions": ["us-east-1"],
+            "store": {"type": "s3", "bucket": "dr-log", "region": "eu-west-1"}}
+    errors = errors_of(data)
+    assert [p for p, _ in errors] == ["store.region"]
+    assert "'eu-west-1'" in errors[0][1] and "us-east-1" in errors[0][1]
+
+
+def test_allowed_regions_requires_a_declared_region() -> None:
+    errors = errors_of({**GOOD, "allowed_regions": ["us-east-1"]})
+    assert [p for p, _ in errors] == ["store.region"]
+    parse_config({**GOOD, "allowed_regions": ["us-east-1"],
+                  "store": {**GOOD["store"], "region": "us-east-1"}})

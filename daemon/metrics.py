@@ -1,0 +1,120 @@
+"""Prometheus metrics and the health endpoints, served on loopback by default.
+
+One registry per process (not the global one) so tests and embedded use stay isolated.
+`/metrics` (Prometheus text), `/healthz` (the loop answers), `/readyz` (connected and the
+main loop ticked recently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from daemon.logging import get_logger
+
+log = get_logger("drstream.metrics")
+
+DEFAULT_STALL_AFTER_S = 60.0
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+
+RECORDS = Counter("drstream_records", "Records shipped or applied", ["role", "stream"],
+                  registry=REGISTRY)
+BYTES = Counter("drstream_bytes", "Bytes per stage: raw (records), encrypted (segments "
+                "stored), applied", ["stage"], registry=REGISTRY)
+SEGMENTS = Counter("drstream_segments", "Segments written or applied", ["role", "kind"],
+                   registry=REGISTRY)
+UPLOAD_SECONDS = Histogram("drstream_segment_upload_seconds", "Segment upload latency",
+                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                           registry=REGISTRY)
+DURABLE_HEAD = Gauge("drstream_durable_head_seq", "Highest seq with every seq below it stored",
+                     registry=REGISTRY)
+SHIP_LAG = Gauge("drstream_ship_lag_seconds", "Age of the oldest consumed record not yet "
+                 "durable in the log (0 when all are): the RPO right now", ["stream"],
+                 registry=REGISTRY)
+APPLIED_SEQ = Gauge("drstream_applied_seq", "Last segment applied to every sink",
+                    registry=REGISTRY)
+APPLY_LAG = Gauge("drstream_apply_lag_seconds", "Time from a segment's write to its apply, "
+                  "for the last segment applied", registry=REGISTRY)
+ERRORS = Counter("drstream_errors", "Errors by kind", ["kind"], registry=REGISTRY)
+
+
+class Health:
+    """Readiness: connected (set once) and the main loop ticked within `stall_after_s`."""
+
+    def __init__(self, stall_after_s: float = DEFAULT_STALL_AFTER_S) -> None:
+        self.stall_after_s = stall_after_s
+        self.connected = False
+        self.last_tick = time.monotonic()
+        self.reason = "starting"
+
+    def tick(self) -> None:
+        self.last_tick = time.monotonic()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.connected:
+            return False, self.reason
+        idle = time.monotonic() - self.last_tick
+        if idle > self.stall_after_s:
+            return False, f"main loop stalled for {idle:.0f}s"
+        return True, "ready"
+
+
+class MetricsServer:
+    """A minimal HTTP/1.0 server on the event loop: /metrics, /healthz, /readyz."""
+
+    def __init__(self, listen: str, health: Health) -> None:
+        host, _, port = listen.rpartition(":")
+        self.host, self.port = host or "127.0.0.1", int(port)
+        self.health = health
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics_listening", address=f"{self.host}:{self.port}")
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            path = line.decode(errors="replace").split(" ")[1] if b" " in line else "/"
+            status, ctype, body = self._route(path.split("?")[0])
+            head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _route(self, path: str) -> tuple[str, str, bytes]:
+        if path == "/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+        if path == "/healthz":
+            return "200 OK", "text/plain", b"ok\n"
+        if path == "/readyz":
+            ok, why = self.health.ready()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            return status, "text/plain", (why + "\n").encode()
+        return "404 Not Found", "text/plain", b"not found\n"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None

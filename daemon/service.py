@@ -1,0 +1,135 @@
+"""Running ship or apply as a service: signals, sd_notify, metrics, health, reload.
+
+SIGTERM/SIGINT: STOPPING=1, stop intake, drain within the deadline, exit 0; a second one
+exits at once. SIGHUP: RELOADING=1, re-read the config, apply what can change live, READY=1;
+an invalid new config is logged and the old one keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from daemon.config import Config, load_config
+from daemon.errors import ConfigError
+from daemon.keyring import KeyRing
+from daemon.logging import configure_logging, get_logger
+from daemon.metrics import Health, MetricsServer
+from daemon.notify import Notifier
+from daemon.store import Store, open_store
+
+log = get_logger("drstream.service")
+
+EXIT_FAILURE = 3
+TEST_HOOKS_ENV = "DRSTREAM_TEST_HOOKS"  # "1": SIGUSR2 blocks the event loop (watchdog tests)
+
+
+class Component(Protocol):
+    ready: asyncio.Event
+    health: Health
+
+    async def run(self, stop: asyncio.Event) -> object: ...
+
+    def reload(self, config: Config) -> None: ...
+
+    def summary(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+Factory = Callable[[Config, Store, KeyRing], Component]
+
+# What SIGHUP may not change: identity and wiring (a restart is needed for those).
+FROZEN_ON_RELOAD = ("log_id", "store", "keyring")
+
+
+class Service:
+    def __init__(self, role: str, config_path: str, config: Config) -> None:
+        self.role = role
+        self.config_path = config_path
+        self.config = config
+        self.notifier = Notifier()
+        self.health = Health(config.service.stall_after_s)
+        self.stop = asyncio.Event()
+        self.component: Component | None = None
+
+    async def run(self, keyring: KeyRing, factory: Factory) -> int:
+        listen = (self.config.service.ship_metrics_listen if self.role == "ship"
+                  else self.config.service.apply_metrics_listen)
+        metrics = MetricsServer(listen, self.health) if listen else None
+        self._install_signals()
+        try:
+            if metrics is not None:
+                await metrics.start()
+            async with open_store(self.config.store) as store:
+                self.component = factory(self.config, store, keyring)
+                self.component.health = self.health
+                try:
+                    task = asyncio.create_task(self.component.run(self.stop))
+                    await self._announce_ready(task)
+                    await task
+                finally:
+                    await self.component.close()
+        finally:
+            await self.notifier.close()
+            if metrics is not None:
+                await metrics.close()
+        return 0
+
+    async def _announce_ready(self, task: asyncio.Task[object]) -> None:
+        assert self.component is not None
+        ready = asyncio.create_task(self.component.ready.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done():
+            return  # failed (or stopped) before it was ready: run() re-raises
+        self.health.connected = True
+        self.notifier.ready(self.component.summary())
+        self.notifier.start_watchdog(self.component.summary)
+        log.info("service_ready", role=self.role)
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        if os.environ.get(TEST_HOOKS_ENV) == "1":
+            loop.add_signal_handler(signal.SIGUSR2, self._block_loop)
+
+    def _on_stop(self, signame: str) -> None:
+        if self.stop.is_set():
+            print(f"drstream: second {signame}: exiting without draining", file=sys.stderr)
+            os._exit(EXIT_FAILURE)
+        log.info("stop_requested", signal=signame)
+        self.notifier.stopping()
+        self.stop.set()
+
+    def _on_reload(self) -> None:
+        self.notifier.reloading()
+        changed: list[str] = []
+        try:
+            new = load_config(self.config_path)
+            changed = [k for k in FROZEN_ON_RELOAD if getattr(new, k) != getattr(self.config, k)]
+            if changed:
+                raise ConfigError(self.config_path, [])  # reported below with the keys
+            if self.component is not None:
+                self.component.reload(new)
+            configure_logging(new.logging.level, new.logging.format)
+            self.config = new
+            log.info("config_reloaded", path=self.config_path)
+        except ConfigError as e:
+            detail = str(e) if e.errors else f"{changed} cannot change without a restart"
+            log.error("config_reload_rejected", path=self.config_path, error=detail)
+        finally:
+            self.notifier.ready()
+
+    @staticmethod
+    def _block_loop() -> None:
+        seconds = float(os.environ.get("DRSTREAM_TEST_BLOCK_S", "5"))
+        log.warning("test_hook_blocking_loop", seconds=seconds)
+        time.sleep(seconds)
