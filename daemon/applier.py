@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from daemon.codec import Body
 from daemon.config import Config
 from daemon.deltalog import ZERO_DIGEST, DeltaLog
 from daemon.errors import ChainError, ConfigError, ConfigFieldError, DrstreamError
@@ -44,6 +46,8 @@ class Applier:
             SINK_TYPES[s.type].factory(s, log_id=config.log_id) for s in config.sinks
         ]
         self.progress = ApplyProgress()
+        # replay and drill filter or observe each decoded segment before the sinks see it
+        self.transform: Callable[[int, Body], Body] | None = None
         self.ready = asyncio.Event()
         self.health = Health()
         self._prev_digest = ZERO_DIGEST
@@ -62,12 +66,29 @@ class Applier:
                 raise ChainError("stored segment differs from the one applied: log rewritten",
                                  log_id=self.log.log_id, seq=lowest.seq)
             self._prev_digest = lowest.digest
-        self.progress.applied_seq = lowest.seq
+            after = lowest.seq
+        else:
+            after = await self._start_of_pruned_log()
+        self.progress.applied_seq = after
         self.progress.segment_created_ms = lowest.created_at_ms
         self.ready.set()
-        log.info("apply_started", log_id=self.log.log_id, after_seq=lowest.seq,
+        log.info("apply_started", log_id=self.log.log_id, after_seq=after,
                  sinks=[s.name for s in self.sinks])
-        return lowest.seq
+        return after
+
+    async def _start_of_pruned_log(self) -> int:
+        """A sink that applied nothing starts at the oldest stored segment; after a prune
+        that is not seq 1, and its predecessor's digest is taken from its own header."""
+        first = await self.log.first_seq()
+        if first is None or first == 1:
+            return 0
+        data = await self.log.fetch(first)
+        if data is None:
+            raise ChainError("oldest segment vanished while starting", log_id=self.log.log_id,
+                             seq=first)
+        self._prev_digest = parse_header(data)[0].prev_digest
+        log.warning("apply_from_pruned_log", log_id=self.log.log_id, first_seq=first)
+        return first - 1
 
     async def run(self, stop: asyncio.Event, *, until_seq: int | None = None) -> int:
         """Apply until `stop` (or through `until_seq`); returns the last applied seq."""
@@ -92,6 +113,8 @@ class Applier:
         header, body = await asyncio.to_thread(
             decode_segment, data, self.keyring, expect_log_id=self.log.log_id, expect_seq=seq)
         digest = segment_digest(data)
+        if self.transform is not None:
+            body = self.transform(seq, body)
         for sink in self.sinks:
             if sink.checkpoint().seq < seq:
                 await sink.apply(seq, digest, header.created_at_ms, body)

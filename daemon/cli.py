@@ -270,6 +270,146 @@ def cmd_failover(args: argparse.Namespace) -> int:
     return run_async(_failover(args))
 
 
+def _log_config(args: argparse.Namespace) -> Config:
+    """--config, or --store URL + --log-id + --key (replaying a log without its config)."""
+    from daemon.config import parse_config
+    from daemon.store import store_config_from_url
+
+    if args.config:
+        return load_config(args.config)
+    missing = [f for f, v in (("--store", args.store), ("--log-id", args.log_id),
+                              ("--key", args.key)) if not v]
+    if missing:
+        raise ConfigError("arguments", [ConfigFieldError(
+            ", ".join(missing), None, "give --config, or --store, --log-id and --key")])
+    keys = dict(spec.partition("=")[::2] for spec in args.key)
+    store = store_config_from_url(args.store).model_dump()
+    return parse_config({"log_id": args.log_id, "store": store,
+                         "keyring": {"active": next(iter(keys)), "keys": keys}}, "arguments")
+
+
+def _plan(args: argparse.Namespace) -> Any:
+    from daemon.replay import ReplayPlan, parse_time_ms
+
+    return ReplayPlan(
+        until_ms=parse_time_ms(args.until) if args.until else None, until_seq=args.until_seq,
+        topics=args.topics, rename=getattr(args, "rename", "{topic}"),
+        name=getattr(args, "name", "replay"), parallel=args.parallel, stream=args.stream)
+
+
+def _replay_progress() -> Callable[[int, int, int, int, float], None]:
+    interactive = sys.stderr.isatty()
+
+    def show(seq: int, end: int, records: int, nbytes: int, elapsed: float) -> None:
+        pct = 100.0 * seq / end if end else 100.0
+        rate = nbytes / elapsed / 2**20 if elapsed > 0 else 0.0
+        eta = elapsed * (end - seq) / seq if seq else 0.0
+        print(f"replay seq {seq}/{end} ({pct:.0f}%), {records} records, "
+              f"{nbytes / 2**20:.1f} MiB, {rate:.1f} MiB/s, ETA {eta:.0f}s",
+              end="\r" if interactive else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    from daemon.replay import replay
+    from daemon.store import open_store
+
+    config = _log_config(args)
+    if not args.dry_run and not args.target_bootstrap:
+        raise ConfigError("arguments", [ConfigFieldError(
+            "--target-bootstrap", None, "name the Kafka cluster to write to, or use --dry-run")])
+    keyring = keyring_from_config(config)
+    async with open_store(config.store) as store:
+        result = await replay(config, store, keyring, _plan(args),
+                              None if args.dry_run else args.target_bootstrap,
+                              _replay_progress())
+    print(file=sys.stderr)
+    verb = "would write" if args.dry_run else "wrote"
+    print(f"replay of log {config.log_id} through seq {result.through_seq}: {verb} "
+          f"{result.records} records ({result.bytes / 2**20:.2f} MiB) in {result.seconds:.1f}s")
+    for (topic, p), t in sorted(result.filter.tally.items()):
+        print(f"  {args.rename.format(topic=topic, cluster=args.stream.split(':')[-1])}[{p}]: "
+              f"{t.records} records")
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    return run_async(_replay(args))
+
+
+async def _drill(args: argparse.Namespace) -> int:
+    from daemon.replay import drill
+    from daemon.store import open_store
+
+    config = load_config(args.config)
+    target = args.target_bootstrap or next(
+        (s.bootstrap_servers for s in config.sinks if s.type == "kafka"), None)
+    if target is None:
+        raise ConfigError(args.config, [ConfigFieldError(
+            "--target-bootstrap", None, "no Kafka sink in the config to drill against")])
+    keyring = keyring_from_config(config)
+    async with open_store(config.store) as store:
+        report = await drill(config, store, keyring, _plan(args), target, args.keep,
+                             _replay_progress())
+    print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_drill(report)
+    return EXIT_OK if report["ok"] else EXIT_PROBLEMS
+
+
+def _print_drill(r: dict[str, Any]) -> None:
+    print(f"drill of log {r['log_id']} into {r['target']}: {'PASSED' if r['ok'] else 'FAILED'}")
+    print(f"  RTO (time to rebuild)  {r['rto_s']}s")
+    if "error" in r:
+        print(f"  error                  {r['error']}")
+    else:
+        print(f"  records                {r['records']} in {r['partitions']} partitions, "
+              f"through seq {r['applied_through_seq']}")
+        print(f"  RPO at the point       {r['rpo_at_point_s']}s")
+        print(f"  mismatches             {len(r['mismatches'])}")
+        for m in r["mismatches"][:10]:
+            print(f"    {m['topic']}[{m['partition']}]: log {m['log']} target {m['target']}")
+    print(f"  report                 {r['audit_object']}")
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    return run_async(_drill(args))
+
+
+async def _prune(args: argparse.Namespace) -> int:
+    from daemon.replay import parse_duration_s, prune
+    from daemon.store import open_store
+
+    config = load_config(args.config)
+    older = parse_duration_s(args.older_than)
+    async with open_store(config.store) as store:
+        r = await prune(config, store, older, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    span = f"seq {r.deleted[0]}..{r.deleted[-1]}" if r.deleted else "nothing"
+    print(f"prune of log {config.log_id}: {verb} {len(r.deleted)} segments ({span}); "
+          f"kept from seq {r.deleted[-1] + 1 if r.deleted else r.first_seq}: {r.kept_reason}")
+    if r.locked:
+        print(f"  under Object Lock, not deleted: seq {r.locked[0]} and later")
+    return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    return run_async(_prune(args))
+
+
+def _add_replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--until", metavar="TIME", help="RFC 3339: records with timestamps up to it")
+    p.add_argument("--until-seq", type=int, metavar="N", help="segments up to N (inclusive)")
+    p.add_argument("--topics", metavar="REGEX", help="only source topics fully matching this")
+    p.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="segment fetches in flight (applied in order)")
+    p.add_argument("--stream", default="kafka:primary", help="stream in the log to replay")
+    p.add_argument("--target-bootstrap", metavar="HOST:PORT", help="Kafka cluster to write to")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drstream",
@@ -324,6 +464,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="path of the YAML config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_failover)
+
+    p = sub.add_parser("replay", help="rebuild topics from the log up to a time or seq; "
+                       "resumable, with progress")
+    p.add_argument("--config", help="take store, log_id and keys from this config")
+    p.add_argument("--store", metavar="URL", help="or: the store URL (file://, s3://)")
+    p.add_argument("--log-id", help="with --store: the log to replay")
+    p.add_argument("--key", action="append", default=[], metavar="ID=REF",
+                   help="with --store: a key (repeatable), e.g. k1=file:/etc/drstream/k1.key")
+    _add_replay_args(p)
+    p.add_argument("--rename", default="{topic}", metavar="TEMPLATE",
+                   help="target topic name, e.g. '{topic}.restored'")
+    p.add_argument("--name", default="replay",
+                   help="names this replay's checkpoint: rerun with the same name to resume")
+    p.add_argument("--dry-run", action="store_true", help="report what would be written")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("drill", help="replay into scratch topics, compare with the log, "
+                       "report RTO/RPO; exit 1 on any mismatch")
+    p.add_argument("--config", required=True, help="path of the YAML config")
+    _add_replay_args(p)
+    p.add_argument("--keep", action="store_true", help="keep the scratch topics")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_drill)
+
+    p = sub.add_parser("prune", help="delete old segments no reader still needs")
+    p.add_argument("--config", required=True, help="path of the YAML config")
+    p.add_argument("--older-than", required=True, metavar="DURATION",
+                   help="e.g. 7d, 12h: only segments written before now minus this")
+    p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 

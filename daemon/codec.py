@@ -653,3 +653,22 @@ def _decode_body(data: bytes) -> Body:
         pos = end
     _check_manifest(manifest, count, lo, hi)
     return Body(manifest=manifest, batches=batches)
+
+
+def update_record_digest(
+    h: Any, timestamp: int, key: bytes | None, value: bytes | None,
+    headers: list[tuple[str, bytes | None]],
+) -> None:
+    """Feed one record into a running hash, canonically (drills compare log and target)."""
+
+    def field_(b: bytes | None) -> None:
+        h.update(struct.pack("<q", -1 if b is None else len(b)))
+        if b:
+            h.update(b)
+
+    h.update(struct.pack("<qI", timestamp, len(headers)))
+    field_(key)
+    field_(value)
+    for name, hv in headers:
+        field_(name.encode())
+        field_(hv)

@@ -190,8 +190,14 @@ class KafkaSink:
             self._ensure_partition(self._target(b.topic), b.partition)
         offsets = {t: {p: list(v) for p, v in parts.items()}
                    for t, parts in self._cp.offsets.get("map", {}).items()}
-        groups = dict(self._cp.offsets.get("groups", {}))
-        groups.update(extra.get("groups", {}))
+        groups = {g: {t: dict(parts) for t, parts in topics.items()}
+                  for g, topics in self._cp.offsets.get("groups", {}).items()}
+        # A segment carries only the group offsets that became ready (gate_group_offsets:
+        # per partition), so merge partition by partition; a per-group update would drop
+        # the partitions an earlier segment brought.
+        for g, topics in extra.get("groups", {}).items():
+            for t, parts in topics.items():
+                groups.setdefault(g, {}).setdefault(t, {}).update(parts)
         # cp holds `offsets`, which the transaction fills in with the target offsets
         cp = self._next_checkpoint(seq, digest, created_at_ms, body, offsets, groups)
         try:

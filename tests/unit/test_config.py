@@ -126,7 +126,10 @@ def test_help_lists_only_working_commands() -> None:
     assert result.returncode == 0
     commands = result.stdout.split("COMMAND", 2)[2].split("options:")[0]
     listed = [m.group(1) for m in re.finditer(r"^    (\S+)", commands, re.MULTILINE)]
-    assert sorted(listed) == ["apply", "failover", "keys", "ship", "status", "validate", "verify"]
+    assert sorted(listed) == [
+        "apply", "drill", "failover", "keys", "prune", "replay", "ship", "status", "validate",
+        "verify",
+    ]
 
 
 def test_allowed_regions_refuses_a_store_elsewhere_naming_both() -> None:

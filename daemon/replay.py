@@ -1,0 +1,319 @@
+"""`replay`, `drill` and `prune`: rebuild state from the log at any point, prove it, trim it.
+
+Replay is apply with a filter and a different sink: records up to a time (by record
+timestamp) or through a seq, chosen topics, renamed targets, and its own checkpoint (so an
+interrupted replay resumes with no duplicates). A drill replays into scratch topics,
+compares them record by record with the log and reports RTO, RPO and mismatches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from daemon.applier import Applier
+from daemon.codec import Body, KafkaBatch, make_manifest, update_record_digest
+from daemon.config import Config
+from daemon.deltalog import DeltaLog
+from daemon.errors import ConfigFieldError, DrstreamError
+from daemon.keyring import KeyRing
+from daemon.logging import get_logger
+from daemon.segment import parse_header
+from daemon.sink import Checkpoint
+from daemon.store import Store
+
+log = get_logger("drstream.replay")
+
+DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time_ms(text: str, field_name: str = "--until") -> int:
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigFieldError(field_name, text, "expected an RFC 3339 time such as "
+                               "2026-11-26T12:00:00Z") from None
+    if dt.tzinfo is None:
+        raise ConfigFieldError(field_name, text, "the time needs a zone (Z or +hh:mm)")
+    return int(dt.timestamp() * 1000)
+
+
+def parse_duration_s(text: str, field_name: str = "--older-than") -> float:
+    m = DURATION_RE.match(text.strip())
+    if not m:
+        raise ConfigFieldError(field_name, text, "expected a duration like 90s, 30m, 12h, 7d")
+    return float(m.group(1)) * DURATION_UNITS[m.group(2)]
+
+
+@dataclass
+class ReplayPlan:
+    until_ms: int | None = None
+    until_seq: int | None = None
+    topics: str | None = None  # full-match regex over source topic names
+    rename: str = "{topic}"
+    name: str = "replay"
+    parallel: int = 4
+    stream: str = "kafka:primary"
+    digests: bool = False  # drills: hash every kept record per partition
+
+
+@dataclass
+class PartitionTally:
+    records: int = 0
+    bytes: int = 0
+    newest_ms: int | None = None
+    digest: Any = field(default_factory=hashlib.sha256)
+
+
+class RecordFilter:
+    """The transform replay hands to the applier: keeps what the plan selects."""
+
+    def __init__(self, plan: ReplayPlan) -> None:
+        self.plan = plan
+        self.topic_re = re.compile(plan.topics) if plan.topics else None
+        self.tally: dict[tuple[str, int], PartitionTally] = {}
+
+    def keep_topic(self, topic: str) -> bool:
+        return self.topic_re is None or bool(self.topic_re.fullmatch(topic))
+
+    def __call__(self, seq: int, body: Body) -> Body:
+        until = self.plan.until_ms
+        batches = []
+        for b in body.batches:
+            if not isinstance(b, KafkaBatch) or b.stream != self.plan.stream:
+                continue
+            if not self.keep_topic(b.topic):
+                continue
+            records = b.records if until is None else [r for r in b.records if r.timestamp <= until]
+            if records:
+                batches.append(KafkaBatch(b.stream, b.topic, b.partition, records))
+                self._count(b.topic, b.partition, records)
+        extra = body.manifest.extra.get(self.plan.stream, {})
+        topics = {t: m for t, m in extra.get("topics", {}).items() if self.keep_topic(t)}
+        kept_extra = {self.plan.stream: {"topics": topics}} if topics else {}
+        manifest = make_manifest(body.manifest.positions, list(batches), extra=kept_extra)
+        return Body(manifest, list(batches))
+
+    def _count(self, topic: str, partition: int, records: list[Any]) -> None:
+        t = self.tally.setdefault((topic, partition), PartitionTally())
+        t.records += len(records)
+        for r in records:
+            t.bytes += len(r.key or b"") + len(r.value or b"")
+            t.newest_ms = r.timestamp if t.newest_ms is None else max(t.newest_ms, r.timestamp)
+            if self.plan.digests:
+                update_record_digest(t.digest, r.timestamp, r.key, r.value, r.headers)
+
+    @property
+    def records(self) -> int:
+        return sum(t.records for t in self.tally.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.bytes for t in self.tally.values())
+
+
+class DryRunSink:
+    """Counts what a replay would write; writes nothing, keeps no checkpoint."""
+
+    name = "dry-run"
+
+    def __init__(self) -> None:
+        self._cp = Checkpoint()
+
+    async def start(self) -> Checkpoint:
+        return self._cp
+
+    async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
+        self._cp = Checkpoint(seq=seq, digest=digest, created_at_ms=created_at_ms)
+
+    def checkpoint(self) -> Checkpoint:
+        return self._cp
+
+    async def peek(self) -> Checkpoint:
+        return self._cp
+
+    async def sync_groups(self) -> dict[str, Any]:
+        return {}
+
+    async def close(self) -> None:
+        return None
+
+
+def replay_config(base: Config, plan: ReplayPlan, target_bootstrap: str | None) -> Config:
+    """The base config with one Kafka sink: the replay target, under its own checkpoint."""
+    from connectors.kafka.config import KafkaSinkConfig
+
+    sinks: list[Any] = []
+    if target_bootstrap is not None:
+        sinks.append(KafkaSinkConfig.model_validate({
+            "type": "kafka", "name": f"replay-{plan.name}", "bootstrap_servers": target_bootstrap,
+            "source": plan.stream, "topic_template": plan.rename, "sync_groups": False}))
+    apply = base.apply.model_copy(update={"prefetch": plan.parallel, "poll_max_s": 0.2})
+    return base.model_copy(update={"sinks": sinks, "apply": apply})
+
+
+@dataclass
+class ReplayResult:
+    through_seq: int
+    end_seq: int
+    records: int
+    bytes: int
+    seconds: float
+    filter: RecordFilter
+    applier: Applier
+
+
+Progress = Callable[[int, int, int, int, float], None]  # seq, end, records, bytes, elapsed
+
+
+async def replay(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan,
+                 target_bootstrap: str | None, progress: Progress | None = None) -> ReplayResult:
+    cfg = replay_config(config, plan, target_bootstrap)
+    applier = Applier(cfg, store, keyring)
+    if target_bootstrap is None:
+        applier.sinks = [DryRunSink()]
+    filt = RecordFilter(plan)
+    applier.transform = filt
+    head = await DeltaLog(store, config.log_id).head_seq()
+    end = min(head or 0, plan.until_seq) if plan.until_seq is not None else (head or 0)
+    started = time.monotonic()
+    reporter = asyncio.create_task(_report(applier, filt, end, started, progress))
+    try:
+        last = await applier.run(asyncio.Event(), until_seq=end) if end > 0 else 0
+    finally:
+        reporter.cancel()
+        await applier.close()
+    elapsed = time.monotonic() - started
+    if progress is not None:
+        progress(last, end, filt.records, filt.bytes, elapsed)
+    return ReplayResult(last, end, filt.records, filt.bytes, elapsed, filt, applier)
+
+
+async def _report(applier: Applier, filt: RecordFilter, end: int, started: float,
+                  progress: Progress | None) -> None:
+    while progress is not None:
+        await asyncio.sleep(1.0)
+        progress(applier.progress.applied_seq, end, filt.records, filt.bytes,
+                 time.monotonic() - started)
+
+
+async def drill(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan,
+                target_bootstrap: str, keep: bool, progress: Progress | None = None
+                ) -> dict[str, Any]:
+    """Replay into scratch topics, compare with the log, report RTO/RPO/mismatches."""
+    from connectors.kafka.verify import delete_topics, partition_digests
+
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    plan.rename, plan.name, plan.digests = "{topic}.drill-" + stamp, "drill-" + stamp, True
+    report: dict[str, Any] = {"action": "drill", "log_id": config.log_id, "at_ms": _now_ms(),
+                              "target": target_bootstrap, "until_ms": plan.until_ms,
+                              "until_seq": plan.until_seq, "scratch_suffix": f".drill-{stamp}"}
+    started = time.monotonic()
+    try:
+        result = await replay(config, store, keyring, plan, target_bootstrap, progress)
+    except DrstreamError as e:
+        report.update(ok=False, error=str(e), rto_s=round(time.monotonic() - started, 3))
+        return await _store_report(store, config, report)
+    report["rto_s"] = round(result.seconds, 3)
+    expected = {(plan.rename.format(topic=t), p): (v.records, v.digest.hexdigest())
+                for (t, p), v in result.filter.tally.items()}
+    actual = await asyncio.to_thread(partition_digests, target_bootstrap,
+                                     sorted({t for t, _ in expected}))
+    mismatches = [
+        {"topic": t, "partition": p, "log": expected.get((t, p)), "target": actual.get((t, p))}
+        for (t, p) in sorted(set(expected) | set(actual))
+        if expected.get((t, p), (0, _EMPTY)) != actual.get((t, p), (0, _EMPTY))
+    ]
+    newest = max((v.newest_ms or 0 for v in result.filter.tally.values()), default=0)
+    point = plan.until_ms if plan.until_ms is not None else await _segment_time(
+        store, config.log_id, result.through_seq)
+    report.update(
+        ok=not mismatches, applied_through_seq=result.through_seq, records=result.records,
+        partitions=len(expected), mismatches=mismatches,
+        rpo_at_point_s=None if not newest or point is None else max(0.0, (point - newest) / 1000),
+    )
+    if not keep:
+        await asyncio.to_thread(delete_topics, target_bootstrap, sorted({t for t, _ in expected}))
+    return await _store_report(store, config, report)
+
+
+_EMPTY = hashlib.sha256().hexdigest()
+
+
+async def _segment_time(store: Store, log_id: str, seq: int) -> int | None:
+    data = await DeltaLog(store, log_id).fetch(seq) if seq > 0 else None
+    return None if data is None else parse_header(data)[0].created_at_ms
+
+
+async def _store_report(store: Store, config: Config, report: dict[str, Any]) -> dict[str, Any]:
+    key = f"audit/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{report['action']}-" \
+          f"{config.log_id}.json"
+    await store.put_if_absent(key, json.dumps(report, indent=2, default=str).encode())
+    report["audit_object"] = key
+    return report
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class PruneResult:
+    first_seq: int | None
+    head_seq: int | None
+    keep_from: int | None
+    deleted: list[int] = field(default_factory=list)
+    kept_reason: str = ""
+    locked: list[int] = field(default_factory=list)
+
+
+async def prune(config: Config, store: Store, older_than_s: float, *,
+                dry_run: bool = False) -> PruneResult:
+    """Delete the oldest segments written before now - older_than_s, as a prefix only
+    (the log stays contiguous), never the head (it holds the newest position map), never
+    one a sink has not applied yet (nor the one it applied last: apply re-reads it to
+    check the chain on restart), never one still under Object Lock retention."""
+    from daemon.sink import SINK_TYPES
+
+    log_ = DeltaLog(store, config.log_id)
+    first, head = await log_.first_seq(), await log_.head_seq()
+    result = PruneResult(first, head, None)
+    if first is None or head is None:
+        result.kept_reason = "log is empty"
+        return result
+    keep_from, why = head, "the head holds the newest positions"
+    for s in config.sinks:
+        sink = SINK_TYPES[s.type].factory(s, log_id=config.log_id)
+        try:
+            cp = await sink.peek()
+        finally:
+            await sink.close()
+        if max(cp.seq, 1) < keep_from:
+            keep_from, why = max(cp.seq, 1), f"{sink.name} has applied through seq {cp.seq}"
+    result.keep_from = keep_from
+    cutoff_ms = _now_ms() - older_than_s * 1000
+    lock_days = getattr(getattr(config.store, "object_lock", None), "retain_days", None)
+    for seq in range(first, keep_from):
+        data = await log_.fetch(seq)
+        created = parse_header(data)[0].created_at_ms if data else None
+        if created is None or created >= cutoff_ms:
+            why = f"seq {seq} is newer than the cutoff"
+            break
+        if lock_days is not None and created + lock_days * 86_400_000 > _now_ms():
+            result.locked.append(seq)
+            why = f"seq {seq} is under Object Lock retention ({lock_days} days)"
+            break
+        if not dry_run:
+            await store.delete(log_.key(seq))
+        result.deleted.append(seq)
+    result.kept_reason = why
+    log.info("prune_done", log_id=config.log_id, deleted=len(result.deleted), reason=why)
+    return result
