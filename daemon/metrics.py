@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from daemon.errors import DrstreamError
 from daemon.logging import get_logger
 
 log = get_logger("drstream.metrics")
@@ -82,7 +83,11 @@ class MetricsServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as e:
+            raise DrstreamError(f"cannot listen for metrics on {self.host}:{self.port} "
+                                f"(service.*_metrics_listen): {e.strerror or e}") from e
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("metrics_listening", address=f"{self.host}:{self.port}")
 

@@ -34,6 +34,9 @@ class Notifier:
         pid = env.get("WATCHDOG_PID")
         if not usec or (pid and pid != str(os.getpid())):
             return None
+        if not usec.isdigit() or int(usec) == 0:
+            log.warning("watchdog_usec_ignored", value=usec)
+            return None
         return int(usec) / 1_000_000
 
     @property
@@ -46,7 +49,8 @@ class Notifier:
         if self._sock is None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
-            self._sock.sendto("\n".join(lines).encode(), self.address)
+            # never block the loop on a full queue: a dropped status line is harmless
+            self._sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self.address)
         except OSError as e:  # systemd gone or socket full: never fatal to the data path
             log.warning("sd_notify_failed", error=str(e))
 

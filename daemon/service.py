@@ -126,7 +126,8 @@ class Service:
             detail = str(e) if e.errors else f"{changed} cannot change without a restart"
             log.error("config_reload_rejected", path=self.config_path, error=detail)
         finally:
-            self.notifier.ready()
+            if self.health.connected:  # a reload before start-up finished must not claim READY
+                self.notifier.ready()
 
     @staticmethod
     def _block_loop() -> None:
