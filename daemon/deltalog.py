@@ -19,7 +19,7 @@ from daemon.errors import DrstreamError, FencedError, SegmentFormatError, StoreE
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
 from daemon.metrics import BYTES, ERRORS, UPLOAD_SECONDS
-from daemon.segment import encode_segment, read_manifest, segment_digest
+from daemon.segment import encode_segment, parse_header, read_manifest, segment_digest
 from daemon.store import Store
 
 ZERO_DIGEST: Final = bytes(32)
@@ -203,6 +203,7 @@ class LogWriter:
         self._durable_changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: set[int] = set()
+        self._unsettled: dict[int, bytes] = {}  # started, not yet under the durable head
         self._next_seq = 0
         self._prev_digest = ZERO_DIGEST
         self.durable_seq = 0
@@ -227,6 +228,7 @@ class LogWriter:
         for seq in orphans:
             log.warning("orphan_segment_deleted", log_id=self.log_id, seq=seq, durable_head=head)
             await self.log.store.delete(self.log.key(seq))
+        head = await self._drop_stray_tail(head)
         self.opened = True
         if head is None:
             self._next_seq, self._prev_digest, self.durable_seq = 1, ZERO_DIGEST, 0
@@ -261,6 +263,7 @@ class LogWriter:
         except BaseException:
             self._slots.release()
             raise
+        self._unsettled[seq] = data
         task = asyncio.create_task(self._upload(seq, data), name=f"upload-{seq}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -303,22 +306,80 @@ class LogWriter:
             await self._put_with_retries(seq, data)
             UPLOAD_SECONDS.observe(time.monotonic() - started)
             BYTES.labels("encrypted").inc(len(data))
-        except BaseException as e:  # the writer stops for good: later appends re-raise it
-            if not isinstance(e, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            self._slots.release()
+            raise
+        except Exception as e:  # the writer stops for good: later appends re-raise it
+            self._slots.release()
+            if self.failure is None:
                 self.failure = e
                 ERRORS.labels(type(e).__name__).inc()
                 log.error("segment_upload_failed", log_id=self.log_id, seq=seq, error=str(e))
+                if isinstance(e, FencedError):
+                    await self._retract_after(seq)
             async with self._durable_changed:
                 self._durable_changed.notify_all()
-            raise
-        finally:
-            self._slots.release()
+            return
+        self._slots.release()
         async with self._durable_changed:
             self._done.add(seq)
             while self.durable_seq + 1 in self._done:
                 self._done.discard(self.durable_seq + 1)
                 self.durable_seq += 1
+                self._unsettled.pop(self.durable_seq, None)
             self._durable_changed.notify_all()
+
+    async def _drop_stray_tail(self, head: int | None) -> int | None:
+        """Remove tail segments that do not link onto their predecessor: uploads of a
+        writer that was fenced while they were in flight (see _is_stray)."""
+        first = await self.log.first_seq()
+        for _ in range(ORPHAN_WINDOW):
+            if head is None or first is None or head <= first:
+                return head
+            data, prev = await self.log.fetch(head), await self.log.fetch(head - 1)
+            if data is None or prev is None:
+                return head
+            if parse_header(data)[0].prev_digest == segment_digest(prev):
+                return head
+            log.warning("stray_segment_deleted", log_id=self.log_id, seq=head)
+            await self.log.store.delete(self.log.key(head))
+            head -= 1
+        return head
+
+    async def _is_stray(self, key: str, ours: bytes, existing: bytes) -> bool:
+        """True when `existing` cannot be part of the log: it does not link onto our own
+        predecessor, which is durable. Such a segment was uploaded in parallel by a writer
+        that was fenced just before it (it links to that writer's losing segment)."""
+        try:
+            theirs, _ = parse_header(existing)
+            mine, _ = parse_header(ours)
+        except DrstreamError:
+            return False
+        if theirs.prev_digest == mine.prev_digest or mine.seq <= 1:
+            return False  # a genuine competitor for this seq: split brain
+        async with self._durable_changed:  # our predecessor must be stored as ours first
+            await self._durable_changed.wait_for(
+                lambda: self.durable_seq >= mine.seq - 1 or self.failure is not None)
+        return self.durable_seq >= mine.seq - 1
+
+    async def _retract_after(self, fenced_seq: int) -> None:
+        """Fenced at `fenced_seq`: our later segments (uploaded in parallel) link to a
+        segment that lost, so they would break the chain for the winner. Stop them and
+        delete those that landed, only where the stored bytes are still ours."""
+        current = asyncio.current_task()
+        later = [t for t in self._tasks if t is not current]
+        for task in later:
+            task.cancel()
+        await asyncio.gather(*later, return_exceptions=True)
+        for seq in sorted(s for s in self._unsettled if s > fenced_seq):
+            key = self.log.key(seq)
+            try:
+                if await self.log.store.get(key) == self._unsettled[seq]:
+                    await self.log.store.delete(key)
+                    log.warning("fenced_segment_retracted", log_id=self.log_id, seq=seq)
+            except StoreError as e:
+                log.error("fenced_segment_retract_failed", log_id=self.log_id, seq=seq,
+                          error=str(e))
 
     async def _put_with_retries(self, seq: int, data: bytes) -> None:
         key = self.log.key(seq)
@@ -345,6 +406,11 @@ class LogWriter:
         existing = await self.log.store.get(key)
         if existing == data:
             return
+        if existing is not None and await self._is_stray(key, data, existing):
+            log.warning("stray_segment_replaced", log_id=self.log_id, key=key)
+            await self.log.store.delete(key)
+            if await self.log.store.put_if_absent(key, data):
+                return
         raise FencedError(
             f"object {key} already exists with other bytes: another writer is using "
             f"log_id {self.log_id!r} (split brain); this writer stops",

@@ -163,7 +163,11 @@ class Shipper:
                 if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
             try:
-                index, delivery = await asyncio.wait_for(self._inbox.get(), self._wait_s())
+                async with asyncio.timeout(self._wait_s()):
+                    index, delivery = await self._inbox.get()
+                if self._open.nbytes and \
+                        self._open.nbytes + delivery.nbytes > self.ship.max_bytes:
+                    await self.cut()  # keep segments near max_bytes, not max + a batch
                 self._accept(index, delivery)
             except TimeoutError:
                 pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -175,12 +176,13 @@ Progress = Callable[[int, int, int, int, float], None]  # seq, end, records, byt
 
 
 async def replay(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan,
-                 target_bootstrap: str | None, progress: Progress | None = None) -> ReplayResult:
+                 target_bootstrap: str | None, progress: Progress | None = None,
+                 filt: RecordFilter | None = None) -> ReplayResult:
     cfg = replay_config(config, plan, target_bootstrap)
     applier = Applier(cfg, store, keyring)
     if target_bootstrap is None:
         applier.sinks = [DryRunSink()]
-    filt = RecordFilter(plan)
+    filt = filt or RecordFilter(plan)
     applier.transform = filt
     head = await DeltaLog(store, config.log_id).head_seq()
     end = min(head or 0, plan.until_seq) if plan.until_seq is not None else (head or 0)
@@ -211,16 +213,21 @@ async def drill(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan
     """Replay into scratch topics, compare with the log, report RTO/RPO/mismatches."""
     from connectors.kafka.verify import delete_topics, partition_digests
 
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    # unique per drill: scratch topics, transactional id and checkpoint never collide
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.urandom(3).hex()}"
     plan.rename, plan.name, plan.digests = "{topic}.drill-" + stamp, "drill-" + stamp, True
     report: dict[str, Any] = {"action": "drill", "log_id": config.log_id, "at_ms": _now_ms(),
                               "target": target_bootstrap, "until_ms": plan.until_ms,
                               "until_seq": plan.until_seq, "scratch_suffix": f".drill-{stamp}"}
     started = time.monotonic()
+    filt = RecordFilter(plan)
     try:
-        result = await replay(config, store, keyring, plan, target_bootstrap, progress)
+        result = await replay(config, store, keyring, plan, target_bootstrap, progress, filt)
     except DrstreamError as e:
         report.update(ok=False, error=str(e), rto_s=round(time.monotonic() - started, 3))
+        if not keep:  # what the failed replay wrote so far
+            scratch = sorted({plan.rename.format(topic=t) for t, _ in filt.tally})
+            await asyncio.to_thread(delete_topics, target_bootstrap, scratch)
         return await _store_report(store, config, report)
     report["rto_s"] = round(result.seconds, 3)
     expected = {(plan.rename.format(topic=t), p): (v.records, v.digest.hexdigest())
@@ -255,8 +262,9 @@ async def _segment_time(store: Store, log_id: str, seq: int) -> int | None:
 
 async def _store_report(store: Store, config: Config, report: dict[str, Any]) -> dict[str, Any]:
     key = f"audit/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{report['action']}-" \
-          f"{config.log_id}.json"
-    await store.put_if_absent(key, json.dumps(report, indent=2, default=str).encode())
+          f"{config.log_id}-{os.urandom(4).hex()}.json"
+    if not await store.put_if_absent(key, json.dumps(report, indent=2, default=str).encode()):
+        raise DrstreamError(f"audit object {key} already exists; report not stored")
     report["audit_object"] = key
     return report
 

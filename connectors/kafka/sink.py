@@ -172,6 +172,10 @@ class KafkaSink:
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed",
                 "enable.partition.eof": False,
+                # Each offset-translation probe re-assigns and waits for one record; with
+                # the default 500 ms every probe after the first cost ~0.5 s (~5 s per
+                # partition), on the thread that also applies segments.
+                "fetch.wait.max.ms": 10,
             })
         return self._reader
 
@@ -339,9 +343,14 @@ class KafkaSink:
         log.info("partitions_added", sink=self.name, topics=[g.topic for g in grow])
 
     def _alter_configs(self, name: str, configs: dict[str, str]) -> None:
+        """Make the standby topic's own configs equal the primary's: set what differs and
+        delete overrides the primary no longer has (the standby is a mirror)."""
         assert self._admin is not None
+        current = self._topic_overrides(name)
         entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
-                   for k, v in configs.items()]
+                   for k, v in configs.items() if current.get(k) != v]
+        entries += [ConfigEntry(k, None, incremental_operation=AlterConfigOpType.DELETE)
+                    for k in current if k not in configs]
         if entries:
             res = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
             for fut in self._admin.incremental_alter_configs([res]).values():
@@ -350,6 +359,16 @@ class KafkaSink:
                 except KafkaException as e:
                     raise SinkError(f"{self.name}: cannot set configs of {name}: {e}") from e
         self._configs_applied[name] = configs
+
+    def _topic_overrides(self, name: str) -> dict[str, str]:
+        assert self._admin is not None
+        res = ConfigResource(ConfigResource.Type.TOPIC, name)
+        try:
+            entries = self._admin.describe_configs([res])[res].result(ADMIN_TIMEOUT_S)
+        except KafkaException as e:
+            raise SinkError(f"{self.name}: cannot read configs of {name}: {e}") from e
+        return {k: e.value for k, e in entries.items()
+                if e.source == 1 and e.value is not None}  # DYNAMIC_TOPIC_CONFIG
 
     def _ensure_partition(self, topic: str, partition: int) -> None:
         """A batch for a partition the standby lacks (no metadata seen): create/grow."""

@@ -19,7 +19,6 @@ from typing import Any
 from confluent_kafka import (
     OFFSET_INVALID,
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     TopicPartition,
@@ -81,7 +80,10 @@ class KafkaSource:
         if self._failure is not None and self._out.empty():
             raise self._failure
         try:
-            delivery = await asyncio.wait_for(self._out.get(), timeout_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # races with a completed get(), leaving a cancelled reader running forever
+            async with asyncio.timeout(timeout_s):
+                delivery = await self._out.get()
         except TimeoutError:
             return None
         self._delivered = delivery.positions
@@ -160,6 +162,9 @@ class KafkaSource:
             "isolation.level": "read_committed",
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
+            # the 1 s default idles the consumer whenever its prefetch queue is full:
+            # measured 35-42 MB/s -> 300+ MB/s bare drain with 10 ms
+            "fetch.queue.backoff.ms": 10,
             # librdkafka's own prefetch counts against our memory bound too
             "queued.max.messages.kbytes": max(1024, self.buffer_max_bytes // 4096),
             "client.id": f"drstream-ship-{self.config.name}",
@@ -384,6 +389,22 @@ class KafkaSource:
             if not e.is_default and e.source == 1 and e.value is not None  # DYNAMIC_TOPIC_CONFIG
         }
 
+    def _committed(self, group: str) -> dict[str, dict[str, int]]:
+        """A group's committed offsets on the replicated topics, read through a consumer
+        that never joins the group (AdminClient.list_consumer_group_offsets can crash
+        librdkafka 2.16 on a NOT_COORDINATOR answer)."""
+        reader = Consumer({**client_config(self.config), "group.id": group,
+                           "enable.auto.commit": False})
+        try:
+            tps = [TopicPartition(t, p) for t, n in self._topics.items() for p in range(n)]
+            parts: dict[str, dict[str, int]] = {}
+            for tp in reader.committed(tps, timeout=10) if tps else []:
+                if tp.offset >= 0 and tp.error is None:
+                    parts.setdefault(tp.topic, {})[str(tp.partition)] = tp.offset
+            return parts
+        finally:
+            reader.close()
+
     def _refresh_groups(self) -> None:
         assert self._admin is not None
         try:
@@ -393,12 +414,7 @@ class KafkaSource:
                 gid = g.group_id
                 if gid == self.group_id or not self.config.groups.matches(gid):
                     continue
-                req = [ConsumerGroupTopicPartitions(gid)]
-                res = self._admin.list_consumer_group_offsets(req)[gid].result(timeout=10)
-                parts: dict[str, dict[str, int]] = {}
-                for tp in res.topic_partitions:
-                    if tp.offset >= 0 and tp.topic in self._topics:
-                        parts.setdefault(tp.topic, {})[str(tp.partition)] = tp.offset
+                parts = self._committed(gid)
                 if parts:
                     offsets[gid] = parts
         except KafkaException as e:
