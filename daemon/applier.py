@@ -154,7 +154,7 @@ class Applier:
                 log.warning("group_sync_failed", sink=sink.name, error=str(e))
 
     async def sync_groups_now(self) -> dict[str, dict[str, object]]:
-        return {sink.name: await sink.sync_groups() for sink in self.sinks}
+        return {sink.name: await sink.sync_groups(force=True) for sink in self.sinks}
 
     async def close(self) -> None:
         for sink in self.sinks:

@@ -141,7 +141,7 @@ class DryRunSink:
     async def peek(self) -> Checkpoint:
         return self._cp
 
-    async def sync_groups(self) -> dict[str, Any]:
+    async def sync_groups(self, force: bool = False) -> dict[str, Any]:
         return {}
 
     async def close(self) -> None:

@@ -43,9 +43,10 @@ class Sink(Protocol):
         """Read the committed checkpoint without fencing a running apply (status)."""
         ...
 
-    async def sync_groups(self) -> dict[str, Any]:
+    async def sync_groups(self, force: bool = False) -> dict[str, Any]:
         """Translate the group offsets applied so far and commit those that changed on
-        groups with no active members; returns what was committed."""
+        groups with no active members; returns what was committed. `force` commits every
+        group again, not only those that changed (failover's final sync)."""
         ...
 
     async def close(self) -> None: ...

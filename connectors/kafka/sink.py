@@ -380,9 +380,11 @@ class KafkaSink:
 
     # -- consumer-group offsets ----------------------------------------------------------
 
-    async def sync_groups(self) -> dict[str, Any]:
+    async def sync_groups(self, force: bool = False) -> dict[str, Any]:
         if not self.config.sync_groups:
             return {}
+        if force:
+            self._groups_committed.clear()
         result: dict[str, Any] = await self._call(self._sync_groups_sync)
         return result
 
