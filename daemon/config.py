@@ -202,24 +202,17 @@ def _validate_connectors(data: dict[str, Any]) -> tuple[dict[str, Any], list[Con
         stores = {name: t.config_model for name, t in STORE_TYPES.items()}
         out["store"], errs = _validate_typed("store", data["store"], stores)
         errors += errs
-    raw_sinks = data.get("sinks", [])
-    if not isinstance(raw_sinks, list):
-        return out, [*errors, ConfigFieldError("sinks", raw_sinks, "must be a list")]
-    sinks = {name: t.config_model for name, t in SINK_TYPES.items()}
-    out["sinks"] = []
-    for i, raw in enumerate(raw_sinks):
-        model, errs = _validate_typed(f"sinks[{i}]", raw, sinks)
-        out["sinks"].append(model)
-        errors += errs
-    raw_sources = data.get("sources", [])
-    if not isinstance(raw_sources, list):
-        return out, [*errors, ConfigFieldError("sources", raw_sources, "must be a list")]
-    sources = {name: t.config_model for name, t in SOURCE_TYPES.items()}
-    out["sources"] = []
-    for i, raw in enumerate(raw_sources):
-        model, errs = _validate_typed(f"sources[{i}]", raw, sources)
-        out["sources"].append(model)
-        errors += errs
+    for section, registry in (("sinks", SINK_TYPES), ("sources", SOURCE_TYPES)):
+        raw_list = data.get(section, [])
+        if not isinstance(raw_list, list):
+            errors.append(ConfigFieldError(section, raw_list, "must be a list"))
+            continue
+        models = {name: t.config_model for name, t in registry.items()}
+        out[section] = []
+        for i, raw in enumerate(raw_list):
+            model, errs = _validate_typed(f"{section}[{i}]", raw, models)
+            out[section].append(model)
+            errors += errs
     return out, errors
 
 

@@ -20,7 +20,7 @@ from daemon.errors import DrstreamError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
 from daemon.segment import read_manifest
-from daemon.sink import SINK_TYPES
+from daemon.sink import SINK_TYPES, Checkpoint
 from daemon.source import SOURCE_TYPES, SourceProbe
 from daemon.store import Store, load_builtin_connectors
 
@@ -74,13 +74,8 @@ async def status(config: Config, store: Store, keyring: KeyRing) -> dict[str, An
     }
     for stream, probe in (await probe_sources(config, head.positions)).items():
         report["streams"][stream] = _stream_status(probe, head, now)
-    for s in config.sinks:
-        sink = SINK_TYPES[s.type].factory(s, log_id=config.log_id)
-        try:
-            cp = await sink.peek()
-        finally:
-            await sink.close()
-        report["sinks"][sink.name] = {
+    for name, cp in (await peek_checkpoints(config)).items():
+        report["sinks"][name] = {
             "applied_seq": cp.seq,
             "apply_lag_segments": None if head.seq is None else head.seq - cp.seq,
             "apply_lag_s": None if head.created_at_ms is None or not cp.created_at_ms
@@ -88,6 +83,19 @@ async def status(config: Config, store: Store, keyring: KeyRing) -> dict[str, An
             "newest_applied_record_ms": cp.max_record_ms,
         }
     return report
+
+
+async def peek_checkpoints(config: Config) -> dict[str, Checkpoint]:
+    """Each configured sink's committed checkpoint, read without fencing a running apply."""
+    load_builtin_connectors()
+    out = {}
+    for s in config.sinks:
+        sink = SINK_TYPES[s.type].factory(s, log_id=config.log_id)
+        try:
+            out[sink.name] = await sink.peek()
+        finally:
+            await sink.close()
+    return out
 
 
 def _stream_status(probe: SourceProbe, head: LogHead, now: int) -> dict[str, Any]:

@@ -289,7 +289,7 @@ async def prune(config: Config, store: Store, older_than_s: float, *,
     (the log stays contiguous), never the head (it holds the newest position map), never
     one a sink has not applied yet (nor the one it applied last: apply re-reads it to
     check the chain on restart), never one still under Object Lock retention."""
-    from daemon.sink import SINK_TYPES
+    from daemon.ops import peek_checkpoints
 
     log_ = DeltaLog(store, config.log_id)
     first, head = await log_.first_seq(), await log_.head_seq()
@@ -298,14 +298,9 @@ async def prune(config: Config, store: Store, older_than_s: float, *,
         result.kept_reason = "log is empty"
         return result
     keep_from, why = head, "the head holds the newest positions"
-    for s in config.sinks:
-        sink = SINK_TYPES[s.type].factory(s, log_id=config.log_id)
-        try:
-            cp = await sink.peek()
-        finally:
-            await sink.close()
+    for name, cp in (await peek_checkpoints(config)).items():
         if max(cp.seq, 1) < keep_from:
-            keep_from, why = max(cp.seq, 1), f"{sink.name} has applied through seq {cp.seq}"
+            keep_from, why = max(cp.seq, 1), f"{name} has applied through seq {cp.seq}"
     result.keep_from = keep_from
     cutoff_ms = _now_ms() - older_than_s * 1000
     lock_days = getattr(getattr(config.store, "object_lock", None), "retain_days", None)

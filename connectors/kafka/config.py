@@ -26,6 +26,13 @@ def _check_regexes(patterns: list[str]) -> list[str]:
     return patterns
 
 
+def _check_secret_refs(props: dict[str, str]) -> dict[str, str]:
+    for key, ref in props.items():
+        if not is_secret_ref(ref):
+            raise ValueError(f"{key} must be {SECRET_REF_HELP}")
+    return props
+
+
 class Selection(BaseModel):
     """Names chosen by full-match regexes: included and not excluded."""
 
@@ -90,10 +97,7 @@ class KafkaSourceConfig(BaseModel):
     @field_validator("secret_properties")
     @classmethod
     def _refs(cls, props: dict[str, str]) -> dict[str, str]:
-        for key, ref in props.items():
-            if not is_secret_ref(ref):
-                raise ValueError(f"{key} must be {SECRET_REF_HELP}")
-        return props
+        return _check_secret_refs(props)
 
     @property
     def stream(self) -> str:
@@ -148,10 +152,7 @@ class KafkaSinkConfig(BaseModel):
     @field_validator("secret_properties")
     @classmethod
     def _refs(cls, props: dict[str, str]) -> dict[str, str]:
-        for key, ref in props.items():
-            if not is_secret_ref(ref):
-                raise ValueError(f"{key} must be {SECRET_REF_HELP}")
-        return props
+        return _check_secret_refs(props)
 
     def target_topic(self, topic: str, cluster: str) -> str:
         return self.topic_template.format(topic=topic, cluster=cluster)
