@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint unit bench-codec services-down clean
+.PHONY: install demo test lint unit bench-codec bench-lag services-down clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: install
 
 bench-codec: install
 	$(PY) -m benchmarks.codec
+
+bench-lag: install
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	$(PY) -m benchmarks.lag
 
 services-down:
 	$(PY) -m tests.infra stop-all
