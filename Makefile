@@ -11,6 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	bash .ci/install-systemd.sh
 	touch $@
 
 install: $(VENV)/.installed
