@@ -360,7 +360,8 @@ def test_replay_killed_and_resumed_writes_each_record_exactly_once(
     setup = write_dr_config(tmp_path, store=file_store(tmp_path), source_bootstrap=primary,
                             sink_bootstrap=standby, include=[re.escape(topic)],
                             log_id=unique("replay-big"),
-                            ship={"max_bytes": 64 * 1024, "heartbeat_interval_s": 30})
+                            ship={"max_bytes": 24 * 1024, "heartbeat_interval_s": 30},
+                            source={"consume_batch": 200})
     ship_history(setup, tmp_path, high_watermarks(primary, {topic: 4}))
     segments = read_segments(setup.raw["store"], setup.log_id, setup.keyring)
     log_records = records_of(segments)
@@ -374,22 +375,22 @@ def test_replay_killed_and_resumed_writes_each_record_exactly_once(
     args = ["replay", "--config", str(setup.path), "--target-bootstrap", standby,
             "--rename", "{topic}" + suffix, "--name", name, "--parallel", "2"]
     key = f"{setup.log_id}/replay-{name}"
-    # kill at a random seq in the first half of the log, plus a random jitter so the kill
-    # lands anywhere in a segment's transaction (or between two)
-    kill_at = rng.randint(2, max(3, head // 2))
+    # kill at a random moment once segments are being applied (1000 one-transaction
+    # segments take several seconds), so the kill lands anywhere in or between transactions
+    kill_after = rng.uniform(0.3, 2.0)
     with checkpoint_watch(standby) as watch:
         first = ReplayProcess(args, tmp_path / "replay-1.log")
         replays.append(first)
         run_started = time.monotonic()
-        wait_for(lambda: applied_seq(watch, key) >= kill_at, 120,
-                 f"the replay to apply seq {kill_at}", interval=0.02)
-        time.sleep(rng.uniform(0, 0.2))
+        wait_for(lambda: "topics_created" in first.output(), 120,
+                 "the replay to start applying", interval=0.02)
+        time.sleep(kill_after)
         assert first.alive(), f"replay finished before its kill (log too small?)\n" \
                               f"{first.output()[-3000:]}"
         first.kill()
         at_kill = applied_seq(watch, key)
     print(f"replay killed (-9) after {time.monotonic() - run_started:.1f}s at applied seq "
-          f"{at_kill} of {head} (target seq {kill_at})")
+          f"{at_kill} of {head} ({kill_after:.2f}s after the first apply)")
     assert 0 < at_kill < head, (at_kill, head)
 
     second = ReplayProcess(args, tmp_path / "replay-2.log")
