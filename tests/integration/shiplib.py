@@ -132,7 +132,7 @@ def write_config(
 # --------------------------------------------------------------------------- processes
 
 
-def drstream(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def drstream(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run one `drstream` command to completion (stdout and stderr captured)."""
     return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, check=False)

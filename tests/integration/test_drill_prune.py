@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,6 +49,7 @@ from tests.integration.applylib import (
 from tests.integration.shiplib import (
     DeliveryCheck,
     Segment,
+    drstream,
     flush,
     log_head,
     positions_reached,
@@ -65,11 +65,6 @@ PARTITIONS = 2
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def drstream(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def show(res: subprocess.CompletedProcess[str]) -> str:

@@ -49,6 +49,7 @@ from tests.integration.applylib import (
 from tests.integration.shiplib import (
     DeliveryCheck,
     Segment,
+    drstream,
     flush,
     log_head,
     positions_reached,
@@ -73,11 +74,6 @@ def rfc3339(ms: int) -> str:
     """Milliseconds since the epoch as RFC 3339 with a Z zone."""
     text = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
     return text.replace("+00:00", "Z")
-
-
-def drstream(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def ok(res: subprocess.CompletedProcess[str], what: str) -> str:
