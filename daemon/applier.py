@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from daemon.blobs import BlobStore
 from daemon.codec import Body
 from daemon.config import Config
 from daemon.deltalog import ZERO_DIGEST, DeltaLog
@@ -42,8 +43,10 @@ class Applier:
         self.config = config
         self.keyring = keyring
         self.log = DeltaLog(store, config.log_id)
+        self.blobs = BlobStore(store, config.log_id, keyring)
         self.sinks: list[Sink] = [
-            SINK_TYPES[s.type].factory(s, log_id=config.log_id) for s in config.sinks
+            SINK_TYPES[s.type].factory(s, log_id=config.log_id, blobs=self.blobs)
+            for s in config.sinks
         ]
         self.progress = ApplyProgress()
         # replay and drill filter or observe each decoded segment before the sinks see it

@@ -116,6 +116,14 @@ class ChainError(SegmentError):
     """The hash chain is broken: wrong predecessor digest, a gap, or a moved segment."""
 
 
+class BlobError(SegmentError):
+    """A stored blob (artifact chunk, registry state) that is missing or cannot be trusted."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        DrstreamError.__init__(self, f"blob {key}: {message}" if key else f"blob: {message}")
+        self.log_id, self.seq, self.key = None, None, key
+
+
 class SourceError(DrstreamError):
     """A source (Kafka cluster, registry) failed; the message names the cluster."""
 

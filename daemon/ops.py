@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.applier import Applier
+from daemon.blobs import BlobStore
 from daemon.config import Config
 from daemon.deltalog import DeltaLog
 from daemon.errors import DrstreamError
@@ -52,11 +53,12 @@ async def read_head(log: DeltaLog, keyring: KeyRing) -> LogHead:
                    max_record_ms=manifest.max_timestamp_ms)
 
 
-async def probe_sources(config: Config, positions: dict[str, Any]) -> dict[str, SourceProbe]:
+async def probe_sources(config: Config, positions: dict[str, Any],
+                        blobs: BlobStore | None = None) -> dict[str, SourceProbe]:
     load_builtin_connectors()
     out = {}
     for s in config.sources:
-        src = SOURCE_TYPES[s.type].factory(s, log_id=config.log_id,
+        src = SOURCE_TYPES[s.type].factory(s, log_id=config.log_id, blobs=blobs,
                                            buffer_max_bytes=config.ship.buffer_max_bytes)
         out[src.stream] = await src.probe(positions.get(src.stream, {}))
     return out
@@ -72,9 +74,10 @@ async def status(config: Config, store: Store, keyring: KeyRing) -> dict[str, An
         "head_age_s": None if head.created_at_ms is None else (now - head.created_at_ms) / 1000,
         "streams": {}, "sinks": {},
     }
-    for stream, probe in (await probe_sources(config, head.positions)).items():
+    blobs = BlobStore(store, config.log_id, keyring)
+    for stream, probe in (await probe_sources(config, head.positions, blobs)).items():
         report["streams"][stream] = _stream_status(probe, head, now)
-    for name, cp in (await peek_checkpoints(config)).items():
+    for name, cp in (await peek_checkpoints(config, blobs)).items():
         report["sinks"][name] = {
             "applied_seq": cp.seq,
             "apply_lag_segments": None if head.seq is None else head.seq - cp.seq,
@@ -85,12 +88,13 @@ async def status(config: Config, store: Store, keyring: KeyRing) -> dict[str, An
     return report
 
 
-async def peek_checkpoints(config: Config) -> dict[str, Checkpoint]:
+async def peek_checkpoints(config: Config,
+                           blobs: BlobStore | None = None) -> dict[str, Checkpoint]:
     """Each configured sink's committed checkpoint, read without fencing a running apply."""
     load_builtin_connectors()
     out = {}
     for s in config.sinks:
-        sink = SINK_TYPES[s.type].factory(s, log_id=config.log_id)
+        sink = SINK_TYPES[s.type].factory(s, log_id=config.log_id, blobs=blobs)
         try:
             out[sink.name] = await sink.peek()
         finally:
@@ -120,7 +124,7 @@ async def failover(config: Config, store: Store, keyring: KeyRing) -> dict[str, 
         checkpoints = {s.name: s.checkpoint() for s in applier.sinks}
     finally:
         await applier.close()
-    probes = await probe_sources(config, head.positions)
+    probes = await probe_sources(config, head.positions, applier.blobs)
     report = _failover_report(config, head, applied, groups, checkpoints, probes)
     report["drain_s"] = round(time.monotonic() - started, 3)
     key = (f"audit/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-failover-"

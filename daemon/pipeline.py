@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.codec import Body, KafkaBatch, make_manifest
+from daemon.blobs import BlobStore
+from daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
 from daemon.config import Config
 from daemon.deltalog import LogWriter
 from daemon.errors import ConfigError, ConfigFieldError, DrstreamError
@@ -31,6 +32,7 @@ class OpenSegment:
     """Records gathered for the next segment, merged per partition in arrival order."""
 
     batches: dict[tuple[str, str, int], KafkaBatch] = field(default_factory=dict)
+    events: dict[str, EventBatch] = field(default_factory=dict)  # stream -> events in order
     nbytes: int = 0
     records: int = 0
     first_at: float | None = None
@@ -49,7 +51,10 @@ class OpenSegment:
             else:
                 self.batches[key] = KafkaBatch(stream, b.topic, b.partition, list(b.records))
             self.records += len(b.records)
-        if d.batches and self.first_at is None:
+        for e in d.events:
+            self.events.setdefault(stream, EventBatch(stream, [])).events.extend(e.events)
+            self.records += len(e.events)
+        if (d.batches or d.events) and self.first_at is None:
             self.first_at = time.monotonic()
         self.nbytes += d.nbytes
         self.released[index] = self.released.get(index, 0) + d.nbytes
@@ -82,9 +87,11 @@ class Shipper:
             zstd_level=self.ship.zstd_level, retry_deadline_s=self.ship.upload_retry_deadline_s,
         )
         load_builtin_sources()
+        self.blobs = BlobStore(store, config.log_id, keyring, zstd_level=self.ship.zstd_level)
         self.sources: list[Source] = [
             SOURCE_TYPES[s.type].factory(s, log_id=config.log_id,
-                                         buffer_max_bytes=self.ship.buffer_max_bytes)
+                                         buffer_max_bytes=self.ship.buffer_max_bytes,
+                                         blobs=self.blobs)
             for s in config.sources
         ]
         self.positions: dict[str, Any] = {}
@@ -215,7 +222,7 @@ class Shipper:
             if ready:
                 extra.setdefault(stream, {})["groups"] = ready
             self.pending_groups[stream] = waiting
-        batches = list(seg.batches.values())
+        batches: list[KafkaBatch | EventBatch] = [*seg.batches.values(), *seg.events.values()]
         positions = {s: {t: dict(p) for t, p in parts.items()}
                      for s, parts in self.positions.items()}
         body = Body(make_manifest(positions, list(batches), extra=extra), list(batches))
@@ -224,8 +231,9 @@ class Shipper:
         if seg.min_ts is not None:
             self._pending_min_ts[seq] = seg.min_ts
         for stream in {b.stream for b in batches}:
-            RECORDS.labels("ship", stream).inc(sum(len(b.records) for b in batches
-                                                   if b.stream == stream))
+            RECORDS.labels("ship", stream).inc(sum(
+                len(b.records) if isinstance(b, KafkaBatch) else len(b.events)
+                for b in batches if b.stream == stream))
         BYTES.labels("raw").inc(seg.nbytes)
         SEGMENTS.labels("ship", body.manifest.kind).inc()
         for index, nbytes in seg.released.items():

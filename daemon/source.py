@@ -1,7 +1,9 @@
 """The Source interface (what `ship` reads from) and the source registry.
 
 A source runs its client off the event loop and hands the pipeline `Delivery`s: records
-grouped by partition, plus the source's FULL position map right after those records.
+grouped by partition (or registry events), plus the source's FULL position map right after
+them. Factories are called `factory(config, log_id=, buffer_max_bytes=, blobs=)`; `blobs`
+is the log's BlobStore (artifact chunks, state snapshots), None where none is open.
 The pipeline writes that map into each segment's manifest, which is what makes the log
 the shipper's checkpoint: segment durable => positions durable.
 """
@@ -14,7 +16,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from daemon.codec import KafkaBatch
+from daemon.codec import EventBatch, KafkaBatch
 
 
 @dataclass
@@ -24,6 +26,7 @@ class Delivery:
     nbytes: int = 0  # buffered payload bytes; released with Source.release
     metadata: dict[str, Any] | None = None  # topic metadata that is new or changed
     group_offsets: dict[str, Any] = field(default_factory=dict)  # group -> topic -> p -> off
+    events: list[EventBatch] = field(default_factory=list)  # registry change events, in order
 
 
 class Source(Protocol):

@@ -52,7 +52,7 @@ OffsetMap = dict[str, dict[str, list[int]]]
 
 
 class KafkaSink:
-    def __init__(self, config: KafkaSinkConfig, *, log_id: str) -> None:
+    def __init__(self, config: KafkaSinkConfig, *, log_id: str, **_: object) -> None:
         self.config = config
         self.name = f"kafka:{config.name}"
         self.log_id = log_id

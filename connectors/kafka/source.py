@@ -41,7 +41,8 @@ Positions = dict[str, dict[str, int]]  # topic -> partition (as str, JSON keys) 
 
 
 class KafkaSource:
-    def __init__(self, config: KafkaSourceConfig, *, log_id: str, buffer_max_bytes: int) -> None:
+    def __init__(self, config: KafkaSourceConfig, *, log_id: str, buffer_max_bytes: int,
+                 **_: object) -> None:
         self.config = config
         self.stream = config.stream
         self.group_id = config.group_id or f"drstream-{log_id}"
