@@ -22,7 +22,7 @@ from daemon.keyring import KeyRing
 from daemon.logging import get_logger
 from daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
 from daemon.segment import decode_segment, parse_header, segment_digest
-from daemon.sink import SINK_TYPES, Sink
+from daemon.sink import SINK_TYPES, AppliedSegment, Sink
 from daemon.store import Store, load_builtin_connectors
 
 log = get_logger("drstream.apply")
@@ -94,44 +94,119 @@ class Applier:
         return first - 1
 
     async def run(self, stop: asyncio.Event, *, until_seq: int | None = None) -> int:
-        """Apply until `stop` (or through `until_seq`); returns the last applied seq."""
+        """Apply until `stop` (or through `until_seq`); returns the last applied seq.
+
+        Segments already fetched when one is taken are applied together (up to
+        apply.batch_max_segments / batch_max_bytes): a sink that supports it commits them
+        in one transaction, so a backlog is not paced by one commit per segment, while a
+        caught-up standby still applies each segment as soon as it appears."""
         after = await self.start()
         if until_seq is not None and after >= until_seq:
             return after
-        apply_cfg = self.config.apply
-        async for seq, data in self.log.follow(after, stop, prefetch=apply_cfg.prefetch,
-                                               poll_max_s=apply_cfg.poll_max_s,
-                                               tick=self.health.tick):
-            await self.apply_segment(seq, data)
-            await self._maybe_sync_groups()
-            if until_seq is not None and seq >= until_seq:
-                break
+        # Unbounded queue, bounded by `slots`: the follower's end marker always fits.
+        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.config.apply.prefetch)
+        feeder = asyncio.create_task(self._feed(after, stop, until_seq, queue, slots))
+        try:
+            while (item := await queue.get()) is not None:
+                slots.release()
+                group = [item, *self._take_ready(queue, slots)]
+                await self.apply_segments(group)
+                await self._maybe_sync_groups()
+            await feeder  # raises what stopped the follower, if anything did
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
         return self.progress.applied_seq
 
+    async def _feed(self, after: int, stop: asyncio.Event, until_seq: int | None,
+                    queue: asyncio.Queue[tuple[int, bytes] | None],
+                    slots: asyncio.Semaphore) -> None:
+        cfg = self.config.apply
+        try:
+            async for seq, data in self.log.follow(after, stop, prefetch=cfg.prefetch,
+                                                   poll_max_s=cfg.poll_max_s,
+                                                   tick=self.health.tick):
+                await slots.acquire()
+                queue.put_nowait((seq, data))
+                if until_seq is not None and seq >= until_seq:
+                    break
+        finally:
+            queue.put_nowait(None)
+
+    def _take_ready(self, queue: asyncio.Queue[tuple[int, bytes] | None],
+                    slots: asyncio.Semaphore) -> list[tuple[int, bytes]]:
+        """Segments already fetched, to apply with the one just taken."""
+        cfg = self.config.apply
+        out: list[tuple[int, bytes]] = []
+        size = 0
+        while (len(out) + 1 < cfg.batch_max_segments and size < cfg.batch_max_bytes
+               and not queue.empty()):
+            item = queue.get_nowait()
+            if item is None:  # the follower ended: the loop sees the marker next
+                queue.put_nowait(None)
+                break
+            slots.release()
+            out.append(item)
+            size += len(item[1])
+        return out
+
     async def apply_segment(self, seq: int, data: bytes) -> None:
+        await self.apply_segments([(seq, data)])
+
+    async def apply_segments(self, group: list[tuple[int, bytes]]) -> None:
+        """Check and decode each segment in order, then hand them to every sink; a segment
+        that fails its checks stops the group after the segments before it are applied."""
+        decoded: list[AppliedSegment] = []
+        error: DrstreamError | None = None
+        prev = self._prev_digest
+        for seq, data in group:
+            try:
+                seg = await self._decode(seq, data, prev)
+            except DrstreamError as e:
+                error = e
+                break
+            decoded.append(seg)
+            prev = seg.digest
+        if decoded:
+            for sink in self.sinks:
+                todo = [s for s in decoded if s.seq > sink.checkpoint().seq]
+                if not todo:
+                    continue
+                batch_apply = getattr(sink, "apply_batch", None)
+                if batch_apply is not None and len(todo) > 1:
+                    await batch_apply(todo)
+                else:
+                    for s in todo:
+                        await sink.apply(s.seq, s.digest, s.created_at_ms, s.body)
+            for seg in decoded:
+                self._applied(seg)
+        if error is not None:
+            raise error
+
+    async def _decode(self, seq: int, data: bytes, prev: bytes) -> AppliedSegment:
         header, _ = parse_header(data)
-        if header.prev_digest != self._prev_digest:
+        if header.prev_digest != prev:
             raise ChainError("prev_digest does not match the segment applied before it",
                              log_id=self.log.log_id, seq=seq, key=self.log.key(seq))
         header, body = await asyncio.to_thread(
             decode_segment, data, self.keyring, expect_log_id=self.log.log_id, expect_seq=seq)
-        digest = segment_digest(data)
         if self.transform is not None:
             body = self.transform(seq, body)
-        for sink in self.sinks:
-            if sink.checkpoint().seq < seq:
-                await sink.apply(seq, digest, header.created_at_ms, body)
-        self._prev_digest = digest
-        p = self.progress
-        p.applied_seq, p.applied_at = seq, time.monotonic()
-        p.segment_created_ms = header.created_at_ms
+        return AppliedSegment(seq, segment_digest(data), header.created_at_ms, body, len(data))
+
+    def _applied(self, seg: AppliedSegment) -> None:
+        self._prev_digest = seg.digest
+        p, body = self.progress, seg.body
+        p.applied_seq, p.applied_at = seg.seq, time.monotonic()
+        p.segment_created_ms = seg.created_at_ms
         p.records += body.manifest.record_count
-        APPLIED_SEQ.set(seq)
-        p.lag_s = max(0.0, time.time() - header.created_at_ms / 1000)
+        APPLIED_SEQ.set(seg.seq)
+        p.lag_s = max(0.0, time.time() - seg.created_at_ms / 1000)
         APPLY_LAG.set(p.lag_s)
         RECORDS.labels("apply", self.log.log_id).inc(body.manifest.record_count)
         SEGMENTS.labels("apply", body.manifest.kind).inc()
-        BYTES.labels("applied").inc(len(data))
+        BYTES.labels("applied").inc(seg.nbytes)
 
     def summary(self) -> str:
         p = self.progress

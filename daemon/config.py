@@ -107,7 +107,9 @@ class ShipConfig(Strict):
 
 DEFAULT_APPLY_POLL_MAX_S = 1.0
 DEFAULT_GROUP_SYNC_INTERVAL_S = 5.0
-DEFAULT_APPLY_PREFETCH = 4
+DEFAULT_APPLY_PREFETCH = 8
+DEFAULT_APPLY_BATCH_MAX_SEGMENTS = 8
+DEFAULT_APPLY_BATCH_MAX_BYTES = 32 << 20
 
 
 class ApplyConfig(Strict):
@@ -118,6 +120,12 @@ class ApplyConfig(Strict):
     prefetch: int = Field(DEFAULT_APPLY_PREFETCH, ge=1, le=64,
                           description="segments fetched ahead while one is applied")
     group_sync_interval_s: float = Field(DEFAULT_GROUP_SYNC_INTERVAL_S, gt=0)
+    batch_max_segments: int = Field(
+        DEFAULT_APPLY_BATCH_MAX_SEGMENTS, ge=1, le=256,
+        description="segments already fetched are committed together, up to this many "
+                    "(1: one transaction per segment)")
+    batch_max_bytes: int = Field(DEFAULT_APPLY_BATCH_MAX_BYTES, ge=1 << 20,
+                                 description="stored bytes of segments committed together")
 
 
 DEFAULT_SHIP_METRICS_LISTEN = "127.0.0.1:9464"

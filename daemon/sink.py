@@ -26,6 +26,17 @@ class Checkpoint:
     offsets: dict[str, Any] = field(default_factory=dict)  # sink-specific (Kafka: src->tgt)
 
 
+@dataclass
+class AppliedSegment:
+    """A checked, decoded segment on its way to the sinks."""
+
+    seq: int
+    digest: bytes
+    created_at_ms: int
+    body: Body
+    nbytes: int  # stored size
+
+
 class Sink(Protocol):
     name: str
 
@@ -36,6 +47,10 @@ class Sink(Protocol):
     async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
         """Write the segment's changes and its checkpoint atomically."""
         ...
+
+    # Optional: `async def apply_batch(self, segments: list[AppliedSegment]) -> None` writes
+    # several consecutive segments and the last one's checkpoint atomically (one Kafka
+    # transaction); the applier uses it when a sink defines it and segments are waiting.
 
     def checkpoint(self) -> Checkpoint: ...
 

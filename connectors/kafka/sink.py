@@ -39,7 +39,7 @@ from connectors.kafka.config import KafkaSinkConfig
 from daemon.codec import Body, KafkaBatch
 from daemon.errors import SinkError, SinkFencedError
 from daemon.logging import get_logger
-from daemon.sink import Checkpoint
+from daemon.sink import AppliedSegment, Checkpoint
 
 log = get_logger("drstream.kafka.sink")
 T = TypeVar("T")
@@ -182,39 +182,48 @@ class KafkaSink:
     # -- apply one segment --------------------------------------------------------------
 
     async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
-        await self._call(self._apply_sync, seq, digest, created_at_ms, body)
+        await self._call(self._apply_sync, [AppliedSegment(seq, digest, created_at_ms, body, 0)])
 
-    def _apply_sync(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
-        extra = body.manifest.extra.get(self.config.source, {})
-        if extra.get("topics"):
-            self._ensure_topics(extra["topics"])
-        batches = [b for b in body.batches
-                   if isinstance(b, KafkaBatch) and b.stream == self.config.source and b.records]
-        for b in batches:
-            self._ensure_partition(self._target(b.topic), b.partition)
+    async def apply_batch(self, segments: list[AppliedSegment]) -> None:
+        """Consecutive segments in one transaction, with the last one's checkpoint."""
+        await self._call(self._apply_sync, segments)
+
+    def _apply_sync(self, segments: list[AppliedSegment]) -> None:
         offsets = {t: {p: list(v) for p, v in parts.items()}
                    for t, parts in self._cp.offsets.get("map", {}).items()}
         groups = {g: {t: dict(parts) for t, parts in topics.items()}
                   for g, topics in self._cp.offsets.get("groups", {}).items()}
-        # A segment carries only the group offsets that became ready (gate_group_offsets:
-        # per partition), so merge partition by partition; a per-group update would drop
-        # the partitions an earlier segment brought.
-        for g, topics in extra.get("groups", {}).items():
-            for t, parts in topics.items():
-                groups.setdefault(g, {}).setdefault(t, {}).update(parts)
+        work = []
+        for seg in segments:
+            extra = seg.body.manifest.extra.get(self.config.source, {})
+            if extra.get("topics"):
+                self._ensure_topics(extra["topics"])
+            batches = [b for b in seg.body.batches if isinstance(b, KafkaBatch)
+                       and b.stream == self.config.source and b.records]
+            for b in batches:
+                self._ensure_partition(self._target(b.topic), b.partition)
+            # A segment carries only the group offsets that became ready (gate_group_offsets:
+            # per partition), so merge partition by partition; a per-group update would drop
+            # the partitions an earlier segment brought.
+            for g, topics in extra.get("groups", {}).items():
+                for t, parts in topics.items():
+                    groups.setdefault(g, {}).setdefault(t, {}).update(parts)
+            work.append((seg.body, batches))
         # cp holds `offsets`, which the transaction fills in with the target offsets
-        cp = self._next_checkpoint(seq, digest, created_at_ms, body, offsets, groups)
+        cp = self._next_checkpoint(segments, offsets, groups)
+        first, last = segments[0].seq, segments[-1].seq
+        label = str(first) if first == last else f"{first}-{last}"
         try:
-            self._transaction(seq, body, batches, offsets)
+            self._transaction(label, work, offsets)
             self._commit(cp)
         except KafkaException as e:
-            self._abort_or_raise(seq, e)
+            self._abort_or_raise(label, e)
         self._cp = cp
 
     def _target(self, topic: str) -> str:
         return self.config.target_topic(topic, self.cluster)
 
-    def _transaction(self, seq: int, body: Body, batches: list[KafkaBatch],
+    def _transaction(self, label: str, work: list[tuple[Body, list[KafkaBatch]]],
                      offsets: OffsetMap) -> None:
         p = self._producer
         assert p is not None
@@ -223,33 +232,46 @@ class KafkaSink:
 
         def delivered(err: KafkaError | None, msg: Any) -> None:
             if err is None:
-                last[(msg.topic(), msg.partition())] = msg.offset()
+                key = (msg.topic(), msg.partition())
+                last[key] = max(last.get(key, -1), msg.offset())
 
-        origin = (ORIGIN_HEADER, self._origin)
-        for b in batches:
-            topic = self._target(b.topic)
-            final = len(b.records) - 1
-            for i, r in enumerate(b.records):
-                headers = [*r.headers, origin, (SOURCE_OFFSET_HEADER, str(r.offset).encode())]
-                ts = r.timestamp if r.timestamp >= 0 else 0
-                self._produce(p, topic, b.partition, r.key, r.value, headers, ts,
-                              delivered if i == final else None)
+        for _, batches in work:
+            for b in batches:
+                self._produce_batch(p, b, delivered)
         if p.flush(self.config.transaction_timeout_s) > 0:
-            raise SinkError(f"{self.name}: segment {seq}: records not delivered in time",
+            raise SinkError(f"{self.name}: segment {label}: records not delivered in time",
                             retriable=True)
-        positions = body.manifest.positions.get(self.config.source, {})
-        for b in batches:
-            key = (self._target(b.topic), b.partition)
-            if key not in last:
-                raise SinkError(f"{self.name}: segment {seq}: no delivery report for "
-                                f"{key[0]}[{key[1]}]", retriable=True)
-            src_next = positions.get(b.topic, {}).get(str(b.partition), b.records[-1].offset + 1)
-            offsets.setdefault(b.topic, {})[str(b.partition)] = [src_next, last[key] + 1]
-        for topic, parts in positions.items():  # partitions that moved only over markers
-            for part, src_next in parts.items():
-                entry = offsets.get(topic, {}).get(part)
-                if entry is not None and entry[0] < src_next:
-                    entry[0] = src_next
+        # In log order, so a partition's entry ends with the last segment that moved it;
+        # `last` is that segment's final delivery, the newest for the partition.
+        for body, batches in work:
+            positions = body.manifest.positions.get(self.config.source, {})
+            for b in batches:
+                key = (self._target(b.topic), b.partition)
+                if key not in last:
+                    raise SinkError(f"{self.name}: segment {label}: no delivery report for "
+                                    f"{key[0]}[{key[1]}]", retriable=True)
+                src_next = positions.get(b.topic, {}).get(str(b.partition),
+                                                          b.records[-1].offset + 1)
+                offsets.setdefault(b.topic, {})[str(b.partition)] = [src_next, last[key] + 1]
+            for topic, parts in positions.items():  # partitions that moved only over markers
+                for part, src_next in parts.items():
+                    entry = offsets.get(topic, {}).get(part)
+                    if entry is not None and entry[0] < src_next:
+                        entry[0] = src_next
+
+    def _produce_batch(self, p: Producer, b: KafkaBatch, delivered: Any) -> None:
+        topic, partition, produce = self._target(b.topic), b.partition, p.produce
+        origin = (ORIGIN_HEADER, self._origin)
+        final = len(b.records) - 1
+        for i, r in enumerate(b.records):
+            headers: list[Any] = [*r.headers, origin, (SOURCE_OFFSET_HEADER, b"%d" % r.offset)]
+            ts = r.timestamp if r.timestamp >= 0 else 0
+            cb = delivered if i == final else None
+            try:  # the common case without the retry wrapper's cost per record
+                produce(topic, r.value, r.key, partition, headers=headers, timestamp=ts,
+                        on_delivery=cb)
+            except (BufferError, KafkaException):
+                self._produce(p, topic, partition, r.key, r.value, headers, ts, cb)
 
     @staticmethod
     def _produce(p: Producer, topic: str, partition: int, key: bytes | None,
@@ -274,14 +296,16 @@ class KafkaSink:
                 p.list_topics(topic, timeout=5)
                 p.poll(0.05)
 
-    def _next_checkpoint(self, seq: int, digest: bytes, created_at_ms: int, body: Body,
-                         offsets: OffsetMap, groups: dict[str, Any]) -> Checkpoint:
-        m = body.manifest
+    def _next_checkpoint(self, segments: list[AppliedSegment], offsets: OffsetMap,
+                         groups: dict[str, Any]) -> Checkpoint:
         newest = self._cp.max_record_ms
-        if m.max_timestamp_ms is not None:
-            newest = max(newest or m.max_timestamp_ms, m.max_timestamp_ms)
-        return Checkpoint(seq=seq, digest=digest, created_at_ms=created_at_ms,
-                          max_record_ms=newest, positions=m.positions,
+        for seg in segments:
+            ts = seg.body.manifest.max_timestamp_ms
+            if ts is not None:
+                newest = ts if newest is None else max(newest, ts)
+        last = segments[-1]
+        return Checkpoint(seq=last.seq, digest=last.digest, created_at_ms=last.created_at_ms,
+                          max_record_ms=newest, positions=last.body.manifest.positions,
                           offsets={"map": offsets, "groups": groups})
 
     def _commit(self, cp: Checkpoint) -> None:
@@ -291,7 +315,7 @@ class KafkaSink:
         self._produce(p, self.config.checkpoint_topic, 0, self._ckpt_key, value, [], 0, None)
         p.commit_transaction(self.config.transaction_timeout_s)
 
-    def _abort_or_raise(self, seq: int, e: KafkaException) -> None:
+    def _abort_or_raise(self, seq: str, e: KafkaException) -> None:
         err = e.args[0] if e.args else None
         p = self._producer
         if isinstance(err, KafkaError) and (err.fatal() or err.code() in (

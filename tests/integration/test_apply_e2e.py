@@ -12,6 +12,7 @@ changes made while running. A topic template maps names.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from tests.integration.applylib import (
     count,
     create_topics,
     delete_topic_config,
+    log_head_seq,
     next_offsets,
     own_topic_configs,
     process_pool,
@@ -41,7 +43,15 @@ from tests.integration.applylib import (
     wait_for,
     write_dr_config,
 )
-from tests.integration.shiplib import DeliveryCheck, add_partitions, flush, producer, store_fields
+from tests.integration.shiplib import (
+    DeliveryCheck,
+    add_partitions,
+    flush,
+    log_head,
+    positions_reached,
+    producer,
+    store_fields,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -236,3 +246,65 @@ def test_config_removed_on_primary_is_removed_on_standby(
         print("standby configs:", own_topic_configs(standby, topic))
         ship.stop_ok()
         apply.stop_ok()
+
+
+def checkpoint_commits(bootstrap: str, key: str) -> list[int]:
+    """The seq of every committed checkpoint record of one flow, in topic order."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("ckpt-count"),
+                  "enable.auto.commit": False, "isolation.level": "read_committed",
+                  "enable.partition.eof": True})
+    seqs: list[int] = []
+    try:
+        c.assign([TopicPartition("drstream.checkpoints", 0, OFFSET_BEGINNING)])
+        while True:
+            msgs = c.consume(500, 5)
+            assert msgs, "timed out reading the checkpoint topic"
+            for m in msgs:
+                if m.error() is None and m.key() == key.encode():
+                    seqs.append(json.loads(m.value())["seq"])
+            if any(m.error() is not None for m in msgs):
+                return seqs
+    finally:
+        c.close()
+
+
+def test_backlog_is_applied_in_batched_transactions(
+    primary_kafka: KafkaCluster, standby_kafka: KafkaCluster, kafka_topic_name: str,
+    tmp_path: Path, pool: ProcessPool,
+) -> None:
+    """Segments already fetched share a transaction: a backlog of many small segments is
+    committed in fewer transactions than segments, with the same records exactly once."""
+    primary, standby = primary_kafka.bootstrap_servers, standby_kafka.bootstrap_servers
+    multi, compact, txn = (f"{kafka_topic_name}.{s}" for s in ("multi", "compact", "txn"))
+    topics = {multi: 3, compact: 2, txn: 3}
+    create_topics(primary, topics, {compact: NO_COMPACTION})
+    setup = write_dr_config(tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
+                            source_bootstrap=primary, sink_bootstrap=standby,
+                            include=[re.escape(kafka_topic_name) + r"\..*"],
+                            log_id=unique("batch"), apply={"batch_max_segments": 8, "prefetch": 8})
+    ship = pool.ship(setup)
+    for round_ in range(12):  # rounds apart in time: a segment (or more) each
+        produce_round(primary, multi, 3, compact, txn, round_)
+        time.sleep(0.4)
+    source = read_topics(primary, topics)
+    targets = next_offsets(source)
+
+    def shipped() -> bool:
+        _, manifest = log_head(setup.raw["store"], setup.log_id, setup.keyring)
+        return manifest is not None and not positions_reached(manifest, targets)
+
+    wait_for(shipped, 90, "ship of the backlog", [ship])
+    ship.stop_ok()
+    head = log_head_seq(setup)
+    with checkpoint_watch(standby) as watch:
+        apply = pool.apply(setup)
+        watch.wait_applied(setup, next_offsets(source), procs=[apply])
+        apply.stop_ok()
+    seqs = checkpoint_commits(standby, setup.checkpoint_key)
+    assert seqs == sorted(seqs) and seqs[-1] == head, (seqs, head)
+    assert len(seqs) < head, f"{len(seqs)} commits for {head} segments: nothing was batched"
+    compare_replica(as_source(read_topics(standby, topics), origin="primary"), source,
+                    what="standby vs primary after a batched backlog")
+
