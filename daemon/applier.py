@@ -21,7 +21,7 @@ from daemon.errors import ChainError, ConfigError, ConfigFieldError, DrstreamErr
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
 from daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
-from daemon.segment import decode_segment, parse_header, segment_digest
+from daemon.segment import SegmentHeader, decode_segment, parse_header, segment_digest
 from daemon.sink import SINK_TYPES, AppliedSegment, Sink
 from daemon.store import Store, load_builtin_connectors
 
@@ -104,41 +104,46 @@ class Applier:
         if until_seq is not None and after >= until_seq:
             return after
         # Unbounded queue, bounded by `slots`: the follower's end marker always fits.
-        queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
+        queue: asyncio.Queue[AppliedSegment | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.config.apply.prefetch)
         feeder = asyncio.create_task(self._feed(after, stop, until_seq, queue, slots))
         try:
             while (item := await queue.get()) is not None:
                 slots.release()
-                group = [item, *self._take_ready(queue, slots)]
-                await self.apply_segments(group)
+                await self._apply_group([item, *self._take_ready(queue, slots)])
                 await self._maybe_sync_groups()
-            await feeder  # raises what stopped the follower, if anything did
+            await feeder  # raises what stopped the follower (a bad segment, the store)
         finally:
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
         return self.progress.applied_seq
 
     async def _feed(self, after: int, stop: asyncio.Event, until_seq: int | None,
-                    queue: asyncio.Queue[tuple[int, bytes] | None],
+                    queue: asyncio.Queue[AppliedSegment | None],
                     slots: asyncio.Semaphore) -> None:
+        """Fetch, check and decode ahead of the sinks, so decoding the next segments
+        overlaps with writing the current ones; the first bad segment ends the feed
+        after every segment before it has been queued."""
         cfg = self.config.apply
+        prev = self._prev_digest
         try:
             async for seq, data in self.log.follow(after, stop, prefetch=cfg.prefetch,
                                                    poll_max_s=cfg.poll_max_s,
                                                    tick=self.health.tick):
+                seg = await self._decode(seq, data, prev)
+                prev = seg.digest
                 await slots.acquire()
-                queue.put_nowait((seq, data))
+                queue.put_nowait(seg)
                 if until_seq is not None and seq >= until_seq:
                     break
         finally:
             queue.put_nowait(None)
 
-    def _take_ready(self, queue: asyncio.Queue[tuple[int, bytes] | None],
-                    slots: asyncio.Semaphore) -> list[tuple[int, bytes]]:
-        """Segments already fetched, to apply with the one just taken."""
+    def _take_ready(self, queue: asyncio.Queue[AppliedSegment | None],
+                    slots: asyncio.Semaphore) -> list[AppliedSegment]:
+        """Segments already decoded, to apply with the one just taken."""
         cfg = self.config.apply
-        out: list[tuple[int, bytes]] = []
+        out: list[AppliedSegment] = []
         size = 0
         while (len(out) + 1 < cfg.batch_max_segments and size < cfg.batch_max_bytes
                and not queue.empty()):
@@ -148,52 +153,41 @@ class Applier:
                 break
             slots.release()
             out.append(item)
-            size += len(item[1])
+            size += item.nbytes
         return out
 
     async def apply_segment(self, seq: int, data: bytes) -> None:
-        await self.apply_segments([(seq, data)])
+        """Check, decode and apply one segment (the next one after the last applied)."""
+        await self._apply_group([await self._decode(seq, data, self._prev_digest)])
 
-    async def apply_segments(self, group: list[tuple[int, bytes]]) -> None:
-        """Check and decode each segment in order, then hand them to every sink; a segment
-        that fails its checks stops the group after the segments before it are applied."""
-        decoded: list[AppliedSegment] = []
-        error: DrstreamError | None = None
-        prev = self._prev_digest
-        for seq, data in group:
-            try:
-                seg = await self._decode(seq, data, prev)
-            except DrstreamError as e:
-                error = e
-                break
-            decoded.append(seg)
-            prev = seg.digest
-        if decoded:
-            for sink in self.sinks:
-                todo = [s for s in decoded if s.seq > sink.checkpoint().seq]
-                if not todo:
-                    continue
-                batch_apply = getattr(sink, "apply_batch", None)
-                if batch_apply is not None and len(todo) > 1:
-                    await batch_apply(todo)
-                else:
-                    for s in todo:
-                        await sink.apply(s.seq, s.digest, s.created_at_ms, s.body)
-            for seg in decoded:
-                self._applied(seg)
-        if error is not None:
-            raise error
+    async def _apply_group(self, decoded: list[AppliedSegment]) -> None:
+        for sink in self.sinks:
+            todo = [s for s in decoded if s.seq > sink.checkpoint().seq]
+            if not todo:
+                continue
+            batch_apply = getattr(sink, "apply_batch", None)
+            if batch_apply is not None and len(todo) > 1:
+                await batch_apply(todo)
+            else:
+                for s in todo:
+                    await sink.apply(s.seq, s.digest, s.created_at_ms, s.body)
+        for seg in decoded:
+            self._applied(seg)
 
     async def _decode(self, seq: int, data: bytes, prev: bytes) -> AppliedSegment:
         header, _ = parse_header(data)
         if header.prev_digest != prev:
             raise ChainError("prev_digest does not match the segment applied before it",
                              log_id=self.log.log_id, seq=seq, key=self.log.key(seq))
-        header, body = await asyncio.to_thread(
-            decode_segment, data, self.keyring, expect_log_id=self.log.log_id, expect_seq=seq)
+        header, body, digest = await asyncio.to_thread(self._decode_sync, seq, data)
         if self.transform is not None:
             body = self.transform(seq, body)
-        return AppliedSegment(seq, segment_digest(data), header.created_at_ms, body, len(data))
+        return AppliedSegment(seq, digest, header.created_at_ms, body, len(data))
+
+    def _decode_sync(self, seq: int, data: bytes) -> tuple[SegmentHeader, Body, bytes]:
+        header, body = decode_segment(data, self.keyring, expect_log_id=self.log.log_id,
+                                      expect_seq=seq)
+        return header, body, segment_digest(data)
 
     def _applied(self, seg: AppliedSegment) -> None:
         self._prev_digest = seg.digest

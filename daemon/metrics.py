@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -60,6 +61,9 @@ class Health:
         self.connected = False
         self.last_tick = time.monotonic()
         self.reason = "starting"
+        # Parts that can make the service unready (a source whose registry is down):
+        # each returns (ok, reason).
+        self.checks: list[Callable[[], tuple[bool, str]]] = []
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -70,6 +74,10 @@ class Health:
         idle = time.monotonic() - self.last_tick
         if idle > self.stall_after_s:
             return False, f"main loop stalled for {idle:.0f}s"
+        for check in self.checks:
+            ok, why = check()
+            if not ok:
+                return False, why
         return True, "ready"
 
 

@@ -99,6 +99,8 @@ class Shipper:
         self.last_append = time.monotonic()
         self.ready = asyncio.Event()
         self.health = Health()
+        self.health.checks = [h for h in (getattr(s, "health", None) for s in self.sources)
+                              if h is not None]
         self.lag_s = 0.0
         self._pending_min_ts: dict[int, int] = {}  # seq in flight -> oldest record timestamp
         self._inbox: asyncio.Queue[tuple[int, Delivery]] = asyncio.Queue(maxsize=64)
@@ -223,7 +225,8 @@ class Shipper:
                 extra.setdefault(stream, {})["groups"] = ready
             self.pending_groups[stream] = waiting
         batches: list[KafkaBatch | EventBatch] = [*seg.batches.values(), *seg.events.values()]
-        positions = {s: {t: dict(p) for t, p in parts.items()}
+        # Kafka positions are topic -> {partition: offset}; other sources' are flat values
+        positions = {s: {t: dict(p) if isinstance(p, dict) else p for t, p in parts.items()}
                      for s, parts in self.positions.items()}
         body = Body(make_manifest(positions, list(batches), extra=extra), list(batches))
         seq = await self.writer.append(body)
