@@ -64,6 +64,7 @@ def load_builtin_connectors() -> None:
     """Import the built-in connector packages so they register themselves."""
     import connectors.file
     import connectors.kafka
+    import connectors.mlflow
     import connectors.s3  # noqa: F401
 
 

@@ -2,6 +2,7 @@
 
     python -m tests.infra kafka up [--count 2] [--detach] [--json] [--keep]
     python -m tests.infra s3 up [--detach] [--bucket NAME]
+    python -m tests.infra mlflow up [--count 2] [--detach] [--json]
     python -m tests.infra stop PID [PID ...]   # one recorded service, e.g. a detached broker
     python -m tests.infra stop-all             # every recorded service (after a crashed run)
 
@@ -91,6 +92,25 @@ def s3_up(args: argparse.Namespace) -> int:
         server.stop()
 
 
+def mlflow_up(args: argparse.Namespace) -> int:
+    from tests.infra.mlflow import start_servers
+
+    if not args.detach:
+        _exit_on_sigterm()
+    names = ("primary", "standby", *(f"mlflow{i}" for i in range(3, args.count + 1)))
+    servers = start_servers(names[: args.count])
+    _print_services([{"name": s.name, "tracking_uri": s.tracking_uri, "pid": s.pid,
+                      "workdir": str(s.workdir), "log": str(s.log_path)}
+                     for s in servers], args.json)
+    if args.detach:
+        return 0
+    try:
+        return _wait_for_signal(lambda: all(s.alive() for s in servers))
+    finally:
+        for s in servers:
+            s.remove()
+
+
 def stop(args: argparse.Namespace) -> int:
     for pid in args.pids:
         print(f"{pid}: {'stopped' if stop_recorded(pid) else 'not running or not recorded'}")
@@ -126,6 +146,16 @@ def _add_s3(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.set_defaults(func=s3_up)
 
 
+def _add_mlflow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mlflow = sub.add_parser("mlflow", help="MLflow tracking servers (SQLite, served artifacts)")
+    actions = mlflow.add_subparsers(dest="action", required=True)
+    up = actions.add_parser("up", help="start servers (primary, standby, ...) and print them")
+    up.add_argument("--count", type=int, default=2, help="independent servers (default 2)")
+    up.add_argument("--detach", action="store_true", help="leave them running and exit")
+    up.add_argument("--json", action="store_true", help="print one JSON list instead")
+    up.set_defaults(func=mlflow_up)
+
+
 def _add_stop(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     one = sub.add_parser("stop", help="stop recorded services by pid (SIGTERM, then SIGKILL)")
     one.add_argument("pids", type=int, nargs="+")
@@ -140,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="service", required=True)
     _add_kafka(sub)
     _add_s3(sub)
+    _add_mlflow(sub)
     _add_stop(sub)
     return parser
 

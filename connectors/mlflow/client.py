@@ -1,0 +1,600 @@
+"""An async client for one MLflow registry: the REST API and the proxied artifact store.
+
+Plain REST over aiohttp rather than mlflow's `MlflowClient`: every call is one HTTP
+request on the event loop (no thread per call), artifacts stream in fixed-size chunks in
+both directions (MlflowClient downloads whole files to disk), errors are classified by
+HTTP status in one place, and the daemon does not import the mlflow package at all.
+
+Artifacts go through the tracking server's `mlflow-artifacts` endpoints
+(`mlflow server --serve-artifacts`). A version's files are found from its download URI:
+`mlflow-artifacts:/...` is used directly, `runs:/<run>/<path>` through the run's artifact
+URI, `models:/<model id>` through the logged model's artifact location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlparse
+
+import aiohttp
+
+from connectors.mlflow.config import DEFAULT_CHUNK_BYTES, DEFAULT_REQUEST_TIMEOUT_S, ModelSelection
+from daemon.errors import DrstreamError
+
+API = "/api/2.0/mlflow"
+ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
+PAGE_SIZE = 1000
+CONNECT_TIMEOUT_S = 10.0
+READY = "READY"
+RETRIABLE_STATUSES = frozenset({408, 425, 429})
+ALL_WEBHOOK_EVENTS = (
+    ("REGISTERED_MODEL", "CREATED"),
+    ("MODEL_VERSION", "CREATED"),
+    ("MODEL_VERSION_TAG", "SET"),
+    ("MODEL_VERSION_TAG", "DELETED"),
+    ("MODEL_VERSION_ALIAS", "CREATED"),
+    ("MODEL_VERSION_ALIAS", "DELETED"),
+)
+
+
+class MlflowApiError(DrstreamError):
+    """An MLflow registry call failed. `retriable` for connection errors, timeouts, 5xx
+    and 429; not for other 4xx. The message names the registry, the call and the object."""
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 error_code: str | None = None, retriable: bool | None = None) -> None:
+        super().__init__(message, retriable=retriable)
+        self.status = status
+        self.error_code = error_code
+
+    @property
+    def not_found(self) -> bool:
+        return self.error_code == "RESOURCE_DOES_NOT_EXIST" or self.status == 404
+
+    @property
+    def already_exists(self) -> bool:
+        return self.error_code == "RESOURCE_ALREADY_EXISTS"
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    path: str  # relative to the version's artifact root, posix
+    size: int
+
+
+@dataclass
+class Snapshot:
+    """A registry state (RegistryState shape) and the versions whose artifacts are not
+    known yet (their `artifacts` is [] until the caller captures them)."""
+
+    state: dict[str, Any]
+    missing: list[tuple[str, int]] = field(default_factory=list)
+    sources: dict[tuple[str, int], str] = field(default_factory=dict)  # version -> source
+
+
+def _tags(items: list[dict[str, Any]] | None) -> dict[str, str]:
+    return {t["key"]: t.get("value", "") for t in items or []}
+
+
+def _tag_list(tags: dict[str, str] | None) -> list[dict[str, str]]:
+    return [{"key": k, "value": v} for k, v in (tags or {}).items()]
+
+
+class RegistryClient:
+    """One registry; create it inside a running event loop, `await close()` at the end."""
+
+    def __init__(self, tracking_uri: str, *, token: str | None = None,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                 name: str = "registry") -> None:
+        self.base = tracking_uri.rstrip("/")
+        self.name = name
+        self.request_timeout_s = request_timeout_s
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._session = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
+                                          sock_read=request_timeout_s),
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"RegistryClient({self.name!r}, {self.base})"
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _where(self, what: str) -> str:
+        return f"mlflow registry {self.name} ({self.base}): {what}"
+
+    async def _error(self, resp: aiohttp.ClientResponse, what: str) -> MlflowApiError:
+        body = (await resp.read())[:2000].decode(errors="replace")
+        code = message = None
+        try:
+            parsed = json.loads(body)
+            code, message = parsed.get("error_code"), parsed.get("message")
+        except (ValueError, AttributeError):
+            pass
+        retriable = resp.status >= 500 or resp.status in RETRIABLE_STATUSES
+        detail = message or body.strip()[:300] or resp.reason
+        return MlflowApiError(
+            self._where(f"{what}: HTTP {resp.status} {code or ''} {detail}".rstrip()),
+            status=resp.status, error_code=code, retriable=retriable)
+
+    def _conn_error(self, e: BaseException, what: str) -> MlflowApiError:
+        kind = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+        return MlflowApiError(self._where(f"{what}: {kind}"), retriable=True)
+
+    async def call(self, method: str, endpoint: str, what: str, *,
+                   params: dict[str, Any] | None = None,
+                   body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One JSON REST call under /api/2.0/mlflow; raises MlflowApiError."""
+        url = f"{self.base}{API}/{endpoint}"
+        try:
+            async with self._session.request(
+                method, url, params=params, json=body,
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout_s,
+                                              sock_connect=CONNECT_TIMEOUT_S),
+            ) as resp:
+                if resp.status != 200:
+                    raise await self._error(resp, what)
+                data = await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._conn_error(e, what) from e
+        try:
+            out = json.loads(data) if data else {}
+        except ValueError as e:
+            raise MlflowApiError(self._where(f"{what}: answer is not JSON"),
+                                 retriable=True) from e
+        return out if isinstance(out, dict) else {}
+
+    async def health(self) -> bool:
+        try:
+            async with self._session.get(
+                f"{self.base}/health",
+                timeout=aiohttp.ClientTimeout(total=min(self.request_timeout_s, 10.0)),
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    # -- registered models -------------------------------------------------------------
+
+    async def get_model(self, name: str) -> dict[str, Any] | None:
+        try:
+            out = await self.call("GET", "registered-models/get", f"get model {name!r}",
+                                  params={"name": name})
+        except MlflowApiError as e:
+            if e.not_found:
+                return None
+            raise
+        return out.get("registered_model") or None
+
+    async def create_model(self, name: str, description: str = "",
+                           tags: dict[str, str] | None = None) -> dict[str, Any]:
+        out = await self.call("POST", "registered-models/create", f"create model {name!r}",
+                              body={"name": name, "description": description,
+                                    "tags": _tag_list(tags)})
+        return out.get("registered_model", {})  # type: ignore[no-any-return]
+
+    async def rename_model(self, name: str, new_name: str) -> None:
+        await self.call("POST", "registered-models/rename",
+                        f"rename model {name!r} to {new_name!r}",
+                        body={"name": name, "new_name": new_name})
+
+    async def delete_model(self, name: str) -> None:
+        await self.call("DELETE", "registered-models/delete", f"delete model {name!r}",
+                        body={"name": name})
+
+    async def update_model_description(self, name: str, description: str) -> None:
+        await self.call("PATCH", "registered-models/update",
+                        f"update description of model {name!r}",
+                        body={"name": name, "description": description})
+
+    async def set_model_tag(self, name: str, key: str, value: str) -> None:
+        await self.call("POST", "registered-models/set-tag", f"set tag {key!r} on model {name!r}",
+                        body={"name": name, "key": key, "value": value})
+
+    async def delete_model_tag(self, name: str, key: str) -> None:
+        await self.call("DELETE", "registered-models/delete-tag",
+                        f"delete tag {key!r} of model {name!r}", body={"name": name, "key": key})
+
+    async def set_alias(self, name: str, alias: str, version: int) -> None:
+        await self.call("POST", "registered-models/alias",
+                        f"set alias {alias!r} of model {name!r} to version {version}",
+                        body={"name": name, "alias": alias, "version": str(version)})
+
+    async def delete_alias(self, name: str, alias: str) -> None:
+        await self.call("DELETE", "registered-models/alias",
+                        f"delete alias {alias!r} of model {name!r}",
+                        body={"name": name, "alias": alias})
+
+    async def search_models(self, filter_string: str | None = None) -> list[dict[str, Any]]:
+        """Every registered model (all pages), with tags and aliases."""
+        out: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"max_results": PAGE_SIZE}
+            if filter_string:
+                params["filter"] = filter_string
+            if token:
+                params["page_token"] = token
+            page = await self.call("GET", "registered-models/search", "search models",
+                                   params=params)
+            out += page.get("registered_models", [])
+            token = page.get("next_page_token")
+            if not token:
+                return out
+
+    # -- model versions ----------------------------------------------------------------
+
+    async def get_version(self, name: str, version: int) -> dict[str, Any] | None:
+        try:
+            out = await self.call("GET", "model-versions/get",
+                                  f"get version {version} of model {name!r}",
+                                  params={"name": name, "version": str(version)})
+        except MlflowApiError as e:
+            if e.not_found:
+                return None
+            raise
+        return out.get("model_version") or None
+
+    async def create_version(self, name: str, source: str, run_id: str | None = None,
+                             description: str = "", tags: dict[str, str] | None = None,
+                             model_id: str | None = None) -> dict[str, Any]:
+        """Create the next version (the server picks its number); returns it.
+
+        MLflow 3 accepts an `mlflow-artifacts:` source only inside the artifact root of
+        the run named by `run_id` (or the logged model named by `model_id`)."""
+        body: dict[str, Any] = {"name": name, "source": source, "description": description,
+                                "tags": _tag_list(tags)}
+        if run_id:
+            body["run_id"] = run_id
+        if model_id:
+            body["model_id"] = model_id
+        out = await self.call("POST", "model-versions/create",
+                              f"create a version of model {name!r}", body=body)
+        return out.get("model_version", {})  # type: ignore[no-any-return]
+
+    async def delete_version(self, name: str, version: int) -> None:
+        await self.call("DELETE", "model-versions/delete",
+                        f"delete version {version} of model {name!r}",
+                        body={"name": name, "version": str(version)})
+
+    async def update_version_description(self, name: str, version: int,
+                                         description: str) -> None:
+        await self.call("PATCH", "model-versions/update",
+                        f"update description of version {version} of model {name!r}",
+                        body={"name": name, "version": str(version),
+                              "description": description})
+
+    async def transition_stage(self, name: str, version: int, stage: str,
+                               archive_existing: bool = False) -> None:
+        await self.call("POST", "model-versions/transition-stage",
+                        f"move version {version} of model {name!r} to stage {stage!r}",
+                        body={"name": name, "version": str(version), "stage": stage,
+                              "archive_existing_versions": archive_existing})
+
+    async def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        await self.call("POST", "model-versions/set-tag",
+                        f"set tag {key!r} on version {version} of model {name!r}",
+                        body={"name": name, "version": str(version), "key": key,
+                              "value": value})
+
+    async def delete_version_tag(self, name: str, version: int, key: str) -> None:
+        await self.call("DELETE", "model-versions/delete-tag",
+                        f"delete tag {key!r} of version {version} of model {name!r}",
+                        body={"name": name, "version": str(version), "key": key})
+
+    async def search_versions(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every model version (of `name`, or of every model), all pages, with tags."""
+        out: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"max_results": PAGE_SIZE}
+            if name is not None:
+                params["filter"] = "name='{}'".format(name.replace("'", "\\'"))
+            if token:
+                params["page_token"] = token
+            what = f"search versions of model {name!r}" if name else "search versions"
+            page = await self.call("GET", "model-versions/search", what, params=params)
+            out += page.get("model_versions", [])
+            token = page.get("next_page_token")
+            if not token:
+                return out
+
+    async def get_download_uri(self, name: str, version: int) -> str:
+        out = await self.call("GET", "model-versions/get-download-uri",
+                              f"artifact location of version {version} of model {name!r}",
+                              params={"name": name, "version": str(version)})
+        return str(out.get("artifact_uri", ""))
+
+    # -- experiments and runs (a home for artifacts on a standby) ----------------------
+
+    async def experiment_id(self, name: str) -> str:
+        """The id of experiment `name`, created if missing."""
+        try:
+            out = await self.call("GET", "experiments/get-by-name", f"get experiment {name!r}",
+                                  params={"experiment_name": name})
+            return str(out["experiment"]["experiment_id"])
+        except MlflowApiError as e:
+            if not e.not_found:
+                raise
+        try:
+            out = await self.call("POST", "experiments/create", f"create experiment {name!r}",
+                                  body={"name": name})
+            return str(out["experiment_id"])
+        except MlflowApiError as e:
+            if not e.already_exists:
+                raise
+            return await self.experiment_id(name)
+
+    async def create_run(self, experiment_id: str, run_name: str | None = None,
+                         tags: dict[str, str] | None = None) -> dict[str, Any]:
+        """A new run; returns its `info` (run_id, artifact_uri, ...)."""
+        body: dict[str, Any] = {"experiment_id": experiment_id, "tags": _tag_list(tags)}
+        if run_name:
+            body["run_name"] = run_name
+        out = await self.call("POST", "runs/create", f"create run {run_name or ''} in "
+                              f"experiment {experiment_id}".replace("  ", " "), body=body)
+        return out.get("run", {}).get("info", {})  # type: ignore[no-any-return]
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            out = await self.call("GET", "runs/get", f"get run {run_id}",
+                                  params={"run_id": run_id})
+        except MlflowApiError as e:
+            if e.not_found:
+                return None
+            raise
+        return out.get("run") or None
+
+    async def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        await self.call("POST", "runs/update", f"end run {run_id}",
+                        body={"run_id": run_id, "status": status})
+
+    @staticmethod
+    def artifact_path_of(uri: str) -> str | None:
+        """`mlflow-artifacts:/a/b` (or the http form) -> `a/b`; None for other schemes."""
+        parsed = urlparse(uri)
+        if parsed.scheme == "mlflow-artifacts":
+            return parsed.path.strip("/")
+        if parsed.scheme in ("http", "https") and ARTIFACTS_API in parsed.path:
+            return parsed.path.split(ARTIFACTS_API, 1)[1].strip("/")
+        return None
+
+    # -- artifacts ---------------------------------------------------------------------
+
+    async def artifact_root(self, name: str, version: int) -> str:
+        """The version's artifact directory as an `mlflow-artifacts` path (no scheme)."""
+        uri = await self.get_download_uri(name, version)
+        what = f"version {version} of model {name!r}"
+        for _ in range(4):  # runs:/ -> mlflow-artifacts:/, models:/ -> mlflow-artifacts:/
+            parsed = urlparse(uri)
+            path = self.artifact_path_of(uri)
+            if path is not None:
+                return path
+            if parsed.scheme == "runs":
+                run_id, _, rel = uri[len("runs:/"):].lstrip("/").partition("/")
+                run = await self.call("GET", "runs/get", f"run {run_id} of {what}",
+                                      params={"run_id": run_id})
+                base = run.get("run", {}).get("info", {}).get("artifact_uri", "")
+                uri = f"{base.rstrip('/')}/{rel}" if rel else base
+                continue
+            if parsed.scheme == "models":
+                model_id = uri[len("models:/"):].strip("/").split("/", 1)[0]
+                lm = await self.call("GET", f"logged-models/{quote(model_id, safe='')}",
+                                     f"logged model {model_id} of {what}")
+                uri = lm.get("model", {}).get("info", {}).get("artifact_location", "")
+                continue
+            break
+        raise MlflowApiError(self._where(
+            f"{what}: artifact location {uri!r} is not served by the tracking server "
+            "(start it with --serve-artifacts); cannot read its files"), retriable=False)
+
+    def _artifact_url(self, path: str) -> str:
+        return f"{self.base}{ARTIFACTS_API}/{quote(path.strip('/'), safe='/')}"
+
+    async def _list_dir(self, path: str) -> list[dict[str, Any]]:
+        try:
+            async with self._session.get(
+                f"{self.base}{ARTIFACTS_API}", params={"path": path},
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout_s,
+                                              sock_connect=CONNECT_TIMEOUT_S),
+            ) as resp:
+                if resp.status != 200:
+                    raise await self._error(resp, f"list artifacts under {path!r}")
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._conn_error(e, f"list artifacts under {path!r}") from e
+        return list((data or {}).get("files", []))
+
+    async def list_artifacts(self, root: str) -> list[ArtifactFile]:
+        """Every file below `root` (recursively), sorted by relative path. A root that is a
+        single file lists as that file (by its base name)."""
+        out: list[ArtifactFile] = []
+        todo = [""]
+        while todo:
+            rel = todo.pop()
+            for entry in await self._list_dir(f"{root}/{rel}".rstrip("/") if rel else root):
+                child = f"{rel}/{entry['path'].rsplit('/', 1)[-1]}".lstrip("/")
+                if entry.get("is_dir"):
+                    todo.append(child)
+                else:
+                    # proto3 JSON leaves out a zero file_size
+                    out.append(ArtifactFile(child, int(entry.get("file_size") or 0)))
+        if not out and root:
+            size = await self._file_size(root)
+            if size is not None:
+                out.append(ArtifactFile(root.rsplit("/", 1)[-1], size))
+        return sorted(out, key=lambda f: f.path)
+
+    async def _file_size(self, path: str) -> int | None:
+        try:
+            async with self._session.head(self._artifact_url(path)) as resp:
+                if resp.status != 200:
+                    return None
+                return int(resp.headers.get("Content-Length", "0"))
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._conn_error(e, f"stat artifact {path!r}") from e
+
+    async def download(self, path: str,
+                       chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> AsyncIterator[bytes]:
+        """The file's bytes as chunks of exactly `chunk_bytes` (the last one shorter);
+        holds one chunk in memory at a time."""
+        what = f"download artifact {path!r}"
+        try:
+            async with self._session.get(self._artifact_url(path)) as resp:
+                if resp.status != 200:
+                    err = await self._error(resp, what)
+                    if resp.status == 404:  # listed a moment ago: changing, list again
+                        err.retriable = True
+                    raise err
+                buf = bytearray()
+                async for piece in resp.content.iter_chunked(min(chunk_bytes, 1 << 20)):
+                    buf += piece
+                    while len(buf) >= chunk_bytes:
+                        yield bytes(buf[:chunk_bytes])
+                        del buf[:chunk_bytes]
+                if buf:
+                    yield bytes(buf)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._conn_error(e, what) from e
+
+    async def upload(self, path: str, chunks: AsyncIterable[bytes],
+                     size: int | None = None) -> None:
+        """Stream a file to the artifact store at `path` (one PUT; with `size` it is sent
+        with a Content-Length, otherwise chunked)."""
+        what = f"upload artifact {path!r}"
+        headers = {"Content-Type": "application/octet-stream"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for c in chunks:
+                yield c
+
+        try:
+            async with self._session.put(self._artifact_url(path), data=body(),
+                                         headers=headers) as resp:
+                if resp.status != 200:
+                    raise await self._error(resp, what)
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._conn_error(e, what) from e
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    async def list_webhooks(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {"max_results": 100}
+            if token:
+                params["page_token"] = token
+            page = await self.call("GET", "webhooks", "list webhooks", params=params)
+            out += page.get("webhooks", [])
+            token = page.get("next_page_token")
+            if not token:
+                return out
+
+    async def ensure_webhook(self, name: str, url: str, secret: str,
+                             events: tuple[tuple[str, str], ...] = ALL_WEBHOOK_EVENTS,
+                             ) -> str:
+        """Create the webhook `name`, or update the one that exists (url, events, secret,
+        ACTIVE); returns its id. Idempotent."""
+        body = {"name": name, "url": url, "secret": secret, "status": "ACTIVE",
+                "events": [{"entity": e, "action": a} for e, a in events]}
+        for hook in await self.list_webhooks():
+            if hook.get("name") == name:
+                hook_id = str(hook["webhook_id"])
+                await self.call("PATCH", f"webhooks/{quote(hook_id, safe='')}",
+                                f"update webhook {name!r}", body=body)
+                return hook_id
+        out = await self.call("POST", "webhooks", f"create webhook {name!r}", body=body)
+        return str(out.get("webhook", {}).get("webhook_id", ""))
+
+    async def delete_webhook(self, name: str) -> bool:
+        for hook in await self.list_webhooks():
+            if hook.get("name") == name:
+                await self.call("DELETE", f"webhooks/{quote(str(hook['webhook_id']), safe='')}",
+                                f"delete webhook {name!r}")
+                return True
+        return False
+
+    # -- registry state ----------------------------------------------------------------
+
+    async def snapshot(self, known: dict[str, Any] | None = None,
+                       selection: ModelSelection | None = None,
+                       skip_tag_prefix: str = "drstream.",
+                       skip_model_prefix: str = "drstream.checkpoint.") -> Snapshot:
+        """The live registry in RegistryState shape. Only READY versions are included;
+        aliases pointing elsewhere are left out. A version whose (source, run_id) is in
+        `known` (under any model name: renames) reuses its artifact list; the others get
+        [] and are listed in `missing`. Tags starting with `skip_tag_prefix` are left out.
+        """
+        reuse: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+        for m in (known or {}).get("models", {}).values():
+            for v in m["versions"].values():
+                reuse[(v["source"], v["run_id"])] = v["artifacts"]
+
+        def public(tags: dict[str, str]) -> dict[str, str]:
+            return {k: v for k, v in tags.items() if not k.startswith(skip_tag_prefix)}
+
+        models: dict[str, Any] = {}
+        for rm in await self.search_models():
+            name = rm["name"]
+            if name.startswith(skip_model_prefix) or (selection and not selection.matches(name)):
+                continue
+            models[name] = {
+                "description": rm.get("description") or "",
+                "tags": public(_tags(rm.get("tags"))),
+                "aliases": {a["alias"]: int(a["version"]) for a in rm.get("aliases", [])},
+                "versions": {},
+            }
+        snap = Snapshot(state={"models": models})
+        for mv in await self.search_versions():
+            name = mv["name"]
+            if name not in models or mv.get("status", READY) != READY:
+                continue
+            n = int(mv["version"])
+            source = mv.get("source") or ""
+            run_id = mv.get("run_id") or None
+            artifacts = reuse.get((source, run_id))
+            if artifacts is None:
+                snap.missing.append((name, n))
+                artifacts = []
+            models[name]["versions"][str(n)] = {
+                "description": mv.get("description") or "",
+                "tags": public(_tags(mv.get("tags"))),
+                "stage": mv.get("current_stage") or "None",
+                "run_id": run_id,
+                "source": source,
+                "artifacts": [dict(a, chunks=list(a["chunks"])) for a in artifacts],
+            }
+            snap.sources[(name, n)] = source
+        for m in models.values():
+            m["aliases"] = {a: n for a, n in m["aliases"].items() if str(n) in m["versions"]}
+        snap.missing.sort()
+        return snap
+
+
+async def sha256_of(chunks: AsyncIterable[bytes]) -> tuple[str, int]:
+    """Hash and size of a chunk stream (verification helper)."""
+    h = hashlib.sha256()
+    n = 0
+    async for c in chunks:
+        h.update(c)
+        n += len(c)
+    return h.hexdigest(), n

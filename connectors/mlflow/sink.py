@@ -1,0 +1,597 @@
+"""MLflow sink: replays registry events on a standby registry, idempotently, in log order.
+
+Each segment's events (the `EventBatch`es of the configured source stream) are applied
+one by one. After every event the sink writes its progress (the segment's seq and digest
+and how many of its events are done) into its checkpoint, a JSON tag on the registered
+model `drstream.checkpoint.<log_id>.<sink name>` of the standby itself, so the standby
+carries its own position and a restart re-runs at most the one event that was in flight.
+Every handler therefore only has to be idempotent against "before", "after" or "half-way
+through" its own event: it looks before it creates, and "not found" on a delete is done.
+
+Version numbers are the primary's: MLflow numbers a new version max + 1 (deleted versions
+keep their numbers), so to create version N the sink creates versions until the standby
+hands out N and deletes the ones below it (reproducing the primary's gaps). Every version
+it creates carries `drstream.source = <stream>/<model>/<N>`, so a version left over by a
+crash (its number is not the N its tag names) is recognised and deleted.
+
+Artifacts: the standby's server must serve artifacts (`--serve-artifacts`). They are
+streamed chunk by chunk from the log's blobs (sha256 and size of each whole file verified
+before its last byte is sent) into the artifact directory of one run per log and sink,
+in the experiment `drstream.<log_id>.<sink name>` whose artifact location is
+`mlflow-artifacts:/<artifact_prefix>/<log_id>`; a version's files land under
+`<run artifacts>/<model>/<N>/` and the version points at that directory (MLflow only
+accepts an `mlflow-artifacts:` source inside the artifact directory of the version's run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from connectors.mlflow.client import MlflowApiError, RegistryClient
+from connectors.mlflow.config import MlflowSinkConfig
+from connectors.mlflow.events import (
+    CHECKPOINT_MODEL_PREFIX,
+    SOURCE_TAG,
+    Event,
+    EventError,
+    validate_event,
+)
+from daemon.blobs import BlobStore
+from daemon.codec import Body, EventBatch
+from daemon.errors import DrstreamError, SinkError
+from daemon.logging import get_logger
+from daemon.secrets import read_secret
+from daemon.sink import Checkpoint
+
+log = get_logger("drstream.mlflow.sink")
+T = TypeVar("T")
+
+CHECKPOINT_TAG = "drstream.checkpoint"
+CHECKPOINT_VERSION = 1
+RUN_NAME = "drstream-replica"
+LOG_ID_TAG = "drstream.log_id"
+NO_STAGE = "None"
+# Segments without events for this sink move the checkpoint in memory; it is written to
+# the registry at most this often (and at close), sparing a call per idle segment.
+IDLE_CHECKPOINT_INTERVAL_S = 10.0
+# A registry that does not answer (restarting, 5xx) is retried this long per event
+# before apply gives up with a retriable error.
+RETRY_FOR_S = 120.0
+RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+PREFETCH_CHUNKS = 1  # blobs fetched ahead of the upload: memory <= (1 + this) chunks
+MAX_GAP_VERSIONS = 100_000  # sanity bound on placeholder versions for one gap
+
+_SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def model_dir(name: str) -> str:
+    """A path segment for a model name (MLflow names may hold spaces, '%', '..')."""
+    safe = _SAFE_SEGMENT.sub("_", name)
+    if safe != name or safe in (".", "..") or safe.startswith("."):
+        safe = f"{safe.strip('.') or 'model'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def _tags(items: list[dict[str, Any]] | None) -> dict[str, str]:
+    return {t["key"]: t.get("value", "") for t in items or []}
+
+
+def encode_checkpoint(cp: Checkpoint, partial: dict[str, Any] | None = None) -> str:
+    doc: dict[str, Any] = {
+        "v": CHECKPOINT_VERSION, "seq": cp.seq, "digest": cp.digest.hex(),
+        "created_at_ms": cp.created_at_ms, "max_record_ms": cp.max_record_ms,
+        "positions": cp.positions}
+    if partial is not None:
+        doc["partial"] = partial
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def decode_checkpoint(raw: str, where: str) -> tuple[Checkpoint, dict[str, Any] | None]:
+    try:
+        doc = json.loads(raw)
+        cp = Checkpoint(seq=int(doc["seq"]), digest=bytes.fromhex(doc["digest"]),
+                        created_at_ms=int(doc["created_at_ms"]),
+                        max_record_ms=doc.get("max_record_ms"),
+                        positions=dict(doc.get("positions") or {}))
+        partial = doc.get("partial")
+        if partial is not None:
+            partial = {"seq": int(partial["seq"]), "digest": str(partial["digest"]),
+                       "done": int(partial["done"])}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SinkError(f"{where}: unreadable checkpoint tag {CHECKPOINT_TAG!r}: {e}") from e
+    return cp, partial
+
+
+class MlflowSink:
+    def __init__(self, config: MlflowSinkConfig, *, log_id: str,
+                 blobs: BlobStore | None = None, **_: object) -> None:
+        self.config = config
+        self.name = f"mlflow:{config.name}"
+        self.log_id = log_id
+        self.blobs = blobs
+        self.stream = config.source
+        self.checkpoint_model = f"{CHECKPOINT_MODEL_PREFIX}{log_id}.{config.name}"
+        self.experiment_name = f"drstream.{log_id}.{config.name}"
+        self._client: RegistryClient | None = None
+        self._cp = Checkpoint()
+        self._partial: dict[str, Any] | None = None
+        self._persisted_seq = 0
+        self._persisted_at = 0.0
+        self._run: tuple[str, str] | None = None  # (run id, artifact root path)
+        self.uploaded_bytes = 0
+        self.skipped_files = 0
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"{self.name} ({self.config.tracking_uri})"
+
+    def _get_client(self) -> RegistryClient:
+        if self._client is None:
+            token = read_secret(self.config.token, "sinks[].token") if self.config.token \
+                else None
+            self._client = RegistryClient(self.config.tracking_uri, token=token,
+                                          request_timeout_s=self.config.request_timeout_s,
+                                          name=self.config.name)
+        return self._client
+
+    @property
+    def client(self) -> RegistryClient:
+        return self._get_client()
+
+    async def _retrying(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + RETRY_FOR_S
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except MlflowApiError as e:
+                if not e.retriable or time.monotonic() >= deadline:
+                    raise SinkError(f"{self._where()}: {what}: {e}",
+                                    retriable=e.retriable) from e
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning("mlflow_sink_retry", sink=self.name, what=what, error=str(e),
+                            attempt=attempt, delay_s=delay)
+                await asyncio.sleep(delay)
+
+    def checkpoint(self) -> Checkpoint:
+        return self._cp
+
+    # -- checkpoint ----------------------------------------------------------------------
+
+    async def _read_checkpoint(self) -> tuple[Checkpoint, dict[str, Any] | None]:
+        model = await self.client.get_model(self.checkpoint_model)
+        if model is None:
+            return Checkpoint(), None
+        raw = _tags(model.get("tags")).get(CHECKPOINT_TAG)
+        if raw is None:
+            return Checkpoint(), None
+        return decode_checkpoint(raw, f"{self._where()} model {self.checkpoint_model!r}")
+
+    async def _write_checkpoint(self, cp: Checkpoint, partial: dict[str, Any] | None,
+                                retry: bool = True) -> None:
+        value = encode_checkpoint(cp, partial)
+
+        async def write() -> None:
+            try:
+                await self.client.set_model_tag(self.checkpoint_model, CHECKPOINT_TAG, value)
+            except MlflowApiError as e:
+                if not e.not_found:
+                    raise
+                await self._ensure_checkpoint_model()
+                await self.client.set_model_tag(self.checkpoint_model, CHECKPOINT_TAG, value)
+
+        if retry:
+            await self._retrying(f"write checkpoint seq {cp.seq}", write)
+        else:
+            try:
+                await write()
+            except MlflowApiError as e:
+                raise SinkError(f"{self._where()}: write checkpoint seq {cp.seq}: {e}",
+                                retriable=e.retriable) from e
+        if partial is None:
+            self._persisted_seq = cp.seq
+            self._persisted_at = time.monotonic()
+
+    async def _ensure_checkpoint_model(self) -> None:
+        try:
+            await self.client.create_model(
+                self.checkpoint_model,
+                description=f"drstream apply position of log {self.log_id!r} on this registry "
+                            f"(sink {self.config.name!r}); do not edit",
+                tags={LOG_ID_TAG: self.log_id})
+        except MlflowApiError as e:
+            if not e.already_exists:
+                raise
+
+    async def peek(self) -> Checkpoint:
+        try:
+            cp, _ = await self._read_checkpoint()
+        except MlflowApiError as e:
+            raise SinkError(f"{self._where()}: cannot read the checkpoint: {e}",
+                            retriable=e.retriable) from e
+        return cp
+
+    async def start(self) -> Checkpoint:
+        self._cp, self._partial = await self._retrying("read checkpoint", self._read_checkpoint)
+        self._persisted_seq = self._cp.seq
+        self._persisted_at = time.monotonic()
+        log.info("sink_started", sink=self.name, applied_seq=self._cp.seq,
+                 partial=self._partial, registry=self.config.tracking_uri)
+        return self._cp
+
+    async def sync_groups(self, force: bool = False) -> dict[str, Any]:
+        return {}
+
+    async def close(self) -> None:
+        try:
+            if self._client is not None and self._cp.seq > self._persisted_seq:
+                await self._write_checkpoint(self._cp, None, retry=False)
+        except DrstreamError as e:
+            log.warning("checkpoint_not_written_at_close", sink=self.name, error=str(e))
+        finally:
+            if self._client is not None:
+                await self._client.close()
+                self._client = None
+
+    # -- apply one segment ---------------------------------------------------------------
+
+    def events_of(self, body: Body) -> list[Event]:
+        return [ev for b in body.batches
+                if isinstance(b, EventBatch) and b.stream == self.stream for ev in b.events]
+
+    async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
+        events = self.events_of(body)
+        for i, ev in enumerate(events):
+            try:
+                validate_event(ev)
+            except EventError as e:
+                raise SinkError(f"{self.name}: segment {seq} event #{i}: {e}") from e
+        done = 0
+        if self._partial is not None and self._partial["seq"] == seq:
+            if self._partial["digest"] != digest.hex():
+                raise SinkError(f"{self.name}: segment {seq} differs from the one partly "
+                                "applied before a restart (log rewritten?)")
+            done = self._partial["done"]
+            log.info("segment_resumed", sink=self.name, seq=seq, events_done=done,
+                     events=len(events))
+        m = body.manifest
+        newest = self._cp.max_record_ms
+        if m.max_timestamp_ms is not None:
+            newest = max(newest or m.max_timestamp_ms, m.max_timestamp_ms)
+        cp = Checkpoint(seq=seq, digest=digest, created_at_ms=created_at_ms,
+                        max_record_ms=newest,
+                        positions={self.stream: m.positions.get(self.stream, {})})
+        for i in range(done, len(events)):
+            ev = events[i]
+            await self._retrying(_describe(ev), functools.partial(self._apply_event, ev))
+            if i + 1 < len(events):
+                partial = {"seq": seq, "digest": digest.hex(), "done": i + 1}
+                await self._write_checkpoint(self._cp, partial)
+        self._partial = None
+        if events or time.monotonic() - self._persisted_at >= IDLE_CHECKPOINT_INTERVAL_S:
+            await self._write_checkpoint(cp, None)
+        self._cp = cp
+        if events:
+            log.info("segment_applied", sink=self.name, seq=seq, events=len(events))
+
+    async def _apply_event(self, ev: Event) -> None:
+        handler = getattr(self, "_on_" + ev["type"].replace(".", "_"))
+        await handler(ev)
+
+    # -- models --------------------------------------------------------------------------
+
+    def _source_tag(self, name: str, version: int | None = None) -> str:
+        return f"{self.stream}/{name}" + (f"/{version}" if version is not None else "")
+
+    def _conflict(self, what: str) -> SinkError:
+        return SinkError(f"{self._where()}: {what}; it was not replicated from {self.stream} "
+                         "by this sink (remove it from the standby or rename it)")
+
+    async def _model(self, name: str, what: str) -> dict[str, Any]:
+        model = await self.client.get_model(name)
+        if model is None:
+            raise SinkError(f"{self._where()}: {what}: model {name!r} is missing on the "
+                            "standby (the standby diverged from the log)")
+        return model
+
+    async def _on_model_created(self, ev: Event) -> None:
+        name = ev["name"]
+        model = await self.client.get_model(name)
+        tags = {**ev["tags"], SOURCE_TAG: self._source_tag(name)}
+        if model is None:
+            try:
+                await self.client.create_model(name, ev["description"], tags)
+                return
+            except MlflowApiError as e:  # created by the attempt whose answer was lost
+                if not e.already_exists:
+                    raise
+                model = await self._model(name, "create model")
+        have = _tags(model.get("tags"))
+        if have.get(SOURCE_TAG) != tags[SOURCE_TAG]:
+            raise self._conflict(f"model {name!r} already exists")
+        if (model.get("description") or "") != ev["description"]:
+            await self.client.update_model_description(name, ev["description"])
+        for k, v in tags.items():
+            if have.get(k) != v:
+                await self.client.set_model_tag(name, k, v)
+
+    async def _on_model_renamed(self, ev: Event) -> None:
+        old, new = ev["name"], ev["new_name"]
+        if await self.client.get_model(old) is not None:
+            if await self.client.get_model(new) is not None:
+                raise self._conflict(f"cannot rename model {old!r}: {new!r} already exists")
+            await self.client.rename_model(old, new)
+        else:  # renamed before a restart, or by someone else: only ours may be adopted
+            model = await self._model(new, f"rename model {old!r} to {new!r}")
+            if _tags(model.get("tags")).get(SOURCE_TAG) not in (self._source_tag(old),
+                                                                self._source_tag(new)):
+                raise self._conflict(f"cannot rename model {old!r}: it is missing and "
+                                     f"{new!r} exists")
+        await self.client.set_model_tag(new, SOURCE_TAG, self._source_tag(new))
+        for v in await self.client.search_versions(new):
+            n = int(v["version"])
+            tag = self._source_tag(new, n)
+            if _tags(v.get("tags")).get(SOURCE_TAG) != tag:
+                await self.client.set_version_tag(new, n, SOURCE_TAG, tag)
+
+    async def _on_model_description(self, ev: Event) -> None:
+        await self._must_exist(
+            ev, self.client.update_model_description(ev["name"], ev["description"]))
+
+    async def _on_model_deleted(self, ev: Event) -> None:
+        await self._done_if_missing(self.client.delete_model(ev["name"]))
+
+    async def _on_model_tag_set(self, ev: Event) -> None:
+        await self._must_exist(
+            ev, self.client.set_model_tag(ev["name"], ev["key"], ev["value"]))
+
+    async def _on_model_tag_deleted(self, ev: Event) -> None:
+        await self._done_if_missing(self.client.delete_model_tag(ev["name"], ev["key"]))
+
+    async def _done_if_missing(self, call: Awaitable[None]) -> None:
+        try:
+            await call
+        except MlflowApiError as e:
+            if not e.not_found:
+                raise
+
+    async def _must_exist(self, ev: Event, call: Awaitable[None]) -> None:
+        """An update of an object the standby lacks is a divergence: say what is missing."""
+        try:
+            await call
+        except MlflowApiError as e:
+            if not e.not_found:
+                raise
+            what = f"model {ev['name']!r}" + (
+                f" version {ev['version']}" if "version" in ev else "")
+            raise SinkError(f"{self._where()}: {ev['type']}: {what} is missing on the "
+                            "standby (the standby diverged from the log)") from e
+
+    # -- versions ------------------------------------------------------------------------
+
+    async def _on_version_created(self, ev: Event) -> None:
+        name, n = ev["name"], ev["version"]
+        tag = self._source_tag(name, n)
+        existing = await self.client.get_version(name, n)
+        if existing is None:
+            await self._model(name, f"create version {n}")
+            run_id, source = await self._upload_version(ev)
+            existing = await self._create_numbered(ev, run_id, source, tag)
+        elif _tags(existing.get("tags")).get(SOURCE_TAG) != tag:
+            raise self._conflict(f"version {n} of model {name!r} already exists")
+        if ev["stage"] != NO_STAGE and existing.get("current_stage") != ev["stage"]:
+            await self.client.transition_stage(name, n, ev["stage"])
+
+    async def _create_numbered(self, ev: Event, run_id: str, source: str,
+                               tag: str) -> dict[str, Any]:
+        """Create versions until the standby hands out number N; the lower ones (gaps on
+        the primary) are deleted again."""
+        name, n = ev["name"], ev["version"]
+        tags = {**ev["tags"], SOURCE_TAG: tag}
+        for v in await self.client.search_versions(name):
+            k = int(v["version"])
+            if self._is_leftover(v, name):
+                await self._done_if_missing(self.client.delete_version(name, k))
+            elif k > n:
+                raise SinkError(
+                    f"{self._where()}: cannot create version {n} of model {name!r}: the "
+                    f"standby already has version {k} and MLflow only numbers new versions "
+                    "upward (the standby diverged from the log)")
+        for _ in range(MAX_GAP_VERSIONS):
+            created = await self.client.create_version(name, source, run_id,
+                                                       ev["description"], tags)
+            k = int(created["version"])
+            if k == n:
+                log.info("version_created", sink=self.name, model=name, version=n)
+                return created
+            await self.client.delete_version(name, k)
+            if k > n:
+                raise SinkError(
+                    f"{self._where()}: cannot create version {n} of model {name!r}: the "
+                    f"standby numbers the next version {k} (version {n} existed there and "
+                    "was deleted; the standby diverged from the log)")
+        raise SinkError(f"{self._where()}: version {n} of model {name!r}: gap too large")
+
+    def _is_leftover(self, v: dict[str, Any], name: str) -> bool:
+        """A version this sink created while reaching another number (a crash between
+        create and delete): its source tag names a version other than its own."""
+        tag = _tags(v.get("tags")).get(SOURCE_TAG, "")
+        prefix = f"{self.stream}/"
+        if not tag.startswith(prefix):
+            return False
+        number = tag.rsplit("/", 1)[-1]
+        return number.isdigit() and int(number) != int(v["version"])
+
+    async def _on_version_description(self, ev: Event) -> None:
+        await self._must_exist(ev, self.client.update_version_description(
+            ev["name"], ev["version"], ev["description"]))
+
+    async def _on_version_stage(self, ev: Event) -> None:
+        v = await self.client.get_version(ev["name"], ev["version"])
+        if v is None:
+            raise SinkError(f"{self._where()}: version.stage: model {ev['name']!r} version "
+                            f"{ev['version']} is missing on the standby")
+        if v.get("current_stage") != ev["stage"]:
+            await self.client.transition_stage(ev["name"], ev["version"], ev["stage"])
+
+    async def _on_version_tag_set(self, ev: Event) -> None:
+        await self._must_exist(ev, self.client.set_version_tag(
+            ev["name"], ev["version"], ev["key"], ev["value"]))
+
+    async def _on_version_tag_deleted(self, ev: Event) -> None:
+        await self._done_if_missing(
+            self.client.delete_version_tag(ev["name"], ev["version"], ev["key"]))
+
+    async def _on_version_deleted(self, ev: Event) -> None:
+        await self._done_if_missing(self.client.delete_version(ev["name"], ev["version"]))
+
+    async def _on_alias_set(self, ev: Event) -> None:
+        await self._must_exist(
+            ev, self.client.set_alias(ev["name"], ev["alias"], ev["version"]))
+
+    async def _on_alias_deleted(self, ev: Event) -> None:
+        await self._done_if_missing(self.client.delete_alias(ev["name"], ev["alias"]))
+
+    # -- artifacts -----------------------------------------------------------------------
+
+    async def _replica_run(self) -> tuple[str, str]:
+        """(run id, artifact root path) of the run that holds this sink's artifacts."""
+        if self._run is not None:
+            return self._run
+        c = self.client
+        location = f"mlflow-artifacts:/{self.config.artifact_prefix.strip('/')}/{self.log_id}"
+        try:
+            exp = (await c.call("GET", "experiments/get-by-name",
+                                f"experiment {self.experiment_name!r}",
+                                params={"experiment_name": self.experiment_name}))["experiment"]
+        except MlflowApiError as e:
+            if not e.not_found:
+                raise
+            try:
+                await c.call("POST", "experiments/create",
+                             f"create experiment {self.experiment_name!r}",
+                             body={"name": self.experiment_name, "artifact_location": location,
+                                   "tags": [{"key": LOG_ID_TAG, "value": self.log_id}]})
+            except MlflowApiError as e2:
+                if not e2.already_exists:
+                    raise
+            exp = (await c.call("GET", "experiments/get-by-name",
+                                f"experiment {self.experiment_name!r}",
+                                params={"experiment_name": self.experiment_name}))["experiment"]
+        exp_id = str(exp["experiment_id"])
+        if exp.get("lifecycle_stage") == "deleted":
+            await c.call("POST", "experiments/restore",
+                         f"restore experiment {self.experiment_name!r}",
+                         body={"experiment_id": exp_id})
+        runs = (await c.call("POST", "runs/search", f"runs of {self.experiment_name!r}",
+                             body={"experiment_ids": [exp_id], "max_results": 1,
+                                   "filter": f"tags.`{LOG_ID_TAG}` = '{self.log_id}'",
+                                   "run_view_type": "ALL",
+                                   "order_by": ["attributes.start_time ASC"]})).get("runs", [])
+        if runs:
+            info = runs[0]["info"]
+        else:
+            info = (await c.call("POST", "runs/create", f"create run in {self.experiment_name!r}",
+                                 body={"experiment_id": exp_id, "run_name": RUN_NAME,
+                                       "start_time": int(time.time() * 1000),
+                                       "tags": [{"key": LOG_ID_TAG, "value": self.log_id}]})
+                    )["run"]["info"]
+        uri = str(info["artifact_uri"])
+        if not uri.startswith("mlflow-artifacts:/"):
+            raise SinkError(f"{self._where()}: run {info['run_id']} stores artifacts at {uri!r}; "
+                            "the standby server must serve artifacts (--serve-artifacts)")
+        self._run = (str(info["run_id"]), uri[len("mlflow-artifacts:"):].strip("/"))
+        return self._run
+
+    async def _upload_version(self, ev: Event) -> tuple[str, str]:
+        """Upload the version's files; (run id, source URI) to create the version with."""
+        run_id, root = await self._replica_run()
+        vdir = f"{root}/{model_dir(ev['name'])}/{ev['version']}"
+        have = {f.path: f.size for f in await self.client.list_artifacts(vdir)} \
+            if ev["artifacts"] else {}
+        for a in ev["artifacts"]:
+            if have.get(a["path"]) == a["size"]:
+                self.skipped_files += 1  # uploaded before a restart (full size only)
+                log.info("artifact_present", sink=self.name, model=ev["name"],
+                         version=ev["version"], path=a["path"], size=a["size"])
+                continue
+            started = time.monotonic()
+            failed: list[BaseException] = []
+            try:
+                await self.client.upload(f"{vdir}/{a['path']}",
+                                         self._file_chunks(ev, a, failed), size=a["size"])
+            except MlflowApiError as e:
+                if failed:  # the HTTP library wraps what the body generator raised
+                    raise failed[0] from e
+                raise
+            self.uploaded_bytes += a["size"]
+            log.info("artifact_uploaded", sink=self.name, model=ev["name"],
+                     version=ev["version"], path=a["path"], size=a["size"],
+                     seconds=round(time.monotonic() - started, 3))
+        return run_id, f"mlflow-artifacts:/{vdir}"
+
+    async def _file_chunks(self, ev: Event, a: dict[str, Any],
+                           failed: list[BaseException]) -> AsyncIterator[bytes]:
+        """The file's bytes from the log's blobs. The whole file's sha256 and size are
+        checked before its last chunk is handed out, so a wrong file is never completed.
+        What goes wrong is also put in `failed` (the upload may wrap it)."""
+        try:
+            async for data in self._verified_chunks(ev, a):
+                yield data
+        except (DrstreamError, OSError) as e:
+            failed.append(e)
+            raise
+
+    async def _verified_chunks(self, ev: Event, a: dict[str, Any]) -> AsyncIterator[bytes]:
+        if self.blobs is None:
+            raise SinkError(f"{self.name}: no blob store to read artifacts from")
+        where = f"model {ev['name']!r} version {ev['version']} file {a['path']!r}"
+        h = hashlib.sha256()
+        size = 0
+        chunks: list[str] = a["chunks"]
+        pending: list[asyncio.Task[bytes]] = []
+        try:
+            for i in range(len(chunks)):
+                while len(pending) <= PREFETCH_CHUNKS and i + len(pending) < len(chunks):
+                    pending.append(asyncio.ensure_future(
+                        self.blobs.get(chunks[i + len(pending)])))
+                data = await pending.pop(0)
+                h.update(data)
+                size += len(data)
+                if size > a["size"]:
+                    raise SinkError(f"{self.name}: {where}: chunks hold more than the "
+                                    f"{a['size']} bytes the event names")
+                if i == len(chunks) - 1 and (size != a["size"] or h.hexdigest() != a["sha256"]):
+                    raise SinkError(f"{self.name}: {where}: chunks give {size} bytes with "
+                                    f"sha256 {h.hexdigest()}, the event names {a['size']} "
+                                    f"bytes with sha256 {a['sha256']}")
+                yield data
+            if not chunks and (a["size"] != 0 or h.hexdigest() != a["sha256"]):
+                raise SinkError(f"{self.name}: {where}: no chunks but size {a['size']} / "
+                                f"sha256 {a['sha256']}")
+        finally:
+            for t in pending:
+                t.cancel()
+                t.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Task[bytes]) -> None:
+    """Mark a prefetch that is no longer wanted as seen (no 'never retrieved' noise)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _describe(ev: Event) -> str:
+    what = f"{ev['type']} model {ev.get('name')!r}"
+    if "version" in ev:
+        what += f" version {ev['version']}"
+    return what

@@ -1,0 +1,352 @@
+"""Helpers for the MLflow replication tests: configs for ship + apply, a scripted history
+on the primary, and comparing two registries (metadata and every artifact's sha256).
+
+Registries are read with mlflow's own client (`MlflowClient`, `mlflow.artifacts`), not
+with drstream's, so the comparison does not share code with what it checks. drstream's
+own bookkeeping is left out of every comparison: tags starting with `drstream.` and the
+sinks' checkpoint models (`drstream.checkpoint.*`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon.keyring import generate_key_file
+from tests.integration.applylib import KEY_ID, DrSetup, unique
+
+INTERNAL = "drstream."
+CHECKPOINT_MODEL_PREFIX = "drstream.checkpoint."
+MiB = 1 << 20
+
+View = dict[str, Any]  # model name -> {description, tags, aliases, versions}
+
+
+def client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def write_mlflow_config(tmp_path: Path, *, primary: str, standby: str, prefix: str,
+                        log_id: str | None = None, source: dict[str, Any] | None = None,
+                        sink: dict[str, Any] | None = None, ship: dict[str, Any] | None = None,
+                        apply: dict[str, Any] | None = None) -> DrSetup:
+    """One flow primary registry -> log (file store) -> standby registry. Only models whose
+    name starts with `prefix` are replicated (the servers are shared by the session)."""
+    log_id = log_id or unique("mlflow")
+    key_path = tmp_path / f"{log_id}.key"
+    generate_key_file(key_path)
+    raw: dict[str, Any] = {
+        "log_id": log_id,
+        "store": {"type": "file", "path": str(tmp_path / "store")},
+        "keyring": {"active": KEY_ID, "keys": {KEY_ID: f"file:{key_path}"}},
+        "sources": [{"type": "mlflow", "name": "primary", "tracking_uri": primary,
+                     "interval_s": 1, "chunk_bytes": 4 * MiB,
+                     "models": {"include": [_re_escape(prefix) + ".*"]}, **(source or {})}],
+        "ship": {"heartbeat_interval_s": 1, "flush_interval_s": 0.2, **(ship or {})},
+        "sinks": [{"type": "mlflow", "name": "standby", "tracking_uri": standby,
+                   "source": "mlflow:primary", **(sink or {})}],
+        "apply": {"poll_max_s": 0.5, **(apply or {})},
+        "service": {"ship_metrics_listen": None, "apply_metrics_listen": None},
+        "logging": {"level": "info", "format": "json"},
+    }
+    path = tmp_path / f"{log_id}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return DrSetup(path, raw)
+
+
+def _re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _public(tags: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in tags.items() if not k.startswith(INTERNAL)}
+
+
+def registry_view(uri: str, prefix: str = "") -> View:
+    """Every registered model whose name starts with `prefix`: description, tags,
+    aliases, and each version's description, tags and stage (drstream's own left out)."""
+    c = client(uri)
+    out: View = {}
+    token = None
+    while True:
+        page = c.search_registered_models(max_results=200, page_token=token)
+        for rm in page:
+            if not rm.name.startswith(prefix) or rm.name.startswith(CHECKPOINT_MODEL_PREFIX):
+                continue
+            out[rm.name] = {"description": rm.description or "", "tags": _public(rm.tags),
+                            "aliases": {a: int(v) for a, v in rm.aliases.items()},
+                            "versions": {}}
+        token = page.token
+        if not token:
+            break
+    for name, m in out.items():
+        escaped = name.replace("'", "\\'")
+        for mv in c.search_model_versions(f"name='{escaped}'"):
+            m["versions"][int(mv.version)] = {"description": mv.description or "",
+                                              "tags": _public(mv.tags),
+                                              "stage": mv.current_stage}
+    return out
+
+
+standby_view = registry_view
+
+
+def file_digests(uri: str, name: str, version: int, dst: Path) -> dict[str, tuple[int, str]]:
+    """Download a version's files (mlflow's client) and return path -> (size, sha256)."""
+    import mlflow.artifacts
+
+    where = client(uri).get_model_version_download_uri(name, str(version))
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=str(tmp),
+                                                         tracking_uri=uri))
+        out = {}
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        for p in files:
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                while block := f.read(4 * MiB):
+                    h.update(block)
+            rel = p.name if local.is_file() else p.relative_to(local).as_posix()
+            out[rel] = (p.stat().st_size, h.hexdigest())
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def artifact_digests(uri: str, view: View, dst: Path) -> dict[tuple[str, int], Any]:
+    return {(name, n): file_digests(uri, name, n, dst)
+            for name, m in sorted(view.items()) for n in sorted(m["versions"])}
+
+
+def view_diff(a: View, b: View, labels: tuple[str, str] = ("primary", "standby")) -> list[str]:
+    """Human-readable differences between two views (empty when equal)."""
+    out = []
+    for name in sorted(set(a) | set(b)):
+        if name not in b:
+            out.append(f"model {name!r} only on the {labels[0]}")
+            continue
+        if name not in a:
+            out.append(f"model {name!r} only on the {labels[1]}")
+            continue
+        for f in ("description", "tags", "aliases"):
+            if a[name][f] != b[name][f]:
+                out.append(f"model {name!r} {f}: {a[name][f]!r} != {b[name][f]!r}")
+        va, vb = a[name]["versions"], b[name]["versions"]
+        if sorted(va) != sorted(vb):
+            out.append(f"model {name!r} versions {sorted(va)} != {sorted(vb)}")
+        for n in sorted(set(va) & set(vb)):
+            if va[n] != vb[n]:
+                out.append(f"model {name!r} version {n}: {va[n]!r} != {vb[n]!r}")
+    return out
+
+
+def wait_equal(primary: str, standby: str, prefix: str, timeout: float,
+               procs: Any = (), what: str = "standby equal to the primary") -> float:
+    """Poll until the two registries' views are equal; returns the seconds it took."""
+    started = time.monotonic()
+    deadline = started + timeout
+    diffs: list[str] = []
+    while True:
+        a, b = registry_view(primary, prefix), registry_view(standby, prefix)
+        diffs = view_diff(a, b)
+        if not diffs:
+            return time.monotonic() - started
+        for p in procs:
+            if not p.alive():
+                raise AssertionError(f"{p.command} exited while waiting for {what}: "
+                                     f"{diffs[:5]}\n{p.describe()}")
+        if time.monotonic() >= deadline:
+            tails = "\n".join(p.describe(30) for p in procs)
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
+                                 f"differences:\n  " + "\n  ".join(diffs[:15]) + f"\n{tails}")
+        time.sleep(0.3)
+
+
+def wait_version(uri: str, name: str, version: int, timeout: float, procs: Any = ()) -> float:
+    """Seconds until `name` version `version` exists on `uri` (READY); fails at once when
+    one of `procs` exited."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        for p in procs:
+            if not p.alive():
+                raise AssertionError(f"{p.command} exited while waiting for {name} version "
+                                     f"{version}\n{p.describe()}")
+        try:
+            if c.get_model_version(name, str(version)).status == "READY":
+                return time.monotonic() - started
+        except MlflowException:  # not there yet
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{name} version {version} not on {uri} after {timeout:.0f}s")
+
+
+# --------------------------------------------------------------------------- history
+
+
+def write_file(path: Path, size: int, seed: int, block: int = 4 * MiB) -> None:
+    """`size` pseudo-random bytes written block by block (never held in memory at once)."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        left = size
+        while left > 0:
+            n = min(block, left)
+            f.write(rng.randbytes(n))
+            left -= n
+
+
+@dataclass
+class History:
+    """The scripted registry history of issue 6, step by step on the primary.
+
+    `steps` is a list of (label, callable); `run()` performs them in order with
+    `pause_s` between steps, so the source sees intermediate states too. `marks`
+    records when a step finished (monotonic) for latency measurements."""
+
+    uri: str
+    prefix: str
+    workdir: Path
+    big_bytes: int = 200 * MiB
+    pause_s: float = 0.5
+    marks: dict[str, float] = field(default_factory=dict)
+    steps: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    big_version: tuple[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.c = client(self.uri)
+        self.exp_id = self.c.create_experiment(f"{self.prefix}-exp")
+        p = self.prefix
+        a, b, c, d = f"{p}-fraud", f"{p}-ranker", f"{p}-old", f"{p}-tmp"
+        self.names = {"a": a, "b": b, "c": c, "d": d, "renamed": f"{p}-ranker-v2"}
+        s = self.steps
+        s.append(("create models", lambda: self._create_models(a, b, c, d)))
+        s.append(("version a1", lambda: self._version(a, "a1", small=True)))
+        s.append(("version b1 (big)", lambda: self._version(b, "b1", big=True)))
+        s.append(("version a2", lambda: self._version(a, "a2", small=True)))
+        s.append(("version c1 + c2", lambda: (self._version(c, "c1", small=True),
+                                               self._version(c, "c2", small=True))))
+        s.append(("tags", self._tags))
+        s.append(("aliases", self._aliases))
+        s.append(("descriptions", self._descriptions))
+        s.append(("stages", self._stages))
+        s.append(("version a3 then delete a2", self._delete_version))
+        s.append(("version a4 deleted at once, then a5", self._gap))
+        s.append(("tag and alias deletions", self._deletions))
+        s.append(("rename", lambda: self.c.rename_registered_model(b, self.names["renamed"])))
+        s.append(("delete model", lambda: self.c.delete_registered_model(c)))
+        s.append(("version after rename", lambda: self._version(self.names["renamed"], "r2",
+                                                                small=True)))
+
+    def _create_models(self, *names: str) -> None:
+        for n in names:
+            self.c.create_registered_model(n, tags={"team": "ml"}, description=f"model {n}")
+
+    def _version(self, name: str, label: str, small: bool = False, big: bool = False) -> int:
+        d = self.workdir / label / "model"
+        (d / "MLmodel").parent.mkdir(parents=True, exist_ok=True)
+        (d / "MLmodel").write_text(f"artifact_path: model\nlabel: {label}\n")
+        (d / "conda.yaml").write_text("dependencies: [python=3.11]\n")
+        write_file(d / "data" / "weights.bin", 3 * MiB + 123 if small else 64 * 1024,
+                   seed=sum(label.encode()))
+        (d / "data" / "empty").write_bytes(b"")
+        if big:
+            write_file(d / "data" / "big.bin", self.big_bytes, seed=7)
+        run = self.c.create_run(self.exp_id, run_name=label)
+        self.c.log_artifacts(run.info.run_id, str(d), artifact_path="model")
+        self.c.set_terminated(run.info.run_id)
+        shutil.rmtree(self.workdir / label, ignore_errors=True)
+        mv = self.c.create_model_version(name, f"runs:/{run.info.run_id}/model",
+                                         run_id=run.info.run_id, tags={"label": label})
+        if big:
+            self.big_version = (name, int(mv.version))
+        return int(mv.version)
+
+    def _tags(self) -> None:
+        a, b = self.names["a"], self.names["b"]
+        self.c.set_registered_model_tag(a, "owner", "alice")
+        self.c.set_registered_model_tag(a, "scratch", "x")
+        self.c.set_model_version_tag(a, "1", "validated", "true")
+        self.c.set_model_version_tag(b, "1", "scratch", "y")
+
+    def _aliases(self) -> None:
+        a, b = self.names["a"], self.names["b"]
+        self.c.set_registered_model_alias(a, "champion", "1")
+        self.c.set_registered_model_alias(a, "challenger", "2")
+        self.c.set_registered_model_alias(b, "prod", "1")
+
+    def _descriptions(self) -> None:
+        a = self.names["a"]
+        self.c.update_registered_model(a, description="fraud detector, updated")
+        self.c.update_model_version(a, "1", description="first good one")
+
+    def _stages(self) -> None:
+        a, b = self.names["a"], self.names["b"]
+        # stages are deprecated in MLflow (FutureWarning) but still served and replicated
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.c.transition_model_version_stage(a, "1", "Production")
+            self.c.transition_model_version_stage(a, "2", "Staging")
+            self.c.transition_model_version_stage(b, "1", "Archived")
+
+    def _delete_version(self) -> None:
+        a = self.names["a"]
+        self._version(a, "a3", small=True)
+        self.c.set_registered_model_alias(a, "champion", "3")
+        self.c.delete_model_version(a, "2")  # drops its alias "challenger"
+
+    def _gap(self) -> None:
+        """A version the source most likely never sees: the standby must still number the
+        next one 5 (a placeholder 4 made and deleted there)."""
+        a = self.names["a"]
+        four = self._version(a, "a4", small=True)
+        self.c.delete_model_version(a, str(four))
+        self._version(a, "a5", small=True)
+
+    def _deletions(self) -> None:
+        a, b = self.names["a"], self.names["b"]
+        self.c.delete_registered_model_tag(a, "scratch")
+        self.c.delete_model_version_tag(b, "1", "scratch")
+        self.c.delete_registered_model_alias(a, "champion")
+        self.c.set_registered_model_alias(a, "champion", "1")
+
+    def run(self, pause_s: float | None = None, on_step: Callable[[str], None] | None = None
+            ) -> None:
+        pause = self.pause_s if pause_s is None else pause_s
+        for label, step in self.steps:
+            step()
+            self.marks[label] = time.monotonic()
+            if on_step is not None:
+                on_step(label)
+            if pause:
+                time.sleep(pause)
+
+
+def big_file_env() -> int:
+    """Size of the big artifact (DRSTREAM_MLFLOW_BIG_MB overrides the 200 MB default)."""
+    return int(os.environ.get("DRSTREAM_MLFLOW_BIG_MB", "200")) * MiB

@@ -1,0 +1,344 @@
+"""MlflowSource against a real MLflow server, a file store and real blobs: what it ships
+(events, artifacts as blobs, the state blob), resuming from positions, an unreachable
+registry, and webhook-triggered reconciles."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import connectors.mlflow  # noqa: F401  (registers the source until daemon/store loads it)
+from connectors.file.store import FileStore, FileStoreConfig
+from connectors.mlflow.client import RegistryClient
+from connectors.mlflow.config import MlflowSourceConfig
+from connectors.mlflow.events import fold, load_state
+from connectors.mlflow.metrics import SOURCE_UP
+from connectors.mlflow.source import MlflowSource
+from daemon.blobs import BlobStore
+from daemon.keyring import KeyRing
+from daemon.source import Delivery
+from tests.infra.mlflow import MlflowServer
+from tests.integration.test_mlflow_client import log_version
+
+pytestmark = pytest.mark.integration
+
+LOG_ID = "mlflow-src-test"
+CHUNK = 64 << 10
+SECRET_ENV = "DRS_TEST_MLFLOW_WEBHOOK_SECRET"
+
+
+@pytest.fixture
+async def blobs(tmp_path: Path) -> AsyncIterator[BlobStore]:
+    async with FileStore(FileStoreConfig(type="file", path=str(tmp_path / "store"))) as store:
+        yield BlobStore(store, LOG_ID, KeyRing({"k1": os.urandom(32)}, "k1"))
+
+
+def source_config(server: MlflowServer, model: str, **overrides: Any) -> MlflowSourceConfig:
+    return MlflowSourceConfig.model_validate({
+        "type": "mlflow", "name": "primary", "tracking_uri": server.tracking_uri,
+        "interval_s": 0.3, "chunk_bytes": CHUNK, "request_timeout_s": 10,
+        "models": {"include": [f"{model}.*"]}, **overrides})
+
+
+async def next_delivery(src: MlflowSource, timeout: float = 30.0) -> Delivery:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = await src.read(0.2)
+        if d is not None:
+            return d
+    raise AssertionError(f"no delivery from {src.stream} within {timeout}s")
+
+
+def events_of(d: Delivery) -> list[dict[str, Any]]:
+    assert [b.stream for b in d.events] == ["mlflow:primary"]
+    return d.events[0].events
+
+
+async def file_from_blobs(blobs: BlobStore, art: dict[str, Any]) -> bytes:
+    return b"".join([await blobs.get(c) for c in art["chunks"]])
+
+
+async def test_ships_state_events_and_artifacts(mlflow_primary: MlflowServer,
+                                               mlflow_model_name: str,
+                                               blobs: BlobStore) -> None:
+    name = mlflow_model_name
+    big = os.urandom(3 * CHUNK + 123)  # 4 chunks
+    files = {"MLmodel": b"flavor: x\n", "data/weights.bin": big, "empty.txt": b""}
+    c = mlflow_primary.client()
+    await asyncio.to_thread(c.create_registered_model, name, {"team": "ml"}, "a model")
+    v1, run1 = await asyncio.to_thread(log_version, mlflow_primary, name, files)
+    await asyncio.to_thread(c.set_registered_model_alias, name, "champion", str(v1))
+    await asyncio.to_thread(c.set_model_version_tag, name, str(v1), "drstream.source", "x")
+
+    src = MlflowSource(source_config(mlflow_primary, name), log_id=LOG_ID, blobs=blobs)
+    await src.start({})
+    try:
+        d = await next_delivery(src)
+        evs = events_of(d)
+        assert [e["type"] for e in evs] == ["model.created", "version.created", "alias.set"]
+        assert evs[0] == {"type": "model.created", "name": name, "description": "a model",
+                          "tags": {"team": "ml"}}
+        ver = evs[1]
+        assert (ver["name"], ver["version"], ver["run_id"]) == (name, v1, run1)
+        assert ver["tags"] == {}  # drstream.* tags are never shipped
+        arts = {a["path"]: a for a in ver["artifacts"]}
+        assert sorted(arts) == sorted(files)
+        for path, data in files.items():
+            assert arts[path]["size"] == len(data)
+            assert arts[path]["sha256"] == hashlib.sha256(data).hexdigest()
+            assert await file_from_blobs(blobs, arts[path]) == data
+        assert len(arts["data/weights.bin"]["chunks"]) == 4
+        assert evs[2] == {"type": "alias.set", "name": name, "alias": "champion", "version": v1}
+
+        # the state blob is put before the delivery and equals fold(empty, events)
+        pos = d.positions
+        assert set(pos) == {"state_blob", "state_digest"} and src.positions() == pos
+        raw = await blobs.get(pos["state_blob"])
+        assert hashlib.sha256(raw).hexdigest() == pos["state_digest"]
+        assert load_state(raw) == fold({"models": {}}, evs)
+
+        # nothing changed: no delivery; then changes become exactly these events
+        assert await src.read(0.5) is None
+        uploaded = blobs.uploaded
+        v2, _ = await asyncio.to_thread(log_version, mlflow_primary, name, files)
+        await asyncio.to_thread(c.set_registered_model_tag, name, "env", "prod")
+        await asyncio.to_thread(c.delete_registered_model_alias, name, "champion")
+        await asyncio.to_thread(c.update_model_version, name, str(v1), "first")
+        evs = events_of(await next_delivery(src))
+        assert [e["type"] for e in evs] == ["version.created", "version.description",
+                                            "model.tag.set", "alias.deleted"]
+        assert evs[0]["version"] == v2
+        # same file contents: every chunk was already stored, only the state blob is new
+        assert blobs.uploaded == uploaded + 1
+    finally:
+        await src.close()
+
+    # a restarted source resumes from the positions: nothing to ship, nothing re-read
+    src2 = MlflowSource(source_config(mlflow_primary, name), log_id=LOG_ID, blobs=blobs)
+    await src2.start(src.positions())
+    try:
+        assert await src2.read(1.0) is None
+        assert src2.reconciles >= 1
+        await asyncio.to_thread(c.rename_registered_model, name, f"{name}-renamed")
+        evs = events_of(await next_delivery(src2))
+        assert evs == [{"type": "model.renamed", "name": name, "new_name": f"{name}-renamed"}]
+        probe = await src2.probe(src2.positions())
+        assert probe.reachable and probe.pending_records == 0
+    finally:
+        await src2.close()
+
+
+async def test_unreachable_registry_is_reported_then_resumed(
+        mlflow_primary: MlflowServer, mlflow_model_name: str, blobs: BlobStore) -> None:
+    name = mlflow_model_name
+    c = mlflow_primary.client()
+    await asyncio.to_thread(c.create_registered_model, name)
+    src = MlflowSource(source_config(mlflow_primary, name), log_id=LOG_ID, blobs=blobs)
+    await src.start({})
+    try:
+        first = await next_delivery(src)
+        assert src.health() == (True, "ready")
+        assert SOURCE_UP.labels("mlflow:primary")._value.get() == 1
+        await asyncio.to_thread(mlflow_primary.stop)
+        try:
+            for _ in range(10):
+                assert await src.read(0.3) is None
+            assert src.up is False
+            assert SOURCE_UP.labels("mlflow:primary")._value.get() == 0
+            ok, reason = src.health()
+            assert not ok and "unreachable" in reason
+            probe = await src.probe(first.positions)
+            assert not probe.reachable and probe.error
+            assert src.positions() == first.positions  # what is in the log is kept
+        finally:
+            await asyncio.to_thread(mlflow_primary.start)
+        await asyncio.to_thread(c.update_registered_model, name, "after the outage")
+        evs = events_of(await next_delivery(src, timeout=60))
+        assert evs == [{"type": "model.description", "name": name,
+                        "description": "after the outage"}]
+        assert src.up is True and SOURCE_UP.labels("mlflow:primary")._value.get() == 1
+    finally:
+        await src.close()
+
+
+async def test_webhook_wakes_the_source_before_the_interval(
+        mlflow_primary: MlflowServer, mlflow_model_name: str, blobs: BlobStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    name = mlflow_model_name
+    interval = 60.0
+    monkeypatch.setenv(SECRET_ENV, os.urandom(16).hex())
+    cfg = source_config(mlflow_primary, name, interval_s=interval, webhook={
+        "listen": "127.0.0.1:0", "secret": f"env:{SECRET_ENV}", "tolerance_s": 60})
+    log_id = f"{LOG_ID}-{os.urandom(4).hex()}"
+    c = mlflow_primary.client()
+    await asyncio.to_thread(c.create_registered_model, name)
+    src = MlflowSource(cfg, log_id=log_id, blobs=blobs)
+    await src.start({})
+    try:
+        assert src.webhook_url is not None
+        async with RegistryClient(mlflow_primary.tracking_uri) as rc:
+            hooks = [h for h in await rc.list_webhooks() if h["name"] == f"drstream-{log_id}"]
+        assert [h["url"] for h in hooks] == [src.webhook_url]
+        events_of(await next_delivery(src))  # the start reconcile
+        reconciled_at = time.monotonic()
+        await asyncio.to_thread(log_version, mlflow_primary, name, {"f": b"x" * 100})
+        registered = time.monotonic()  # create_model_version returned (webhook sent async)
+        d = await next_delivery(src, timeout=interval - 5)
+        latency = time.monotonic() - registered
+        print(f"\nwebhook-triggered delivery {latency:.2f}s after the version was "
+              f"registered (reconcile interval {interval:.0f}s)")
+        assert [e["type"] for e in events_of(d)] == ["version.created"]
+        assert src.webhook_wakeups >= 1
+        assert time.monotonic() < reconciled_at + interval  # before the next reconcile
+    finally:
+        await src.close()
+        async with RegistryClient(mlflow_primary.tracking_uri) as rc:
+            await rc.delete_webhook(f"drstream-{log_id}")
+
+
+async def test_receiver_unreachable_interval_still_ships(
+        mlflow_primary: MlflowServer, mlflow_model_name: str, blobs: BlobStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry posts to a dead address (receiver down): reconciles still ship."""
+    name = mlflow_model_name
+    monkeypatch.setenv(SECRET_ENV, os.urandom(16).hex())
+    dead = "http://127.0.0.1:9/webhook"  # discard port: nothing listens
+    cfg = source_config(mlflow_primary, name, interval_s=1.0, webhook={
+        "listen": "127.0.0.1:0", "secret": f"env:{SECRET_ENV}", "public_url": dead})
+    log_id = f"{LOG_ID}-{os.urandom(4).hex()}"
+    c = mlflow_primary.client()
+    await asyncio.to_thread(c.create_registered_model, name)
+    src = MlflowSource(cfg, log_id=log_id, blobs=blobs)
+    await src.start({})
+    try:
+        events_of(await next_delivery(src))
+        v1, _ = await asyncio.to_thread(log_version, mlflow_primary, name, {"f": b"y"})
+        evs = events_of(await next_delivery(src))
+        assert [(e["type"], e["version"]) for e in evs] == [("version.created", v1)]
+        assert src.webhook_wakeups == 0
+    finally:
+        await src.close()
+        async with RegistryClient(mlflow_primary.tracking_uri) as rc:
+            await rc.delete_webhook(f"drstream-{log_id}")
+
+
+async def test_artifact_capture_memory_is_bounded(
+        mlflow_primary: MlflowServer, mlflow_model_name: str, blobs: BlobStore,
+        tmp_path: Path) -> None:
+    """A file many times the chunk size is shipped with a few chunks in memory at most."""
+    import tracemalloc
+
+    name = mlflow_model_name
+    size = 48 << 20
+    chunk = 1 << 20
+    big = tmp_path / "big.bin"
+    h = hashlib.sha256()
+    with big.open("wb") as f:
+        for _ in range(size // chunk):
+            block = os.urandom(chunk)
+            h.update(block)
+            f.write(block)
+    c = mlflow_primary.client()
+    await asyncio.to_thread(c.create_registered_model, name)
+    run = await asyncio.to_thread(c.create_run, await asyncio.to_thread(
+        lambda: c.get_experiment_by_name("Default").experiment_id))
+    await asyncio.to_thread(c.log_artifact, run.info.run_id, str(big), "model")
+    await asyncio.to_thread(c.create_model_version, name, f"runs:/{run.info.run_id}/model",
+                            run.info.run_id)
+    src = MlflowSource(source_config(mlflow_primary, name, chunk_bytes=chunk), log_id=LOG_ID,
+                       blobs=blobs)
+    await src.start({})
+    tracemalloc.start()
+    try:
+        evs = events_of(await next_delivery(src, timeout=120))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await src.close()
+    (art,) = evs[1]["artifacts"]
+    assert (art["path"], art["size"], art["sha256"]) == ("big.bin", size, h.hexdigest())
+    assert len(art["chunks"]) == size // chunk
+    print(f"\nshipped a {size >> 20} MiB file in {chunk >> 20} MiB chunks; traced peak "
+          f"{peak / (1 << 20):.1f} MiB")
+    assert peak < 16 * chunk  # ~10 chunks: queue, download buffer, encode copies
+
+
+async def test_large_sync_ships_in_steps_without_moving_aliases_early(
+        mlflow_primary: MlflowServer, mlflow_model_name: str, blobs: BlobStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the capture budget the rest waits for the next reconcile (at once); an alias
+    whose new target is not shipped yet keeps its shipped target meanwhile."""
+    import connectors.mlflow.source as source_module
+
+    monkeypatch.setattr(source_module, "CAPTURE_BUDGET_BYTES", 1)  # one version per step
+    name = mlflow_model_name
+    c = mlflow_primary.client()
+    await asyncio.to_thread(c.create_registered_model, name)
+    vs = [(await asyncio.to_thread(log_version, mlflow_primary, name, {"f": bytes([i]) * 10}))[0]
+          for i in range(3)]
+    await asyncio.to_thread(c.set_registered_model_alias, name, "prod", str(vs[1]))
+    src = MlflowSource(source_config(mlflow_primary, name, interval_s=60), log_id=LOG_ID,
+                       blobs=blobs)
+    await src.start({})
+    try:
+        steps = [events_of(await next_delivery(src, timeout=20)) for _ in range(3)]
+        assert [[(e["type"], e.get("version")) for e in evs] for evs in steps] == [
+            [("model.created", None), ("version.created", vs[0])],
+            [("version.created", vs[1]), ("alias.set", vs[1])],
+            [("version.created", vs[2])],
+        ]
+        v4, _ = await asyncio.to_thread(log_version, mlflow_primary, name, {"f": b"4"})
+        v5, _ = await asyncio.to_thread(log_version, mlflow_primary, name, {"f": b"5"})
+        await asyncio.to_thread(c.set_registered_model_alias, name, "prod", str(v5))
+        src._wake.set()  # as a webhook would
+        steps = [events_of(await next_delivery(src, timeout=20)) for _ in range(2)]
+        assert [[(e["type"], e.get("version")) for e in evs] for evs in steps] == [
+            [("version.created", v4)],  # prod stays on vs[1] until v5 is shipped
+            [("version.created", v5), ("alias.set", v5)],
+        ]
+        assert await src.read(0.5) is None
+        assert src.reconciles == 5
+    finally:
+        await src.close()
+
+
+async def test_webhook_signed_with_another_secret_is_rejected(
+        mlflow_primary: MlflowServer, mlflow_model_name: str, blobs: BlobStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's own delivery, signed with a secret that is not ours: 401, counted, and
+    the source is not woken."""
+    from connectors.mlflow.metrics import WEBHOOKS_REJECTED
+
+    name = mlflow_model_name
+    monkeypatch.setenv(SECRET_ENV, os.urandom(16).hex())
+    cfg = source_config(mlflow_primary, name, interval_s=60.0, webhook={
+        "listen": "127.0.0.1:0", "secret": f"env:{SECRET_ENV}"})
+    log_id = f"{LOG_ID}-{os.urandom(4).hex()}"
+    await asyncio.to_thread(mlflow_primary.client().create_registered_model, name)
+    src = MlflowSource(cfg, log_id=log_id, blobs=blobs)
+    await src.start({})
+    bad = WEBHOOKS_REJECTED.labels("mlflow:primary", "bad_signature")
+    try:
+        events_of(await next_delivery(src))
+        assert src.webhook_url is not None
+        async with RegistryClient(mlflow_primary.tracking_uri) as rc:
+            await rc.ensure_webhook(f"drstream-{log_id}", src.webhook_url, "not-our-secret")
+        await asyncio.sleep(1.5)  # the server caches webhook lists for 1 s
+        before = bad._value.get()
+        await asyncio.to_thread(log_version, mlflow_primary, name, {"f": b"z"})
+        deadline = time.monotonic() + 20
+        while bad._value.get() == before and time.monotonic() < deadline:
+            assert await src.read(0.2) is None
+        assert bad._value.get() > before
+        assert src.webhook_wakeups == 0
+    finally:
+        await src.close()
+        async with RegistryClient(mlflow_primary.tracking_uri) as rc:
+            await rc.delete_webhook(f"drstream-{log_id}")
