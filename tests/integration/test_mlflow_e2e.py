@@ -200,3 +200,36 @@ def kill_and_restart(procs: dict[str, DrProcess], which: str, kills: dict[str, i
     label = f"{which}-{kills[which] + 1}"
     procs[which] = pool.start(which, setup, label)
     procs[which].wait_ready(90)
+
+
+def test_webhook_replicates_a_new_version_before_the_next_reconcile(
+        mlflow_primary: MlflowServer, mlflow_standby: MlflowServer, pool: ProcessPool,
+        tmp_path: Path) -> None:
+    """With a 60 s reconcile interval, a version registered on the primary reaches the
+    standby through the webhook long before the next reconcile would have found it."""
+    interval = 60.0
+    secret = tmp_path / "webhook.secret"
+    secret.write_text("webhook-secret-for-this-test\n")
+    secret.chmod(0o600)
+    prefix = unique("hook")
+    setup = write_mlflow_config(
+        tmp_path, primary=mlflow_primary.tracking_uri, standby=mlflow_standby.tracking_uri,
+        prefix=prefix, source={"interval_s": interval, "webhook": {
+            "listen": "127.0.0.1:0", "secret": f"file:{secret}"}})
+    ship, apply = pool.ship(setup), pool.apply(setup)
+    ship.wait_ready(90)
+    apply.wait_ready(90)
+    reconciled = time.monotonic()  # ship reconciles once at start, then every interval
+    time.sleep(2.0)  # the servers cache webhook lists for 1 s
+    history = History(mlflow_primary.tracking_uri, prefix, tmp_path / "work", pause_s=0)
+    name = f"{prefix}-hooked"
+    history.c.create_registered_model(name)
+    n = history._version(name, "hooked", small=True)
+    registered = time.monotonic()
+    took = wait_version(mlflow_standby.tracking_uri, name, n, timeout=interval,
+                        procs=[ship, apply])
+    print(f"version {n} on the standby {took:.2f}s after it was registered on the primary "
+          f"(reconcile interval {interval:.0f}s)")
+    assert registered + took < reconciled + interval, "arrived only with the next reconcile"
+    ship.stop_ok()
+    apply.stop_ok()
