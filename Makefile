@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint unit bench-codec bench-lag services-down clean
+.PHONY: install demo test lint unit bench-codec bench-lag bench-restore services-down clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-codec: install
 bench-lag: install
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	$(PY) -m benchmarks.lag
+
+bench-restore: install
+	$(PY) -m benchmarks.restore
 
 services-down:
 	$(PY) -m tests.infra stop-all

@@ -358,7 +358,11 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
     log = report["log"]
     head = (f"log: {log['records']:,} records, {log['payload_bytes'] / 1e6:,.0f} MB payload in "
             f"{log['segments']} segments ({log['log_bytes'] / 1e6:,.0f} MB stored)")
-    md = "\n".join([f"# Restore throughput\n\n`{report['command']}`\n", head, "",
+    m = report["machine"]
+    facts = (f"{m.get('nproc')} CPUs, {m.get('timestamp')}, load average "
+             f"{m.get('loadavg_at_start', [0])[0]:.2f} at start, "
+             f"{report.get('loadavg_at_end', [0])[0]:.2f} at end")
+    md = "\n".join([f"# Restore throughput\n\n`{report['command']}`\n", facts, "", head, "",
                     md_table(headers, rows), ""])
     return md, head + "\n" + text_table(headers, rows)
 
@@ -382,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     args = parse_args(argv)
     report = run(args)
+    report["loadavg_at_end"] = os.getloadavg()
     report["command"] = " ".join(["python -m benchmarks.restore", *(argv or sys.argv[1:])])
     md, text = render(report)
     print(text)
