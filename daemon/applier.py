@@ -50,7 +50,7 @@ class Applier:
         ]
         self.progress = ApplyProgress()
         # replay and drill filter or observe each decoded segment before the sinks see it
-        self.transform: Callable[[int, Body], Body] | None = None
+        self.transform: Callable[[int, Body, int], Body] | None = None  # seq, body, created_at_ms
         self.ready = asyncio.Event()
         self.health = Health()
         self._prev_digest = ZERO_DIGEST
@@ -181,7 +181,7 @@ class Applier:
                              log_id=self.log.log_id, seq=seq, key=self.log.key(seq))
         header, body, digest = await asyncio.to_thread(self._decode_sync, seq, data)
         if self.transform is not None:
-            body = self.transform(seq, body)
+            body = self.transform(seq, body, header.created_at_ms)
         return AppliedSegment(seq, digest, header.created_at_ms, body, len(data))
 
     def _decode_sync(self, seq: int, data: bytes) -> tuple[SegmentHeader, Body, bytes]:

@@ -289,22 +289,38 @@ def _log_config(args: argparse.Namespace) -> Config:
 
 
 def _plan(args: argparse.Namespace) -> Any:
-    from daemon.replay import ReplayPlan, parse_time_ms
+    from daemon.replay import ReplayPlan, is_registry_stream, parse_time_ms
 
+    stream = args.stream or ("mlflow:primary" if args.target_mlflow else "kafka:primary")
+    registry = is_registry_stream(stream)
+    usage = [ConfigFieldError(opt, val, why) for opt, val, why in (
+        ("--target-mlflow", args.target_mlflow,
+         f"writes a registry stream (mlflow:<name>); stream {stream} is a Kafka stream"),
+        ("--target-bootstrap", args.target_bootstrap,
+         f"writes a Kafka stream; stream {stream} is a registry stream (use --target-mlflow)"),
+        ("--topics", args.topics, f"selects Kafka topics; stream {stream} holds registry events"),
+        ("--rename", getattr(args, "rename", "{topic}"),
+         f"renames Kafka topics; stream {stream} holds registry events"),
+    ) if val is not None and (
+        (opt == "--target-mlflow" and not registry)
+        or (opt in ("--target-bootstrap", "--topics") and registry)
+        or (opt == "--rename" and registry and val != "{topic}"))]
+    if usage:
+        raise ConfigError("arguments", usage)
     return ReplayPlan(
         until_ms=parse_time_ms(args.until) if args.until else None, until_seq=args.until_seq,
         topics=args.topics, rename=getattr(args, "rename", "{topic}"),
-        name=getattr(args, "name", "replay"), parallel=args.parallel, stream=args.stream)
+        name=getattr(args, "name", "replay"), parallel=args.parallel, stream=stream)
 
 
-def _replay_progress() -> Callable[[int, int, int, int, float], None]:
+def _replay_progress(unit: str = "records") -> Callable[[int, int, int, int, float], None]:
     interactive = sys.stderr.isatty()
 
     def show(seq: int, end: int, records: int, nbytes: int, elapsed: float) -> None:
         pct = 100.0 * seq / end if end else 100.0
         rate = nbytes / elapsed / 2**20 if elapsed > 0 else 0.0
         eta = elapsed * (end - seq) / seq if seq else 0.0
-        print(f"replay seq {seq}/{end} ({pct:.0f}%), {records} records, "
+        print(f"replay seq {seq}/{end} ({pct:.0f}%), {records} {unit}, "
               f"{nbytes / 2**20:.1f} MiB, {rate:.1f} MiB/s, ETA {eta:.0f}s",
               end="\r" if interactive else "\n", file=sys.stderr, flush=True)
 
@@ -316,20 +332,34 @@ async def _replay(args: argparse.Namespace) -> int:
     from daemon.store import open_store
 
     config = _log_config(args)
-    if not args.dry_run and not args.target_bootstrap:
+    plan = _plan(args)
+    if not args.dry_run and not (args.target_mlflow if plan.registry else args.target_bootstrap):
+        option, what = ("--target-mlflow", "MLflow registry") if plan.registry \
+            else ("--target-bootstrap", "Kafka cluster")
         raise ConfigError("arguments", [ConfigFieldError(
-            "--target-bootstrap", None, "name the Kafka cluster to write to, or use --dry-run")])
+            option, None, f"name the {what} to write to, or use --dry-run")])
     keyring = keyring_from_config(config)
     async with open_store(config.store) as store:
-        result = await replay(config, store, keyring, _plan(args),
-                              None if args.dry_run else args.target_bootstrap,
-                              _replay_progress())
+        result = await replay(
+            config, store, keyring, plan,
+            None if args.dry_run or plan.registry else args.target_bootstrap,
+            _replay_progress("events" if plan.registry else "records"),
+            target_mlflow=None if args.dry_run or not plan.registry else args.target_mlflow,
+            target_token=args.target_mlflow_token)
     print(file=sys.stderr)
     verb = "would write" if args.dry_run else "wrote"
+    if plan.registry:
+        tally = result.filter.registry
+        print(f"replay of log {config.log_id} ({plan.stream}) through seq {result.through_seq}: "
+              f"{verb} {tally.events} events ({tally.bytes / 2**20:.2f} MiB with artifacts) in "
+              f"{result.seconds:.1f}s")
+        for model, n in sorted(tally.per_model.items()):
+            print(f"  {model}: {n} event{'' if n == 1 else 's'}")
+        return EXIT_OK
     print(f"replay of log {config.log_id} through seq {result.through_seq}: {verb} "
           f"{result.records} records ({result.bytes / 2**20:.2f} MiB) in {result.seconds:.1f}s")
     for (topic, p), t in sorted(result.filter.tally.items()):
-        print(f"  {args.rename.format(topic=topic, cluster=args.stream.split(':')[-1])}[{p}]: "
+        print(f"  {args.rename.format(topic=topic, cluster=plan.stream.split(':')[-1])}[{p}]: "
               f"{t.records} records")
     return EXIT_OK
 
@@ -339,10 +369,27 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 async def _drill(args: argparse.Namespace) -> int:
-    from daemon.replay import drill
+    from daemon.replay import drill, drill_registry
     from daemon.store import open_store
 
     config = load_config(args.config)
+    plan = _plan(args)
+    if plan.registry:
+        if not args.target_mlflow:
+            raise ConfigError(args.config, [ConfigFieldError(
+                "--target-mlflow", None, "name a scratch MLflow registry to drill into (an "
+                "empty one, never the standby: models keep their names)")])
+        keyring = keyring_from_config(config)
+        async with open_store(config.store) as store:
+            report = await drill_registry(config, store, keyring, plan, args.target_mlflow,
+                                          args.keep, _replay_progress("events"),
+                                          args.target_mlflow_token)
+        print(file=sys.stderr)
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            _print_drill(report)
+        return EXIT_OK if report["ok"] else EXIT_PROBLEMS
     target = args.target_bootstrap or next(
         (s.bootstrap_servers for s in config.sinks if s.type == "kafka"), None)
     if target is None:
@@ -350,7 +397,7 @@ async def _drill(args: argparse.Namespace) -> int:
             "--target-bootstrap", None, "no Kafka sink in the config to drill against")])
     keyring = keyring_from_config(config)
     async with open_store(config.store) as store:
-        report = await drill(config, store, keyring, _plan(args), target, args.keep,
+        report = await drill(config, store, keyring, plan, target, args.keep,
                              _replay_progress())
     print(file=sys.stderr)
     if args.json:
@@ -365,6 +412,16 @@ def _print_drill(r: dict[str, Any]) -> None:
     print(f"  RTO (time to rebuild)  {r['rto_s']}s")
     if "error" in r:
         print(f"  error                  {r['error']}")
+    elif r.get("kind") == "registry":
+        print(f"  events                 {r['events']} through seq {r['applied_through_seq']}")
+        print(f"  checked                {r['models']} models, {r['versions']} versions, "
+              f"{r['files']} files ({r['file_bytes'] / 2**20:.2f} MiB by sha256)")
+        print(f"  RPO at the point       {r['rpo_at_point_s']}s")
+        print(f"  mismatches             {len(r['mismatches'])}")
+        for m in r["mismatches"][:20]:
+            where = f"model {m['model']!r}" + (
+                f" version {m['version']}" if m["version"] is not None else "")
+            print(f"    {where} {m['field']}: log {m['log']!r} scratch {m['target']!r}")
     else:
         print(f"  records                {r['records']} in {r['partitions']} partitions, "
               f"through seq {r['applied_through_seq']}")
@@ -401,13 +458,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _add_replay_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--until", metavar="TIME", help="RFC 3339: records with timestamps up to it")
+    p.add_argument("--until", metavar="TIME",
+                   help="RFC 3339: Kafka records with timestamps up to it; registry events "
+                   "carry no time of their own, so for mlflow: streams the events of the "
+                   "segments written (when the change was observed) at or before it")
     p.add_argument("--until-seq", type=int, metavar="N", help="segments up to N (inclusive)")
     p.add_argument("--topics", metavar="REGEX", help="only source topics fully matching this")
     p.add_argument("--parallel", type=int, default=4, metavar="N",
                    help="segment fetches in flight (applied in order)")
-    p.add_argument("--stream", default="kafka:primary", help="stream in the log to replay")
+    p.add_argument("--stream", default=None,
+                   help="stream in the log to replay (default kafka:primary, or "
+                   "mlflow:primary with --target-mlflow)")
     p.add_argument("--target-bootstrap", metavar="HOST:PORT", help="Kafka cluster to write to")
+    p.add_argument("--target-mlflow", metavar="URL",
+                   help="MLflow tracking server to write a registry stream (mlflow:<name>) to; "
+                   "it must serve artifacts (--serve-artifacts)")
+    p.add_argument("--target-mlflow-token", metavar="REF",
+                   help="bearer token for --target-mlflow, by reference (env:NAME, "
+                   "file:/absolute/path or credential:NAME)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -465,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_failover)
 
-    p = sub.add_parser("replay", help="rebuild topics from the log up to a time or seq; "
-                       "resumable, with progress")
+    p = sub.add_parser("replay", help="rebuild topics or a model registry from the log up "
+                       "to a time or seq; resumable, with progress")
     p.add_argument("--config", help="take store, log_id and keys from this config")
     p.add_argument("--store", metavar="URL", help="or: the store URL (file://, s3://)")
     p.add_argument("--log-id", help="with --store: the log to replay")
@@ -480,11 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report what would be written")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("drill", help="replay into scratch topics, compare with the log, "
-                       "report RTO/RPO; exit 1 on any mismatch")
+    p = sub.add_parser("drill", help="replay into scratch topics (or a scratch registry "
+                       "with --target-mlflow), compare with the log, report RTO/RPO; exit 1 on "
+                       "any mismatch")
     p.add_argument("--config", required=True, help="path of the YAML config")
     _add_replay_args(p)
-    p.add_argument("--keep", action="store_true", help="keep the scratch topics")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the scratch topics (or the models in the scratch registry)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_drill)
 

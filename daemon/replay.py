@@ -4,6 +4,12 @@ Replay is apply with a filter and a different sink: records up to a time (by rec
 timestamp) or through a seq, chosen topics, renamed targets, and its own checkpoint (so an
 interrupted replay resumes with no duplicates). A drill replays into scratch topics,
 compares them record by record with the log and reports RTO, RPO and mismatches.
+
+Registry streams (`mlflow:<name>`) replay into an MLflow registry. Their events carry no
+time of their own: `--until TIME` keeps the events of the segments written (header
+`created_at_ms`) at or before TIME, the moment the source observed the change. A registry
+drill replays into a scratch registry and compares it, model by model, with the state
+folded from the log's events (artifact files by sha256 and size).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from daemon.applier import Applier
-from daemon.codec import Body, KafkaBatch, make_manifest, update_record_digest
+from daemon.codec import Body, EventBatch, KafkaBatch, make_manifest, update_record_digest
 from daemon.config import Config
 from daemon.deltalog import DeltaLog
 from daemon.errors import ConfigFieldError, DrstreamError
@@ -64,6 +70,18 @@ class ReplayPlan:
     parallel: int = 4
     stream: str = "kafka:primary"
     digests: bool = False  # drills: hash every kept record per partition
+    fold: bool = False  # registry drills: fold the kept events into the expected state
+
+    @property
+    def registry(self) -> bool:
+        return is_registry_stream(self.stream)
+
+
+def is_registry_stream(stream: str) -> bool:
+    return stream.startswith(REGISTRY_STREAM_PREFIX)
+
+
+REGISTRY_STREAM_PREFIX = "mlflow:"
 
 
 @dataclass
@@ -74,20 +92,38 @@ class PartitionTally:
     digest: Any = field(default_factory=hashlib.sha256)
 
 
+@dataclass
+class EventTally:
+    """What a registry replay kept: events (per model), bytes (event JSON plus the
+    artifact files of new versions), the write time of the newest kept segment carrying
+    the stream's positions (the registry as the source last saw it), and for drills the
+    state folded from the kept events."""
+
+    events: int = 0
+    bytes: int = 0
+    newest_ms: int | None = None
+    per_model: dict[str, int] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=lambda: {"models": {}})
+
+
 class RecordFilter:
-    """The transform replay hands to the applier: keeps what the plan selects."""
+    """The transform replay hands to the applier: keeps what the plan selects (Kafka
+    records of the stream, or the EventBatches of a registry stream)."""
 
     def __init__(self, plan: ReplayPlan) -> None:
         self.plan = plan
         self.topic_re = re.compile(plan.topics) if plan.topics else None
         self.tally: dict[tuple[str, int], PartitionTally] = {}
+        self.registry = EventTally()
 
     def keep_topic(self, topic: str) -> bool:
         return self.topic_re is None or bool(self.topic_re.fullmatch(topic))
 
-    def __call__(self, seq: int, body: Body) -> Body:
+    def __call__(self, seq: int, body: Body, created_at_ms: int | None = None) -> Body:
+        if self.plan.registry:
+            return self._events(seq, body, created_at_ms)
         until = self.plan.until_ms
-        batches = []
+        batches: list[KafkaBatch | EventBatch] = []
         for b in body.batches:
             if not isinstance(b, KafkaBatch) or b.stream != self.plan.stream:
                 continue
@@ -103,6 +139,40 @@ class RecordFilter:
         manifest = make_manifest(body.manifest.positions, list(batches), extra=kept_extra)
         return Body(manifest, list(batches))
 
+    def _events(self, seq: int, body: Body, created_at_ms: int | None) -> Body:
+        """Registry events have no time of their own: a segment written after --until
+        contributes none of its events (its write time is when the change was seen)."""
+        until = self.plan.until_ms
+        keep = until is None or created_at_ms is None or created_at_ms <= until
+        batches: list[KafkaBatch | EventBatch] = []
+        t = self.registry
+        if keep and created_at_ms is not None and self.plan.stream in body.manifest.positions:
+            # the source had shipped everything it saw up to this segment's write time
+            t.newest_ms = created_at_ms if t.newest_ms is None else max(t.newest_ms, created_at_ms)
+        for b in body.batches:
+            if keep and isinstance(b, EventBatch) and b.stream == self.plan.stream and b.events:
+                batches.append(EventBatch(b.stream, list(b.events)))
+                self._count_events(seq, b.events)
+        manifest = make_manifest(body.manifest.positions, list(batches))
+        return Body(manifest, list(batches))
+
+    def _count_events(self, seq: int, events: list[dict[str, Any]]) -> None:
+        from connectors.mlflow.events import EventError, apply_event, validate_event
+
+        t = self.registry
+        t.events += len(events)
+        for i, ev in enumerate(events):
+            name = str(ev.get("name", ""))
+            t.per_model[name] = t.per_model.get(name, 0) + 1
+            t.bytes += len(json.dumps(ev, separators=(",", ":")))
+            if ev.get("type") == "version.created":
+                t.bytes += sum(int(a.get("size", 0)) for a in ev.get("artifacts", []))
+            if self.plan.fold:
+                try:
+                    apply_event(t.state, validate_event(ev))
+                except EventError as e:
+                    raise EventError(f"log segment seq {seq} event #{i}: {e}") from e
+
     def _count(self, topic: str, partition: int, records: list[Any]) -> None:
         t = self.tally.setdefault((topic, partition), PartitionTally())
         t.records += len(records)
@@ -114,11 +184,12 @@ class RecordFilter:
 
     @property
     def records(self) -> int:
-        return sum(t.records for t in self.tally.values())
+        """Kafka records, or registry events, kept so far."""
+        return sum(t.records for t in self.tally.values()) + self.registry.events
 
     @property
     def bytes(self) -> int:
-        return sum(t.bytes for t in self.tally.values())
+        return sum(t.bytes for t in self.tally.values()) + self.registry.bytes
 
 
 class DryRunSink:
@@ -148,15 +219,32 @@ class DryRunSink:
         return None
 
 
-def replay_config(base: Config, plan: ReplayPlan, target_bootstrap: str | None) -> Config:
-    """The base config with one Kafka sink: the replay target, under its own checkpoint."""
-    from connectors.kafka.config import KafkaSinkConfig
+def replay_config(base: Config, plan: ReplayPlan, target_bootstrap: str | None,
+                  target_mlflow: str | None = None, target_token: str | None = None) -> Config:
+    """The base config with one sink, the replay target (a Kafka cluster or an MLflow
+    registry), under its own checkpoint; no sink for a dry run."""
+    from pydantic import ValidationError
 
     sinks: list[Any] = []
     if target_bootstrap is not None:
+        from connectors.kafka.config import KafkaSinkConfig
+
         sinks.append(KafkaSinkConfig.model_validate({
             "type": "kafka", "name": f"replay-{plan.name}", "bootstrap_servers": target_bootstrap,
             "source": plan.stream, "topic_template": plan.rename, "sync_groups": False}))
+    if target_mlflow is not None:
+        from connectors.mlflow.config import MlflowSinkConfig
+
+        fields = {"type": "mlflow", "name": f"replay-{plan.name}", "tracking_uri": target_mlflow,
+                  "source": plan.stream, "token": target_token}
+        try:
+            sinks.append(MlflowSinkConfig.model_validate(fields))
+        except ValidationError as e:
+            err = e.errors()[0]
+            options = {"name": ("--name", plan.name), "token": ("--target-mlflow-token", None)}
+            option, value = options.get(str(err["loc"][0]) if err["loc"] else "",
+                                        ("--target-mlflow", target_mlflow))
+            raise ConfigFieldError(option, value, str(err["msg"])) from None
     apply = base.apply.model_copy(update={"prefetch": plan.parallel, "poll_max_s": 0.2})
     return base.model_copy(update={"sinks": sinks, "apply": apply})
 
@@ -177,10 +265,13 @@ Progress = Callable[[int, int, int, int, float], None]  # seq, end, records, byt
 
 async def replay(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan,
                  target_bootstrap: str | None, progress: Progress | None = None,
-                 filt: RecordFilter | None = None) -> ReplayResult:
-    cfg = replay_config(config, plan, target_bootstrap)
+                 filt: RecordFilter | None = None, *, target_mlflow: str | None = None,
+                 target_token: str | None = None) -> ReplayResult:
+    """Replay into `target_bootstrap` (Kafka) or `target_mlflow` (a registry); with
+    neither, a dry run that only counts."""
+    cfg = replay_config(config, plan, target_bootstrap, target_mlflow, target_token)
     applier = Applier(cfg, store, keyring)
-    if target_bootstrap is None:
+    if target_bootstrap is None and target_mlflow is None:
         applier.sinks = [DryRunSink()]
     filt = filt or RecordFilter(plan)
     applier.transform = filt
@@ -213,6 +304,9 @@ async def drill(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan
     """Replay into scratch topics, compare with the log, report RTO/RPO/mismatches."""
     from connectors.kafka.verify import delete_topics, partition_digests
 
+    if plan.registry:
+        raise ConfigFieldError("--stream", plan.stream, "a registry stream drills into a "
+                               "scratch registry (--target-mlflow), not a Kafka cluster")
     # unique per drill: scratch topics, transactional id and checkpoint never collide
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.urandom(3).hex()}"
     plan.rename, plan.name, plan.digests = "{topic}.drill-" + stamp, "drill-" + stamp, True
@@ -253,6 +347,67 @@ async def drill(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan
 
 
 _EMPTY = hashlib.sha256().hexdigest()
+
+
+async def drill_registry(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan,
+                         target_mlflow: str, keep: bool, progress: Progress | None = None,
+                         target_token: str | None = None) -> dict[str, Any]:
+    """Replay a registry stream into a scratch registry, compare it with the state the
+    log's events fold into through the drill point, report RTO/RPO/mismatches.
+
+    The scratch registry must hold nothing replicated from the stream (a kept drill, a
+    replay, or the live standby itself): the sink would adopt such models as its own."""
+    from connectors.mlflow.client import RegistryClient
+    from connectors.mlflow.events import CHECKPOINT_MODEL_PREFIX
+    from connectors.mlflow.verify import compare_registry, delete_replica, replicated_models
+    from daemon.secrets import read_secret
+
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.urandom(3).hex()}"
+    plan.name, plan.fold = "drill-" + stamp, True
+    sink_name = f"replay-{plan.name}"
+    scratch = {"checkpoint_model": f"{CHECKPOINT_MODEL_PREFIX}{config.log_id}.{sink_name}",
+               "experiment": f"drstream.{config.log_id}.{sink_name}"}
+    report: dict[str, Any] = {"action": "drill", "kind": "registry", "log_id": config.log_id,
+                              "stream": plan.stream, "at_ms": _now_ms(), "target": target_mlflow,
+                              "until_ms": plan.until_ms, "until_seq": plan.until_seq,
+                              "scratch": scratch}
+    token = read_secret(target_token, "--target-mlflow-token") if target_token else None
+    async with RegistryClient(target_mlflow, token=token, name="scratch") as client:
+        present = await replicated_models(client, plan.stream)
+        if present:
+            raise DrstreamError(
+                f"drill: the scratch registry {target_mlflow} already holds "
+                f"{len(present)} model(s) replicated from {plan.stream} (e.g. {present[0]!r});"
+                " drill into an empty registry, never the standby, or delete them")
+        started = time.monotonic()
+        filt = RecordFilter(plan)
+        try:
+            result = await replay(config, store, keyring, plan, None, progress, filt,
+                                  target_mlflow=target_mlflow, target_token=target_token)
+        except DrstreamError as e:
+            report.update(ok=False, error=str(e), rto_s=round(time.monotonic() - started, 3))
+            if not keep:  # what the failed replay wrote so far
+                report["deleted_models"] = await delete_replica(
+                    client, plan.stream, scratch["checkpoint_model"], scratch["experiment"])
+            return await _store_report(store, config, report)
+        report["rto_s"] = round(result.seconds, 3)
+        verify_started = time.monotonic()
+        check = await compare_registry(client, plan.stream, filt.registry.state)
+        newest = filt.registry.newest_ms
+        point = plan.until_ms if plan.until_ms is not None else await _segment_time(
+            store, config.log_id, result.through_seq)
+        report.update(
+            ok=not check.mismatches, applied_through_seq=result.through_seq,
+            records=result.records, events=filt.registry.events, models=check.models,
+            versions=check.versions, files=check.files, file_bytes=check.file_bytes,
+            verify_s=round(time.monotonic() - verify_started, 3), mismatches=check.mismatches,
+            rpo_at_point_s=None if newest is None or point is None
+            else max(0.0, (point - newest) / 1000),
+        )
+        if not keep:
+            report["deleted_models"] = await delete_replica(
+                client, plan.stream, scratch["checkpoint_model"], scratch["experiment"])
+    return await _store_report(store, config, report)
 
 
 async def _segment_time(store: Store, log_id: str, seq: int) -> int | None:
