@@ -374,31 +374,25 @@ async def _drill(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     plan = _plan(args)
+    keyring = keyring_from_config(config)
     if plan.registry:
         if not args.target_mlflow:
             raise ConfigError(args.config, [ConfigFieldError(
                 "--target-mlflow", None, "name a scratch MLflow registry to drill into (an "
                 "empty one, never the standby: models keep their names)")])
-        keyring = keyring_from_config(config)
         async with open_store(config.store) as store:
             report = await drill_registry(config, store, keyring, plan, args.target_mlflow,
                                           args.keep, _replay_progress("events"),
                                           args.target_mlflow_token)
-        print(file=sys.stderr)
-        if args.json:
-            print(json.dumps(report, indent=2, default=str))
-        else:
-            _print_drill(report)
-        return EXIT_OK if report["ok"] else EXIT_PROBLEMS
-    target = args.target_bootstrap or next(
-        (s.bootstrap_servers for s in config.sinks if s.type == "kafka"), None)
-    if target is None:
-        raise ConfigError(args.config, [ConfigFieldError(
-            "--target-bootstrap", None, "no Kafka sink in the config to drill against")])
-    keyring = keyring_from_config(config)
-    async with open_store(config.store) as store:
-        report = await drill(config, store, keyring, plan, target, args.keep,
-                             _replay_progress())
+    else:
+        target = args.target_bootstrap or next(
+            (s.bootstrap_servers for s in config.sinks if s.type == "kafka"), None)
+        if target is None:
+            raise ConfigError(args.config, [ConfigFieldError(
+                "--target-bootstrap", None, "no Kafka sink in the config to drill against")])
+        async with open_store(config.store) as store:
+            report = await drill(config, store, keyring, plan, target, args.keep,
+                                 _replay_progress())
     print(file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
