@@ -101,6 +101,9 @@ def _print_report(report: Any) -> None:
         print(f"  records    {report.records} ({report.heartbeats} heartbeat segments)")
         if report.min_record_ms is not None:
             print(f"  record ts  {_iso(report.min_record_ms)} .. {_iso(report.max_record_ms)}")
+        if report.blobs_checked:
+            print(f"  blobs      {report.blobs_checked} named by segments, each fetched and "
+                  "authenticated")
     for problem in report.problems:
         print(f"  PROBLEM    {problem}")
 

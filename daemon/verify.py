@@ -2,7 +2,9 @@
 
 Without keys it checks what anyone may check: contiguous seqs, each header naming its own
 log and seq, and each prev_digest matching the SHA-256 of the segment before. With
-`deep` it also authenticates and decodes every segment (MAC, zstd, records).
+`deep` it also authenticates and decodes every segment (MAC, zstd, records) and every
+blob a segment names (registry state snapshots, model file chunks): a registry can only
+be rebuilt if each of them is there and intact.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from daemon.blobs import BlobStore
+from daemon.codec import Body, EventBatch
 from daemon.deltalog import ZERO_DIGEST, DeltaLog, segments_prefix, seq_from_key
 from daemon.errors import ChainError, DrstreamError, SegmentAuthError, UnknownKeyError
 from daemon.keyring import KeyRing
 from daemon.segment import SegmentHeader, decode_segment, parse_header, segment_digest
 
 VERIFY_PREFETCH: Final = 8
+BLOB_CHECKS_IN_FLIGHT: Final = 8
 
 
 @dataclass
 class Problem:
     log_id: str
     seq: int | None
-    kind: str  # gap, format, chain, moved, auth, key, missing, stray
+    kind: str  # gap, format, chain, moved, auth, key, missing, stray, blob
     message: str
 
     def __str__(self) -> str:
@@ -49,6 +54,8 @@ class Report:
     plaintext_bytes: int = 0
     stored_bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    blob_refs: dict[str, int] = field(default_factory=dict)  # blob id -> first naming seq
+    blobs_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -63,6 +70,7 @@ class Report:
             "records": self.records if self.deep else None,
             "heartbeats": self.heartbeats if self.deep else None,
             "min_record_ms": self.min_record_ms, "max_record_ms": self.max_record_ms,
+            "blobs": self.blobs_checked if self.deep else None,
             "problems": [p.__dict__ for p in self.problems],
         }
 
@@ -145,6 +153,8 @@ def _check_deep(report: Report, seq: int, data: bytes, keyring: KeyRing) -> None
         kind = next((k for cls, k in _DEEP_KINDS if isinstance(e, cls)), "format")
         report.problems.append(Problem(report.log_id, seq, kind, str(e)))
         return
+    for bid in blob_refs(body):
+        report.blob_refs.setdefault(bid, seq)
     m = body.manifest
     report.records += m.record_count
     report.heartbeats += m.kind == "heartbeat"
@@ -152,6 +162,38 @@ def _check_deep(report: Report, seq: int, data: bytes, keyring: KeyRing) -> None
         report.min_record_ms = min(m.min_timestamp_ms, report.min_record_ms or m.min_timestamp_ms)
     if m.max_timestamp_ms is not None:
         report.max_record_ms = max(m.max_timestamp_ms, report.max_record_ms or m.max_timestamp_ms)
+
+
+def blob_refs(body: Body) -> set[str]:
+    """Blob ids a segment names: state snapshots in its positions, file chunks in its
+    registry events (docs/format.md, "Registry events")."""
+    refs = set()
+    for stream in body.manifest.positions.values():
+        if isinstance(stream, dict) and isinstance(stream.get("state_blob"), str):
+            refs.add(stream["state_blob"])
+    for b in body.batches:
+        if not isinstance(b, EventBatch):
+            continue
+        for event in b.events:
+            for art in event.get("artifacts") or []:
+                if isinstance(art, dict):
+                    refs.update(c for c in art.get("chunks") or [] if isinstance(c, str))
+    return refs
+
+
+async def _check_blobs(report: Report, blobs: BlobStore) -> None:
+    """Fetch, authenticate and hash every named blob, a bounded number at a time."""
+    gate = asyncio.Semaphore(BLOB_CHECKS_IN_FLIGHT)
+
+    async def check(bid: str, seq: int) -> None:
+        async with gate:
+            try:
+                await blobs.get(bid)
+            except DrstreamError as e:
+                report.problems.append(Problem(report.log_id, seq, "blob", str(e)))
+            report.blobs_checked += 1
+
+    await asyncio.gather(*(check(b, s) for b, s in sorted(report.blob_refs.items())))
 
 
 def _account(report: Report, seq: int, header: SegmentHeader, size: int) -> None:
@@ -201,4 +243,6 @@ async def verify_log(
         prev_seq, prev_digest = seq, segment_digest(data)
         if progress is not None:
             progress(report)
+    if deep and keyring is not None and report.blob_refs:
+        await _check_blobs(report, BlobStore(log.store, log.log_id, keyring))
     return report

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,3 +117,34 @@ async def test_cli_verify_exit_codes(tmp_path: Path) -> None:
     assert f"{LOG} seq 2: auth" in bad.stdout
     no_key = verify("--deep")
     assert no_key.returncode == 3 and "key ring" in no_key.stderr
+
+
+async def test_deep_checks_every_blob_a_segment_names(store: Store, keyring: KeyRing) -> None:
+    """Registry logs name blobs (state snapshots, file chunks): deep verify fetches and
+    authenticates each one and names the segment and the object of a missing or bad one."""
+    from daemon.blobs import BlobStore
+    from daemon.codec import Body, EventBatch, make_manifest
+
+    blobs = BlobStore(store, LOG, keyring)
+    state, chunk, gone = (await blobs.put(b"state"), await blobs.put(b"chunk" * 1000),
+                          await blobs.put(b"gone"))
+    writer = LogWriter(store, LOG, keyring)
+    await writer.open()
+    for refs in ([chunk], [gone]):
+        event = {"type": "version.created", "artifacts": [{"path": "m/w.bin", "chunks": refs}]}
+        batches: list[Any] = [EventBatch("mlflow:primary", [event])]
+        positions = {"mlflow:primary": {"state_blob": state}}
+        await writer.append(Body(make_manifest(positions, batches), batches))
+    await writer.flush()
+    clean = await run(store, keyring, True)
+    assert clean.ok and clean.blobs_checked == 3
+    await store.delete(blobs.key(gone))
+    raw = await store.get(blobs.key(chunk))
+    assert raw is not None
+    await store.delete(blobs.key(chunk))
+    await store.put_if_absent(blobs.key(chunk), raw[:-1] + bytes([raw[-1] ^ 1]))
+    report = await run(store, keyring, True)
+    assert sorted(kinds(report)) == [(1, "blob"), (2, "blob")]
+    text = " ".join(str(p) for p in report.problems)
+    assert blobs.key(gone) in text and "missing" in text
+    assert blobs.key(chunk) in text and "authentication failed" in text
