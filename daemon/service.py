@@ -69,6 +69,7 @@ class Service:
             async with open_store(self.config.store) as store:
                 self.component = factory(self.config, store, keyring)
                 self.component.health = self.health
+                self.health.checks.extend(getattr(self.component, "health_checks", ()))
                 try:
                     task = asyncio.create_task(self.component.run(self.stop))
                     await self._announce_ready(task)

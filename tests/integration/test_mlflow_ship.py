@@ -112,3 +112,41 @@ def test_ship_crash_and_resume(mlflow_primary: MlflowServer, mlflow_model_name: 
     report = json.loads(out.stdout)
     stream = report["streams"][STREAM]
     assert stream["reachable"] is True and stream["pending_records"] == 0, stream
+
+
+def test_unreachable_registry_makes_ship_unready_then_ready(
+        mlflow_server_factory: Any, mlflow_model_name: str, tmp_path: Path) -> None:
+    """The registry goes away under a running ship: /readyz turns 503 naming the registry,
+    drstream_source_up drops to 0, ship keeps running; when the registry is back on the
+    same port and data, ship is ready again and ships the change made before the outage."""
+    from tests.infra.procs import free_port
+    from tests.integration.applylib import wait_for
+    from tests.integration.test_service import http_get, scrape
+
+    server = mlflow_server_factory("readiness")
+    name = mlflow_model_name
+    server.client().create_registered_model(name)
+    setup = ship_setup(tmp_path, server, name)
+    port = free_port()
+    setup.raw["service"] = {"ship_metrics_listen": f"127.0.0.1:{port}"}
+    setup.path.write_text(yaml.safe_dump(setup.raw, sort_keys=False))
+
+    def up() -> float:
+        return scrape(port)[("drstream_source_up", (("stream", STREAM),))]
+
+    with shipper_pool(tmp_path) as pool:
+        ship = pool.start(setup)
+        ship.wait_ready()
+        wait_for(lambda: http_get(port, "/readyz")[0] == 200, 30, "/readyz 200", [ship])
+        assert up() == 1
+        server.stop()
+        wait_for(lambda: http_get(port, "/readyz")[0] == 503, 30, "/readyz 503", [ship])
+        _, body = http_get(port, "/readyz")
+        assert "mlflow:primary" in body and "unreachable" in body, body
+        assert up() == 0
+        server.restart()
+        server.client().update_registered_model(name, description="after the outage")
+        wait_for(lambda: http_get(port, "/readyz")[0] == 200, 60, "/readyz 200 again", [ship])
+        wait_events(setup, lambda evs: any(e["type"] == "model.description" for e in evs))
+        assert up() == 1
+        ship.stop_ok()
