@@ -26,13 +26,14 @@ from datetime import datetime
 from typing import Any
 
 from daemon.applier import Applier
+from daemon.blobs import BlobStore
 from daemon.codec import Body, EventBatch, KafkaBatch, make_manifest, update_record_digest
 from daemon.config import Config
 from daemon.deltalog import DeltaLog
 from daemon.errors import ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
-from daemon.segment import parse_header
+from daemon.segment import parse_header, read_manifest
 from daemon.sink import Checkpoint
 from daemon.store import Store
 
@@ -115,6 +116,9 @@ class RecordFilter:
         self.topic_re = re.compile(plan.topics) if plan.topics else None
         self.tally: dict[tuple[str, int], PartitionTally] = {}
         self.registry = EventTally()
+        # (seq, events): the first segment of a pruned log, whose events are replaced by
+        # the ones that build the state its manifest names from nothing
+        self.seed: tuple[int, list[dict[str, Any]]] | None = None
 
     def keep_topic(self, topic: str) -> bool:
         return self.topic_re is None or bool(self.topic_re.fullmatch(topic))
@@ -149,11 +153,19 @@ class RecordFilter:
         if keep and created_at_ms is not None and self.plan.stream in body.manifest.positions:
             # the source had shipped everything it saw up to this segment's write time
             t.newest_ms = created_at_ms if t.newest_ms is None else max(t.newest_ms, created_at_ms)
-        for b in body.batches:
-            if keep and isinstance(b, EventBatch) and b.stream == self.plan.stream and b.events:
-                batches.append(EventBatch(b.stream, list(b.events)))
-                self._count_events(seq, b.events)
-        manifest = make_manifest(body.manifest.positions, list(batches))
+        if self.seed is not None and self.seed[0] == seq:
+            if keep and self.seed[1]:
+                batches.append(EventBatch(self.plan.stream, list(self.seed[1])))
+                self._count_events(seq, self.seed[1])
+        else:
+            for b in body.batches:
+                if keep and isinstance(b, EventBatch) and b.stream == self.plan.stream \
+                        and b.events:
+                    batches.append(EventBatch(b.stream, list(b.events)))
+                    self._count_events(seq, b.events)
+        positions = body.manifest.positions if keep else {
+            s: p for s, p in body.manifest.positions.items() if s != self.plan.stream}
+        manifest = make_manifest(positions, list(batches))
         return Body(manifest, list(batches))
 
     def _count_events(self, seq: int, events: list[dict[str, Any]]) -> None:
@@ -275,6 +287,8 @@ async def replay(config: Config, store: Store, keyring: KeyRing, plan: ReplayPla
         applier.sinks = [DryRunSink()]
     filt = filt or RecordFilter(plan)
     applier.transform = filt
+    if plan.registry:
+        filt.seed = await registry_seed(store, keyring, config.log_id, plan.stream)
     head = await DeltaLog(store, config.log_id).head_seq()
     end = min(head or 0, plan.until_seq) if plan.until_seq is not None else (head or 0)
     started = time.monotonic()
@@ -288,6 +302,30 @@ async def replay(config: Config, store: Store, keyring: KeyRing, plan: ReplayPla
     if progress is not None:
         progress(last, end, filt.records, filt.bytes, elapsed)
     return ReplayResult(last, end, filt.records, filt.bytes, elapsed, filt, applier)
+
+
+async def registry_seed(store: Store, keyring: KeyRing, log_id: str, stream: str
+                        ) -> tuple[int, list[dict[str, Any]]] | None:
+    """For a pruned log (first segment > 1): the events that rebuild, from nothing, the
+    registry state that the first remaining segment's manifest names (its state blob);
+    the events before it are gone, the state after it is not."""
+    from connectors.mlflow.events import diff, empty_state, load_state
+
+    log_ = DeltaLog(store, log_id)
+    first = await log_.first_seq()
+    if first is None or first == 1:
+        return None
+    data = await log_.fetch(first)
+    if data is None:
+        raise DrstreamError(f"replay: segment {first} of log {log_id} vanished while starting")
+    _, manifest = read_manifest(data, keyring, expect_log_id=log_id, expect_seq=first)
+    bid = manifest.positions.get(stream, {}).get("state_blob")
+    if not bid:
+        return first, []
+    state = load_state(await BlobStore(store, log_id, keyring).get(str(bid)))
+    log.warning("replay_seeded_from_state", log_id=log_id, seq=first,
+                models=len(state["models"]))
+    return first, diff(empty_state(), state)
 
 
 async def _report(applier: Applier, filt: RecordFilter, end: int, started: float,

@@ -41,6 +41,9 @@ from connectors.mlflow.events import (
     SOURCE_TAG,
     Event,
     EventError,
+    diff,
+    empty_state,
+    load_state,
     validate_event,
 )
 from daemon.blobs import BlobStore
@@ -248,8 +251,27 @@ class MlflowSink:
         return [ev for b in body.batches
                 if isinstance(b, EventBatch) and b.stream == self.stream for ev in b.events]
 
+    async def _seed_events(self, seq: int, body: Body) -> list[Event]:
+        """The first segment of a pruned log: the events before it are gone, so the
+        state after it (the state blob its manifest names) is rebuilt from nothing."""
+        bid = body.manifest.positions.get(self.stream, {}).get("state_blob")
+        if not bid:
+            return self.events_of(body)
+        if self.blobs is None:
+            raise SinkError(f"{self.name}: segment {seq} starts a pruned log; rebuilding "
+                            "the registry from its state blob needs the log's blob store")
+        try:
+            state = load_state(await self.blobs.get(str(bid)))
+        except EventError as e:
+            raise SinkError(f"{self.name}: segment {seq}: state blob {bid}: {e}") from e
+        log.warning("registry_seeded_from_state", sink=self.name, seq=seq,
+                    models=len(state["models"]))
+        return diff(empty_state(), state)
+
     async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
-        events = self.events_of(body)
+        # Nothing applied yet and the log starts after seq 1 (pruned): seed from the state.
+        events = (await self._seed_events(seq, body) if self._cp.seq == 0 and seq > 1
+                  else self.events_of(body))
         for i, ev in enumerate(events):
             try:
                 validate_event(ev)

@@ -441,3 +441,28 @@ def test_drill_keep_then_compare_names_what_differs(
     found = {(m["model"], m["version"], m["field"]) for m in asyncio.run(alter_and_compare())}
     assert found == {(a, None, "description"), (a, 1, "tags"),
                      (a, 1, "file data/weights.bin")}, found
+
+
+def test_pruned_registry_log_still_rebuilds_the_registry(
+    registry_log: RegistryLog, standby: str, tmp_path: Path,
+) -> None:
+    """Events before a prune are gone, but models made long ago must not be: the first
+    remaining segment's state blob rebuilds them. A replay and a drill of a log whose
+    first half was deleted (as prune does, a prefix) give the full registry state."""
+    log = registry_log
+    setup, store = log.copy(tmp_path)
+    cut = log.mid_seq  # delete segments 1..mid_seq - 1; keep the rest
+    for s in log.segments:
+        if s.seq < cut:
+            (store / "logs" / setup.log_id / f"{s.seq:020d}.seg").unlink()
+    want = fold(empty_state(), log.events)
+    assert any(e["type"] == "model.created" for e in log.events_through(cut - 1)), \
+        "the deleted prefix must hold model creations for this test to prove anything"
+    res = drstream("replay", "--config", str(setup.path), "--target-mlflow", standby,
+                   "--stream", log.stream, "--name", unique("pruned"))
+    assert res.returncode == 0, show(res)
+    check_registry(standby, log.prefix, want, tmp_path)
+    drop_replayed(standby, log.prefix, setup.log_id)
+    res, report = drill(setup, standby, log.stream)
+    assert res.returncode == 0 and report["ok"] is True, f"{show(res)}\n{report}"
+    assert report["models"] == len(want["models"]), report
