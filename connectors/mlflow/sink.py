@@ -29,8 +29,11 @@ import asyncio
 import functools
 import hashlib
 import json
+import os
 import re
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -48,7 +51,7 @@ from connectors.mlflow.events import (
 )
 from daemon.blobs import BlobStore
 from daemon.codec import Body, EventBatch
-from daemon.errors import DrstreamError, SinkError
+from daemon.errors import DrstreamError, SinkError, SinkFencedError
 from daemon.logging import get_logger
 from daemon.secrets import read_secret
 from daemon.sink import Checkpoint
@@ -57,6 +60,9 @@ log = get_logger("drstream.mlflow.sink")
 T = TypeVar("T")
 
 CHECKPOINT_TAG = "drstream.checkpoint"
+# The apply that started last owns the checkpoint model; an older one that finds another
+# owner there stops before its next checkpoint (Kafka fences with transactions instead).
+OWNER_TAG = "drstream.owner"
 CHECKPOINT_VERSION = 1
 RUN_NAME = "drstream-replica"
 LOG_ID_TAG = "drstream.log_id"
@@ -128,6 +134,7 @@ class MlflowSink:
         self._persisted_seq = 0
         self._persisted_at = 0.0
         self._run: tuple[str, str] | None = None  # (run id, artifact root path)
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.uploaded_bytes = 0
         self.skipped_files = 0
 
@@ -184,6 +191,7 @@ class MlflowSink:
         value = encode_checkpoint(cp, partial)
 
         async def write() -> None:
+            await self._check_owner()
             try:
                 await self.client.set_model_tag(self.checkpoint_model, CHECKPOINT_TAG, value)
             except MlflowApiError as e:
@@ -203,6 +211,21 @@ class MlflowSink:
         if partial is None:
             self._persisted_seq = cp.seq
             self._persisted_at = time.monotonic()
+
+    async def _check_owner(self) -> None:
+        model = await self.client.get_model(self.checkpoint_model)
+        owner = _tags(model.get("tags")).get(OWNER_TAG) if model is not None else None
+        if owner != self._owner:
+            raise SinkFencedError(
+                f"{self._where()}: another apply ({owner or 'unknown'}) took over "
+                f"{self.checkpoint_model!r}; this one ({self._owner}) stops")
+
+    async def _take_ownership(self) -> None:
+        async def take() -> None:
+            await self._ensure_checkpoint_model()
+            await self.client.set_model_tag(self.checkpoint_model, OWNER_TAG, self._owner)
+
+        await self._retrying("take over the checkpoint model", take)
 
     async def _ensure_checkpoint_model(self) -> None:
         try:
@@ -224,6 +247,7 @@ class MlflowSink:
         return cp
 
     async def start(self) -> Checkpoint:
+        await self._take_ownership()
         self._cp, self._partial = await self._retrying("read checkpoint", self._read_checkpoint)
         self._persisted_seq = self._cp.seq
         self._persisted_at = time.monotonic()
@@ -272,6 +296,8 @@ class MlflowSink:
         # Nothing applied yet and the log starts after seq 1 (pruned): seed from the state.
         events = (await self._seed_events(seq, body) if self._cp.seq == 0 and seq > 1
                   else self.events_of(body))
+        if events:  # a fenced apply must not change the standby before it notices
+            await self._retrying("check the checkpoint model's owner", self._check_owner)
         for i, ev in enumerate(events):
             try:
                 validate_event(ev)

@@ -23,7 +23,7 @@ from connectors.mlflow.events import SOURCE_TAG, diff, empty_state
 from connectors.mlflow.sink import CHECKPOINT_TAG, MlflowSink, encode_checkpoint
 from daemon.blobs import BlobStore
 from daemon.codec import Body, EventBatch, Manifest
-from daemon.errors import SinkError
+from daemon.errors import SinkError, SinkFencedError
 from daemon.keyring import KeyRing
 from daemon.sink import Checkpoint
 from daemon.store import open_store, store_config_from_url
@@ -255,3 +255,34 @@ async def test_standby_restarting_mid_segment_is_waited_for(
     view = standby_view(standby.tracking_uri, prefix=name)
     assert sorted(view[name]["versions"]) == [1, 2]
     assert view[name]["aliases"] == {"prod": 2}
+
+
+async def test_a_second_apply_fences_the_first(
+        mlflow_standby: MlflowServer, blobs: BlobStore, mlflow_model_name: str) -> None:
+    """Two applies of one log on one standby registry: the one that started last owns the
+    checkpoint model; the older one stops at its next checkpoint, naming the new owner,
+    without touching the newer one's position."""
+    name = mlflow_model_name
+    log_id = f"sink-{uuid.uuid4().hex[:8]}"
+    old, new = make_sink(mlflow_standby, blobs, log_id), make_sink(mlflow_standby, blobs, log_id)
+    try:
+        await old.start()
+        await old.apply(1, digest(1), 1, body(diff(empty_state(), {"models": {
+            name: model({})}})))
+        await new.start()
+        assert new.checkpoint().seq == 1
+        with pytest.raises(SinkFencedError, match=r"another apply \(.+\) took over"):
+            await old.apply(2, digest(2), 2, body([{"type": "model.description",
+                                                     "name": name, "description": "old"}]))
+        assert mlflow_standby.client().get_registered_model(name).description == ""
+        await new.apply(2, digest(2), 2, body([{"type": "model.description", "name": name,
+                                                "description": "new"}]))
+        assert mlflow_standby.client().get_registered_model(name).description == "new"
+    finally:
+        await old.close()  # its final checkpoint is refused too (logged, not raised)
+        await new.close()
+    reread = make_sink(mlflow_standby, blobs, log_id)
+    try:
+        assert (await reread.peek()).seq == 2
+    finally:
+        await reread.close()
