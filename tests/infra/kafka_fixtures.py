@@ -8,13 +8,12 @@ must bring it back (`cluster.start()`), since later tests share it.
 
 from __future__ import annotations
 
-import re
-import uuid
 from collections.abc import Generator, Iterator
 
 import pytest
 
 from tests.infra.kafka import KafkaCluster, start_clusters
+from tests.infra.procs import attach_log_tails, unique_test_name
 
 KAFKA_FIXTURES = {"kafka_clusters", "primary_kafka", "standby_kafka"}
 
@@ -51,8 +50,7 @@ def standby_kafka(kafka_clusters: tuple[KafkaCluster, KafkaCluster]) -> KafkaClu
 @pytest.fixture
 def kafka_topic_name(request: pytest.FixtureRequest) -> str:
     """A topic name no other test uses (the clusters live for the whole session)."""
-    base = re.sub(r"[^a-zA-Z0-9._-]+", "-", request.node.name)[:80].strip("-")
-    return f"{base}-{uuid.uuid4().hex[:8]}"
+    return unique_test_name(request.node.name, 80)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -61,10 +59,5 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """On failure of a test using the clusters, attach the tail of each broker's log."""
     report = yield
-    if report.failed and KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())):
-        for cluster in _running:
-            report.sections.append(
-                (f"kafka {cluster.name} {cluster.log_path} (last 40 lines)",
-                 cluster.log_tail(40))
-            )
+    attach_log_tails(report, item, KAFKA_FIXTURES, list(_running), "kafka")
     return report

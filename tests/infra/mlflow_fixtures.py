@@ -10,13 +10,12 @@ Tests that need a server of their own (kill/restart at will) use
 
 from __future__ import annotations
 
-import re
-import uuid
 from collections.abc import Callable, Generator, Iterator
 
 import pytest
 
 from tests.infra.mlflow import MlflowServer
+from tests.infra.procs import attach_log_tails, unique_test_name
 
 MLFLOW_FIXTURES = {"mlflow_servers", "mlflow_primary", "mlflow_standby", "mlflow_server_factory"}
 
@@ -94,8 +93,7 @@ def mlflow_server_factory(
 @pytest.fixture
 def mlflow_model_name(request: pytest.FixtureRequest) -> str:
     """A registered-model name no other test uses (the servers live for the session)."""
-    base = re.sub(r"[^a-zA-Z0-9._-]+", "-", request.node.name)[:60].strip("-")
-    return f"{base}-{uuid.uuid4().hex[:8]}"
+    return unique_test_name(request.node.name, 60)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -104,9 +102,5 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """On failure of a test using MLflow servers, attach the tail of each server's log."""
     report = yield
-    if report.failed and MLFLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-        for server in _running:
-            report.sections.append(
-                (f"mlflow {server.name} {server.log_path} (last 40 lines)", server.log_tail(40))
-            )
+    attach_log_tails(report, item, MLFLOW_FIXTURES, list(_running), "mlflow")
     return report

@@ -13,8 +13,13 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import pytest
 
 CACHE_DIR = Path(os.environ.get("DRSTREAM_CACHE", Path.home() / ".cache" / "drstream"))
 RUN_DIR = Path(os.environ.get("DRSTREAM_RUN_DIR", "/tmp/drstream-test-services"))
@@ -180,3 +185,33 @@ def stop_recorded(pid: int, timeout: float = 20.0) -> bool:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     return was_alive
+
+
+def unique_test_name(node_name: str, limit: int) -> str:
+    """A name (topic, model) derived from a test's name that no other test uses: the
+    services live for the whole session."""
+    import re
+    import uuid
+
+    base = re.sub(r"[^a-zA-Z0-9._-]+", "-", node_name)[:limit].strip("-")
+    return f"{base}-{uuid.uuid4().hex[:8]}"
+
+
+class LoggedService(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def log_path(self) -> Path: ...
+
+    def log_tail(self, lines: int) -> str: ...
+
+
+def attach_log_tails(report: pytest.TestReport, item: pytest.Item, fixtures: set[str],
+                     services: Sequence[LoggedService], kind: str) -> None:
+    """On a failed test that used one of `fixtures`, add the tail of each service's log
+    to its report."""
+    if report.failed and fixtures & set(getattr(item, "fixturenames", ())):
+        for s in services:
+            report.sections.append(
+                (f"{kind} {s.name} {s.log_path} (last 40 lines)", s.log_tail(40)))
