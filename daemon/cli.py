@@ -226,8 +226,10 @@ def _print_status(r: dict[str, Any]) -> None:
     print(f"  durable head   seq {r['durable_head_seq']}, written {_age(r['head_written_at_ms'])}")
     for stream, s in r["streams"].items():
         if s["reachable"]:
+            rpo = "unknown (pending changes carry no time)" if s["rpo_s"] is None \
+                else f"{s['rpo_s']:.2f}s"
             print(f"  {stream:<14} pending {s['pending_records']} records, "
-                  f"ship lag / RPO {s['rpo_s']:.2f}s")
+                  f"ship lag / RPO {rpo}")
         else:
             print(f"  {stream:<14} UNREACHABLE ({s['error']}); RPO <= "
                   f"{s['rpo_s_upper_bound']}s (last heartbeat)")

@@ -107,7 +107,13 @@ def _stream_status(probe: SourceProbe, head: LogHead, now: int) -> dict[str, Any
         return {"reachable": False, "error": probe.error,
                 "rpo_s_upper_bound": None if head.created_at_ms is None
                 else (now - head.created_at_ms) / 1000}
-    rpo = 0.0 if probe.oldest_pending_ms is None else (now - probe.oldest_pending_ms) / 1000
+    # A source that counts pending changes but cannot date them (a registry: tag and alias
+    # changes carry no time) has an unknown RPO, never a reassuring 0.
+    rpo: float | None = 0.0
+    if probe.oldest_pending_ms is not None:
+        rpo = (now - probe.oldest_pending_ms) / 1000
+    elif probe.pending_records:
+        rpo = None
     return {"reachable": True, "pending_records": probe.pending_records,
             "ship_lag_s": rpo, "rpo_s": rpo, "newest_record_ms": probe.newest_record_ms}
 

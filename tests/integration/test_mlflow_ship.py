@@ -93,6 +93,13 @@ def test_ship_crash_and_resume(mlflow_primary: MlflowServer, mlflow_model_name: 
         v2, _ = log_version(mlflow_primary, name, {"a.bin": b"c" * 1000})
         c.set_model_version_tag(name, str(v2), "k", "v")
         c.delete_registered_model_alias(name, "prod")
+        down = drstream("status", "--config", str(setup.path), "--json")
+        assert down.returncode == 0, down.stderr
+        pending = json.loads(down.stdout)["streams"][STREAM]
+        # registry changes carry no time: the RPO is unknown, never a reassuring 0
+        assert pending["pending_records"] > 0 and pending["rpo_s"] is None, pending
+        text = drstream("status", "--config", str(setup.path))
+        assert "RPO unknown" in text.stdout, text.stdout
         second = pool.start(setup)
         second.wait_ready()
         evs = wait_events(setup, lambda evs: any(e["type"] == "alias.deleted" for e in evs))
