@@ -101,6 +101,10 @@ def _print_report(report: Any) -> None:
         print(f"  records    {report.records} ({report.heartbeats} heartbeat segments)")
         if report.min_record_ms is not None:
             print(f"  record ts  {_iso(report.min_record_ms)} .. {_iso(report.max_record_ms)}")
+        for g in report.source_gaps:
+            print(f"  SOURCE GAP {g['stream']} {g['topic']}[{g['partition']}] offsets "
+                  f"{g['first']}..{g['end'] - 1} were deleted on the source before they were "
+                  f"shipped (recorded in seq {g['seq']})")
         if report.blobs_checked:
             print(f"  blobs      {report.blobs_checked} named by segments, each fetched and "
                   "authenticated")

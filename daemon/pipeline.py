@@ -39,6 +39,8 @@ class OpenSegment:
     min_ts: int | None = None  # oldest record timestamp (ms) in the segment
     released: dict[int, int] = field(default_factory=dict)  # source index -> bytes
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # stream -> topics
+    gaps: dict[str, dict[str, dict[str, list[int]]]] = field(default_factory=dict)  # stream
+    # -> topic -> partition -> [first, end) lost on the source before it was read
 
     def add(self, index: int, stream: str, d: Delivery) -> None:
         for b in d.batches:
@@ -60,6 +62,8 @@ class OpenSegment:
         self.released[index] = self.released.get(index, 0) + d.nbytes
         if d.metadata:
             self.metadata.setdefault(stream, {}).update(d.metadata)
+        for topic, parts in d.gaps.items():
+            self.gaps.setdefault(stream, {}).setdefault(topic, {}).update(parts)
 
 
 def gate_group_offsets(
@@ -208,7 +212,7 @@ class Shipper:
         full = seg.nbytes >= self.ship.max_bytes
         due = seg.first_at is not None and now - seg.first_at >= self.ship.flush_interval_s
         idle = now - self.last_append >= self.ship.heartbeat_interval_s
-        if full or due or idle or seg.metadata or self._groups_ready():
+        if full or due or idle or seg.metadata or seg.gaps or self._groups_ready():
             await self.cut()
 
     def _groups_ready(self) -> bool:
@@ -221,6 +225,8 @@ class Shipper:
         extra: dict[str, Any] = {}
         for stream, topics in seg.metadata.items():
             extra.setdefault(stream, {})["topics"] = topics
+        for stream, gaps in seg.gaps.items():
+            extra.setdefault(stream, {})["gaps"] = gaps
         for stream, pending in list(self.pending_groups.items()):
             ready, waiting = gate_group_offsets(pending, self.positions.get(stream, {}))
             if ready:
@@ -264,7 +270,7 @@ class Shipper:
         """Stop intake has happened; flush what is open and wait for uploads, bounded."""
         try:
             async with asyncio.timeout(self.ship.drain_deadline_s):
-                if self._open.records or self._open.metadata:
+                if self._open.records or self._open.metadata or self._open.gaps:
                     await self.cut()
                 await self.writer.flush()
                 if self._commit_tasks:

@@ -27,6 +27,9 @@ class Delivery:
     metadata: dict[str, Any] | None = None  # topic metadata that is new or changed
     group_offsets: dict[str, Any] = field(default_factory=dict)  # group -> topic -> p -> off
     events: list[EventBatch] = field(default_factory=list)  # registry change events, in order
+    # offsets the source can never ship (deleted by retention before they were read):
+    # topic -> partition -> [first, end); recorded in the log for auditors
+    gaps: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
 
 class Source(Protocol):

@@ -56,6 +56,9 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     blob_refs: dict[str, int] = field(default_factory=dict)  # blob id -> first naming seq
     blobs_checked: int = 0
+    # offsets a source lost before shipping them (retention), as the log records them:
+    # not a fault of the log, but what an audit of completeness must see
+    source_gaps: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -71,6 +74,7 @@ class Report:
             "heartbeats": self.heartbeats if self.deep else None,
             "min_record_ms": self.min_record_ms, "max_record_ms": self.max_record_ms,
             "blobs": self.blobs_checked if self.deep else None,
+            "source_gaps": self.source_gaps if self.deep else None,
             "problems": [p.__dict__ for p in self.problems],
         }
 
@@ -156,6 +160,11 @@ def _check_deep(report: Report, seq: int, data: bytes, keyring: KeyRing) -> None
     for bid in blob_refs(body):
         report.blob_refs.setdefault(bid, seq)
     m = body.manifest
+    for stream, extra in m.extra.items():
+        for topic, parts in (extra.get("gaps") or {}).items() if isinstance(extra, dict) else ():
+            for p, (first, end) in parts.items():
+                report.source_gaps.append({"seq": seq, "stream": stream, "topic": topic,
+                                           "partition": int(p), "first": first, "end": end})
     report.records += m.record_count
     report.heartbeats += m.kind == "heartbeat"
     if m.min_timestamp_ms is not None:

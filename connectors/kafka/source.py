@@ -24,15 +24,21 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
+from prometheus_client import Counter
 
 from connectors.kafka.common import ORIGIN_HEADER, client_config
 from connectors.kafka.config import ALWAYS_EXCLUDED, KafkaSourceConfig
 from daemon.codec import KafkaBatch, KafkaRecord
 from daemon.errors import SourceError, SourceUnavailableError
 from daemon.logging import get_logger
+from daemon.metrics import REGISTRY
 from daemon.source import Delivery, SourceProbe
 
 log = get_logger("drstream.kafka.source")
+LOST_OFFSETS = Counter(
+    "drstream_source_lost_offsets", "Offsets deleted on the source cluster (retention) "
+    "before ship read them: never replicated, recorded in the log as gaps",
+    ["stream", "topic"], registry=REGISTRY)
 
 RECORD_OVERHEAD_BYTES = 64  # per-record bookkeeping counted against the buffer bound
 POLL_TIMEOUT_S = 0.1
@@ -251,9 +257,9 @@ class KafkaSource:
         return moved
 
     def _to_delivery(self, msgs: list[Any]) -> Delivery | None:
-        meta, groups = self._pending_meta, self._pending_groups
+        meta, groups, gaps = self._pending_meta, self._pending_groups, self._pending_gaps
         moved = self._advance_positions() if self._assigned else False
-        if not msgs and meta is None and groups is None and not moved:
+        if not msgs and meta is None and groups is None and gaps is None and not moved:
             return None
         runs: dict[tuple[str, int], list[KafkaRecord]] = {}
         nbytes = 0
@@ -275,9 +281,10 @@ class KafkaSource:
             parts = self._positions.setdefault(topic, {})
             parts[str(partition)] = max(parts.get(str(partition), 0), records[-1].offset + 1)
             batches.append(KafkaBatch(self.stream, topic, partition, records))
-        self._pending_meta = self._pending_groups = None
+        self._pending_meta = self._pending_groups = self._pending_gaps = None
         return Delivery(
             batches=batches, nbytes=nbytes, metadata=meta, group_offsets=groups or {},
+            gaps=gaps or {},
             positions={t: dict(parts) for t, parts in self._positions.items()},
         )
 
@@ -290,6 +297,7 @@ class KafkaSource:
 
     _pending_meta: dict[str, Any] | None = None
     _pending_groups: dict[str, Any] | None = None
+    _pending_gaps: dict[str, dict[str, list[int]]] | None = None
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -340,6 +348,8 @@ class KafkaSource:
         tps = []
         for topic, partition in parts:
             known = self._positions.get(topic, {}).get(str(partition))
+            if known is not None:
+                known = self._past_retention(topic, partition, known)
             offset = known if known is not None else self._start_offset(topic, partition, initial)
             self._positions.setdefault(topic, {})[str(partition)] = offset
             tps.append(TopicPartition(topic, partition, offset))
@@ -349,6 +359,25 @@ class KafkaSource:
             self._consumer.pause(tps)
         log.info("partitions_assigned", source=self.stream, count=len(tps),
                  topics=sorted({t for t, _ in parts}))
+
+    def _past_retention(self, topic: str, partition: int, position: int) -> int:
+        """Where shipping of a partition resumes: `position`, unless the cluster deleted
+        records there (retention, delete-records) before they were read. Such a gap can
+        never be replicated; it is logged, counted and recorded in the log (manifest
+        `extra.<stream>.gaps`) so an audit sees it instead of a silent jump."""
+        assert self._consumer is not None
+        low, _ = self._consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=self.config.connect_timeout_s)
+        if low <= position:
+            return position
+        gaps = self._pending_gaps if self._pending_gaps is not None else {}
+        gaps.setdefault(topic, {})[str(partition)] = [position, int(low)]
+        self._pending_gaps = gaps
+        LOST_OFFSETS.labels(self.stream, topic).inc(low - position)
+        log.error("source_offsets_lost", source=self.stream, topic=topic, partition=partition,
+                  first=position, end=int(low), count=int(low) - position,
+                  reason="deleted on the cluster (retention) before they were shipped")
+        return int(low)
 
     def _start_offset(self, topic: str, partition: int, initial: bool) -> int:
         """A concrete offset, so the log records it and a restart never re-resolves it."""

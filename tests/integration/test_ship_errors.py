@@ -306,3 +306,52 @@ def test_sigterm_drains_consumed_records_before_exit_0(
     compare_records(read_log(setup.store, setup.log_id, setup.keyring), primary)
     wait_log_reaches(setup, next_offsets(primary), timeout=5)
     verify_deep(setup)
+
+
+def test_records_deleted_before_they_were_shipped_are_recorded_as_a_gap(
+    primary_kafka: KafkaCluster, kafka_topic_name: str, tmp_path: Path, pool: ShipperPool,
+) -> None:
+    """Records the cluster deletes (retention, delete-records) while ship is down can never
+    be replicated; on restart ship says so (error log, metric) and records the exact range
+    in the log, where `verify --deep` shows it, instead of silently jumping over it."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from tests.integration.shiplib import read_segments
+
+    bootstrap = primary_kafka.bootstrap_servers
+    topic = f"{kafka_topic_name}.retention"
+    create_topic(bootstrap, topic, 1)
+    setup = write_config(tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
+                         bootstrap=bootstrap, include=[re.escape(topic)], log_id="gap")
+
+    def produce(n: int, tag: str) -> None:
+        check, p = DeliveryCheck(), producer(bootstrap)
+        for i in range(n):
+            p.produce(topic, f"{tag}-{i}".encode(), partition=0, on_delivery=check)
+        flush(p)
+        check.check()
+
+    produce(100, "before")
+    first = pool.start(setup)
+    first.wait_ready()
+    wait_log_reaches(setup, {(topic, 0): 100}, shipper=first)
+    first.stop_ok()
+    produce(100, "while-down")  # offsets 100..199
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    [fut] = admin.delete_records([TopicPartition(topic, 0, 150)]).values()
+    fut.result(30)  # offsets below 150 are gone: 100..149 were never shipped
+    second = pool.start(setup)
+    second.wait_ready()
+    wait_log_reaches(setup, {(topic, 0): 200}, shipper=second)
+    second.stop_ok()
+    assert '"source_offsets_lost"' in second.output(), second.output()[-2000:]
+    gaps = [s.manifest.extra["kafka:primary"]["gaps"]
+            for s in read_segments(setup.store, setup.log_id, setup.keyring)
+            if "gaps" in s.manifest.extra.get("kafka:primary", {})]
+    assert gaps == [{topic: {"0": [100, 150]}}], gaps
+    offsets = [r.offset for r in read_log(setup.store, setup.log_id, setup.keyring)[(topic, 0)]]
+    assert offsets == [*range(100), *range(150, 200)]
+    res = drstream("verify", "--config", str(setup.path), "--deep")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"SOURCE GAP kafka:primary {topic}[0] offsets 100..149" in res.stdout, res.stdout
