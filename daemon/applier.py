@@ -156,10 +156,6 @@ class Applier:
             size += item.nbytes
         return out
 
-    async def apply_segment(self, seq: int, data: bytes) -> None:
-        """Check, decode and apply one segment (the next one after the last applied)."""
-        await self._apply_group([await self._decode(seq, data, self._prev_digest)])
-
     async def _apply_group(self, decoded: list[AppliedSegment]) -> None:
         for sink in self.sinks:
             todo = [s for s in decoded if s.seq > sink.checkpoint().seq]
