@@ -116,12 +116,13 @@ class ChainError(SegmentError):
     """The hash chain is broken: wrong predecessor digest, a gap, or a moved segment."""
 
 
-class BlobError(SegmentError):
-    """A stored blob (artifact chunk, registry state) that is missing or cannot be trusted."""
+class BlobError(DrstreamError):
+    """A stored blob (artifact chunk, registry state) that is missing or cannot be trusted;
+    the message names its object key."""
 
     def __init__(self, message: str, *, key: str | None = None) -> None:
-        DrstreamError.__init__(self, f"blob {key}: {message}" if key else f"blob: {message}")
-        self.log_id, self.seq, self.key = None, None, key
+        super().__init__(f"blob {key}: {message}" if key else f"blob: {message}")
+        self.key = key
 
 
 class SourceError(DrstreamError):
