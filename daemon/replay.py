@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 from daemon.applier import Applier
@@ -83,6 +84,9 @@ def is_registry_stream(stream: str) -> bool:
 
 
 REGISTRY_STREAM_PREFIX = "mlflow:"
+
+
+_key, _value, _timestamp = attrgetter("key"), attrgetter("value"), attrgetter("timestamp")
 
 
 @dataclass
@@ -186,12 +190,18 @@ class RecordFilter:
                     raise EventError(f"log segment seq {seq} event #{i}: {e}") from e
 
     def _count(self, topic: str, partition: int, records: list[Any]) -> None:
-        t = self.tally.setdefault((topic, partition), PartitionTally())
+        # map/filter keep the per-record work in C: this runs for every record replayed
+        t = self.tally.get((topic, partition))
+        if t is None:
+            t = self.tally[(topic, partition)] = PartitionTally()
         t.records += len(records)
-        for r in records:
-            t.bytes += len(r.key or b"") + len(r.value or b"")
-            t.newest_ms = r.timestamp if t.newest_ms is None else max(t.newest_ms, r.timestamp)
-            if self.plan.digests:
+        t.bytes += sum(map(len, filter(None, map(_key, records))))
+        t.bytes += sum(map(len, filter(None, map(_value, records))))
+        newest = max(map(_timestamp, records), default=t.newest_ms)
+        if newest is not None:
+            t.newest_ms = newest if t.newest_ms is None else max(t.newest_ms, newest)
+        if self.plan.digests:
+            for r in records:
                 update_record_digest(t.digest, r.timestamp, r.key, r.value, r.headers)
 
     @property
