@@ -302,23 +302,27 @@ def _plan(args: argparse.Namespace) -> Any:
 
     stream = args.stream or ("mlflow:primary" if args.target_mlflow else "kafka:primary")
     registry = is_registry_stream(stream)
-    usage = [ConfigFieldError(opt, val, why) for opt, val, why in (
-        ("--target-mlflow", args.target_mlflow,
-         f"writes a registry stream (mlflow:<name>); stream {stream} is a Kafka stream"),
-        ("--target-bootstrap", args.target_bootstrap,
-         f"writes a Kafka stream; stream {stream} is a registry stream (use --target-mlflow)"),
-        ("--topics", args.topics, f"selects Kafka topics; stream {stream} holds registry events"),
-        ("--rename", getattr(args, "rename", "{topic}"),
-         f"renames Kafka topics; stream {stream} holds registry events"),
-    ) if val is not None and (
-        (opt == "--target-mlflow" and not registry)
-        or (opt in ("--target-bootstrap", "--topics") and registry)
-        or (opt == "--rename" and registry and val != "{topic}"))]
+    rename = getattr(args, "rename", "{topic}")
+    usage = []
+    if args.target_mlflow is not None and not registry:
+        usage.append(ConfigFieldError("--target-mlflow", args.target_mlflow, "writes a registry "
+                                      f"stream (mlflow:<name>); stream {stream} is a Kafka stream"))
+    if registry:
+        for opt, val, why in (
+            ("--target-bootstrap", args.target_bootstrap, "writes a Kafka stream; stream "
+             f"{stream} is a registry stream (use --target-mlflow)"),
+            ("--topics", args.topics, f"selects Kafka topics; stream {stream} holds registry "
+             "events"),
+            ("--rename", None if rename == "{topic}" else rename, "renames Kafka topics; stream "
+             f"{stream} holds registry events"),
+        ):
+            if val is not None:
+                usage.append(ConfigFieldError(opt, val, why))
     if usage:
         raise ConfigError("arguments", usage)
     return ReplayPlan(
         until_ms=parse_time_ms(args.until) if args.until else None, until_seq=args.until_seq,
-        topics=args.topics, rename=getattr(args, "rename", "{topic}"),
+        topics=args.topics, rename=rename,
         name=getattr(args, "name", "replay"), parallel=args.parallel, stream=stream)
 
 

@@ -102,11 +102,10 @@ class Shipper:
         self.pending_groups: dict[str, dict[str, Any]] = {}
         self.last_append = time.monotonic()
         self.ready = asyncio.Event()
-        # sources that can be unready on their own (a registry that is down)
-        self.health_checks = [h for h in (getattr(s, "health", None) for s in self.sources)
-                              if h is not None]
         self.health = Health()
-        self.health.checks = list(self.health_checks)
+        # sources that can be unready on their own (a registry that is down)
+        self.health.checks = [h for h in (getattr(s, "health", None) for s in self.sources)
+                              if h is not None]
         self.lag_s = 0.0
         self._pending_min_ts: dict[int, int] = {}  # seq in flight -> oldest record timestamp
         self._inbox: asyncio.Queue[tuple[int, Delivery]] = asyncio.Queue(maxsize=64)

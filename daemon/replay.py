@@ -319,7 +319,7 @@ async def registry_seed(store: Store, keyring: KeyRing, log_id: str, stream: str
     """For a pruned log (first segment > 1): the events that rebuild, from nothing, the
     registry state that the first remaining segment's manifest names (its state blob);
     the events before it are gone, the state after it is not."""
-    from connectors.mlflow.events import diff, empty_state, load_state
+    from connectors.mlflow.events import diff, empty_state, read_state_blob
 
     log_ = DeltaLog(store, log_id)
     first = await log_.first_seq()
@@ -329,10 +329,11 @@ async def registry_seed(store: Store, keyring: KeyRing, log_id: str, stream: str
     if data is None:
         raise DrstreamError(f"replay: segment {first} of log {log_id} vanished while starting")
     _, manifest = read_manifest(data, keyring, expect_log_id=log_id, expect_seq=first)
-    bid = manifest.positions.get(stream, {}).get("state_blob")
-    if not bid:
+    found = await read_state_blob(BlobStore(store, log_id, keyring),
+                                  manifest.positions.get(stream, {}))
+    if found is None:
         return first, []
-    state = load_state(await BlobStore(store, log_id, keyring).get(str(bid)))
+    state = found[1]
     log.warning("replay_seeded_from_state", log_id=log_id, seq=first,
                 models=len(state["models"]))
     return first, diff(empty_state(), state)
@@ -355,8 +356,7 @@ async def drill(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan
     if plan.registry:
         raise ConfigFieldError("--stream", plan.stream, "a registry stream drills into a "
                                "scratch registry (--target-mlflow), not a Kafka cluster")
-    # unique per drill: scratch topics, transactional id and checkpoint never collide
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.urandom(3).hex()}"
+    stamp = _drill_stamp()
     plan.rename, plan.name, plan.digests = "{topic}.drill-" + stamp, "drill-" + stamp, True
     report: dict[str, Any] = {"action": "drill", "log_id": config.log_id, "at_ms": _now_ms(),
                               "target": target_bootstrap, "until_ms": plan.until_ms,
@@ -397,6 +397,11 @@ async def drill(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan
 _EMPTY = hashlib.sha256().hexdigest()
 
 
+def _drill_stamp() -> str:
+    """Unique per drill: scratch names, transactional id and checkpoint never collide."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.urandom(3).hex()}"
+
+
 async def drill_registry(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan,
                          target_mlflow: str, keep: bool, progress: Progress | None = None,
                          target_token: str | None = None) -> dict[str, Any]:
@@ -410,8 +415,7 @@ async def drill_registry(config: Config, store: Store, keyring: KeyRing, plan: R
     from connectors.mlflow.verify import compare_registry, delete_replica, replicated_models
     from daemon.secrets import read_secret
 
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.urandom(3).hex()}"
-    plan.name, plan.fold = "drill-" + stamp, True
+    plan.name, plan.fold = "drill-" + _drill_stamp(), True
     sink_name = f"replay-{plan.name}"
     scratch = {"checkpoint_model": f"{CHECKPOINT_MODEL_PREFIX}{config.log_id}.{sink_name}",
                "experiment": f"drstream.{config.log_id}.{sink_name}"}

@@ -68,8 +68,9 @@ class Service:
                 await metrics.start()
             async with open_store(self.config.store) as store:
                 self.component = factory(self.config, store, keyring)
+                # the service's Health serves /readyz: it takes over the component's checks
+                self.health.checks.extend(self.component.health.checks)
                 self.component.health = self.health
-                self.health.checks.extend(getattr(self.component, "health_checks", ()))
                 try:
                     task = asyncio.create_task(self.component.run(self.stop))
                     await self._announce_ready(task)

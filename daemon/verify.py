@@ -161,7 +161,8 @@ def _check_deep(report: Report, seq: int, data: bytes, keyring: KeyRing) -> None
         report.blob_refs.setdefault(bid, seq)
     m = body.manifest
     for stream, extra in m.extra.items():
-        for topic, parts in (extra.get("gaps") or {}).items() if isinstance(extra, dict) else ():
+        gaps = extra.get("gaps") if isinstance(extra, dict) else None
+        for topic, parts in (gaps or {}).items():
             for p, (first, end) in parts.items():
                 report.source_gaps.append({"seq": seq, "stream": stream, "topic": topic,
                                            "partition": int(p), "first": first, "end": end})

@@ -23,6 +23,7 @@ from urllib.parse import quote, urlparse
 import aiohttp
 
 from connectors.mlflow.config import DEFAULT_CHUNK_BYTES, DEFAULT_REQUEST_TIMEOUT_S, ModelSelection
+from connectors.mlflow.events import is_internal_model, public_tags
 from daemon.errors import DrstreamError
 
 API = "/api/2.0/mlflow"
@@ -73,11 +74,26 @@ class Snapshot:
 
     state: dict[str, Any]
     missing: list[tuple[str, int]] = field(default_factory=list)
-    sources: dict[tuple[str, int], str] = field(default_factory=dict)  # version -> source
 
 
-def _tags(items: list[dict[str, Any]] | None) -> dict[str, str]:
+def tags_of(items: list[dict[str, Any]] | None) -> dict[str, str]:
+    """A REST `tags` list as a dict."""
     return {t["key"]: t.get("value", "") for t in items or []}
+
+
+def model_entry(rm: dict[str, Any]) -> dict[str, Any]:
+    """A REST registered model in RegistryState shape (public tags, no versions yet)."""
+    return {"description": rm.get("description") or "",
+            "tags": public_tags(tags_of(rm.get("tags"))),
+            "aliases": {a["alias"]: int(a["version"]) for a in rm.get("aliases", [])},
+            "versions": {}}
+
+
+def version_entry(mv: dict[str, Any]) -> dict[str, Any]:
+    """The mutable fields of a REST model version in RegistryState shape."""
+    return {"description": mv.get("description") or "",
+            "tags": public_tags(tags_of(mv.get("tags"))),
+            "stage": mv.get("current_stage") or "None"}
 
 
 def _tag_list(tags: dict[str, str] | None) -> list[dict[str, str]]:
@@ -220,22 +236,23 @@ class RegistryClient:
                         f"delete alias {alias!r} of model {name!r}",
                         body={"name": name, "alias": alias})
 
-    async def search_models(self, filter_string: str | None = None) -> list[dict[str, Any]]:
-        """Every registered model (all pages), with tags and aliases."""
+    async def _paged(self, endpoint: str, key: str, what: str,
+                     params: dict[str, Any], page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
+        """Every item of a paginated GET (`next_page_token`)."""
         out: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            params: dict[str, Any] = {"max_results": PAGE_SIZE}
-            if filter_string:
-                params["filter"] = filter_string
-            if token:
-                params["page_token"] = token
-            page = await self.call("GET", "registered-models/search", "search models",
-                                   params=params)
-            out += page.get("registered_models", [])
+            page = await self.call("GET", endpoint, what, params={
+                **params, "max_results": page_size, **({"page_token": token} if token else {})})
+            out += page.get(key, [])
             token = page.get("next_page_token")
             if not token:
                 return out
+
+    async def search_models(self) -> list[dict[str, Any]]:
+        """Every registered model (all pages), with tags and aliases."""
+        return await self._paged("registered-models/search", "registered_models",
+                                 "search models", {})
 
     # -- model versions ----------------------------------------------------------------
 
@@ -299,20 +316,12 @@ class RegistryClient:
 
     async def search_versions(self, name: str | None = None) -> list[dict[str, Any]]:
         """Every model version (of `name`, or of every model), all pages, with tags."""
-        out: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            params: dict[str, Any] = {"max_results": PAGE_SIZE}
-            if name is not None:
-                params["filter"] = "name='{}'".format(name.replace("'", "\\'"))
-            if token:
-                params["page_token"] = token
-            what = f"search versions of model {name!r}" if name else "search versions"
-            page = await self.call("GET", "model-versions/search", what, params=params)
-            out += page.get("model_versions", [])
-            token = page.get("next_page_token")
-            if not token:
-                return out
+        if name is None:
+            return await self._paged("model-versions/search", "model_versions",
+                                     "search versions", {})
+        return await self._paged("model-versions/search", "model_versions",
+                                 f"search versions of model {name!r}",
+                                 {"filter": "name='{}'".format(name.replace("'", "\\'"))})
 
     async def get_download_uri(self, name: str, version: int) -> str:
         out = await self.call("GET", "model-versions/get-download-uri",
@@ -322,18 +331,30 @@ class RegistryClient:
 
     # -- experiments and runs (a home for artifacts on a standby) ----------------------
 
-    async def experiment_id(self, name: str) -> str:
-        """The id of experiment `name`, created if missing."""
+    async def get_experiment(self, name: str) -> dict[str, Any] | None:
+        """Experiment `name` (deleted ones too: see `lifecycle_stage`), or None."""
         try:
             out = await self.call("GET", "experiments/get-by-name", f"get experiment {name!r}",
                                   params={"experiment_name": name})
-            return str(out["experiment"]["experiment_id"])
         except MlflowApiError as e:
-            if not e.not_found:
-                raise
+            if e.not_found:
+                return None
+            raise
+        return out["experiment"]  # type: ignore[no-any-return]
+
+    async def experiment_id(self, name: str, artifact_location: str | None = None,
+                            tags: dict[str, str] | None = None) -> str:
+        """The id of experiment `name`, created (with `artifact_location` and `tags`) if
+        missing."""
+        exp = await self.get_experiment(name)
+        if exp is not None:
+            return str(exp["experiment_id"])
+        body: dict[str, Any] = {"name": name, "tags": _tag_list(tags)}
+        if artifact_location:
+            body["artifact_location"] = artifact_location
         try:
             out = await self.call("POST", "experiments/create", f"create experiment {name!r}",
-                                  body={"name": name})
+                                  body=body)
             return str(out["experiment_id"])
         except MlflowApiError as e:
             if not e.already_exists:
@@ -341,24 +362,17 @@ class RegistryClient:
             return await self.experiment_id(name)
 
     async def create_run(self, experiment_id: str, run_name: str | None = None,
-                         tags: dict[str, str] | None = None) -> dict[str, Any]:
+                         tags: dict[str, str] | None = None,
+                         start_time_ms: int | None = None) -> dict[str, Any]:
         """A new run; returns its `info` (run_id, artifact_uri, ...)."""
         body: dict[str, Any] = {"experiment_id": experiment_id, "tags": _tag_list(tags)}
         if run_name:
             body["run_name"] = run_name
+        if start_time_ms is not None:
+            body["start_time"] = start_time_ms
         out = await self.call("POST", "runs/create", f"create run {run_name or ''} in "
                               f"experiment {experiment_id}".replace("  ", " "), body=body)
         return out.get("run", {}).get("info", {})  # type: ignore[no-any-return]
-
-    async def get_run(self, run_id: str) -> dict[str, Any] | None:
-        try:
-            out = await self.call("GET", "runs/get", f"get run {run_id}",
-                                  params={"run_id": run_id})
-        except MlflowApiError as e:
-            if e.not_found:
-                return None
-            raise
-        return out.get("run") or None
 
     async def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         await self.call("POST", "runs/update", f"end run {run_id}",
@@ -497,17 +511,7 @@ class RegistryClient:
     # -- webhooks ----------------------------------------------------------------------
 
     async def list_webhooks(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            params: dict[str, Any] = {"max_results": 100}
-            if token:
-                params["page_token"] = token
-            page = await self.call("GET", "webhooks", "list webhooks", params=params)
-            out += page.get("webhooks", [])
-            token = page.get("next_page_token")
-            if not token:
-                return out
+        return await self._paged("webhooks", "webhooks", "list webhooks", {}, page_size=100)
 
     async def ensure_webhook(self, name: str, url: str, secret: str,
                              events: tuple[tuple[str, str], ...] = ALL_WEBHOOK_EVENTS,
@@ -536,33 +540,21 @@ class RegistryClient:
     # -- registry state ----------------------------------------------------------------
 
     async def snapshot(self, known: dict[str, Any] | None = None,
-                       selection: ModelSelection | None = None,
-                       skip_tag_prefix: str = "drstream.",
-                       skip_model_prefix: str = "drstream.checkpoint.") -> Snapshot:
-        """The live registry in RegistryState shape. Only READY versions are included;
-        aliases pointing elsewhere are left out. A version whose (source, run_id) is in
-        `known` (under any model name: renames) reuses its artifact list; the others get
-        [] and are listed in `missing`. Tags starting with `skip_tag_prefix` are left out.
-        """
+                       selection: ModelSelection | None = None) -> Snapshot:
+        """The live registry in RegistryState shape, without drstream's own models and
+        tags. Only READY versions are included; aliases pointing elsewhere are left out.
+        A version whose (source, run_id) is in `known` (under any model name: renames)
+        reuses its artifact list; the others get [] and are listed in `missing`."""
         reuse: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
         for m in (known or {}).get("models", {}).values():
             for v in m["versions"].values():
                 reuse[(v["source"], v["run_id"])] = v["artifacts"]
-
-        def public(tags: dict[str, str]) -> dict[str, str]:
-            return {k: v for k, v in tags.items() if not k.startswith(skip_tag_prefix)}
-
         models: dict[str, Any] = {}
         for rm in await self.search_models():
             name = rm["name"]
-            if name.startswith(skip_model_prefix) or (selection and not selection.matches(name)):
+            if is_internal_model(name) or (selection and not selection.matches(name)):
                 continue
-            models[name] = {
-                "description": rm.get("description") or "",
-                "tags": public(_tags(rm.get("tags"))),
-                "aliases": {a["alias"]: int(a["version"]) for a in rm.get("aliases", [])},
-                "versions": {},
-            }
+            models[name] = model_entry(rm)
         snap = Snapshot(state={"models": models})
         for mv in await self.search_versions():
             name = mv["name"]
@@ -576,14 +568,9 @@ class RegistryClient:
                 snap.missing.append((name, n))
                 artifacts = []
             models[name]["versions"][str(n)] = {
-                "description": mv.get("description") or "",
-                "tags": public(_tags(mv.get("tags"))),
-                "stage": mv.get("current_stage") or "None",
-                "run_id": run_id,
-                "source": source,
+                **version_entry(mv), "run_id": run_id, "source": source,
                 "artifacts": [dict(a, chunks=list(a["chunks"])) for a in artifacts],
             }
-            snap.sources[(name, n)] = source
         for m in models.values():
             m["aliases"] = {a: n for a, n in m["aliases"].items() if str(n) in m["versions"]}
         snap.missing.sort()

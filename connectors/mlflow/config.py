@@ -9,13 +9,14 @@ from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from daemon.blobs import MAX_CHUNK
 from daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
 DEFAULT_INTERVAL_S = 30.0
 DEFAULT_CHUNK_BYTES = 8 << 20
 MIN_CHUNK_BYTES = 64 << 10
-MAX_CHUNK_BYTES = 16 << 20  # BlobStore chunks stay <= 16 MiB
+MAX_CHUNK_BYTES = MAX_CHUNK  # a chunk is one blob
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
 DEFAULT_WEBHOOK_LISTEN = "127.0.0.1:0"
 DEFAULT_WEBHOOK_TOLERANCE_S = 300.0

@@ -24,9 +24,12 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.errors import DrstreamError
+
+if TYPE_CHECKING:
+    from daemon.blobs import BlobStore
 
 State = dict[str, Any]
 Event = dict[str, Any]
@@ -193,6 +196,17 @@ def load_state(raw: bytes | str) -> State:
     return state  # type: ignore[no-any-return]
 
 
+async def read_state_blob(blobs: BlobStore, positions: Mapping[str, Any]
+                          ) -> tuple[str, State] | None:
+    """The state blob a log position names, as (blob id, state); None when it names
+    none. The blob store checks the content against its SHA-256 id (BlobError); a blob
+    that is not a valid state raises EventError."""
+    bid = positions.get("state_blob")
+    if not bid:
+        return None
+    return str(bid), load_state(await blobs.get(str(bid)))
+
+
 def state_digest(state: State) -> str:
     """SHA-256 hex of the canonical JSON of `state`."""
     return hashlib.sha256(dump_state(state)).hexdigest()
@@ -256,7 +270,7 @@ def _versions(m: Mapping[str, Any]) -> list[int]:
 
 
 def _immutable(v: Mapping[str, Any]) -> tuple[Any, ...]:
-    return (v["run_id"], v["source"], json.dumps(v["artifacts"], sort_keys=True))
+    return (v["run_id"], v["source"], v["artifacts"])
 
 
 def _is_rename(old_m: Mapping[str, Any], new_m: Mapping[str, Any]) -> int:
@@ -266,7 +280,7 @@ def _is_rename(old_m: Mapping[str, Any], new_m: Mapping[str, Any]) -> int:
         return 0
     for n in common:
         a, b = old_m["versions"][n], new_m["versions"][n]
-        if a["source"] != b["source"] or _immutable(a) != _immutable(b):
+        if _immutable(a) != _immutable(b):
             return 0
     return len(common)
 

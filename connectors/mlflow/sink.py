@@ -37,7 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from connectors.mlflow.client import MlflowApiError, RegistryClient
+from connectors.mlflow.client import MlflowApiError, RegistryClient, tags_of
 from connectors.mlflow.config import MlflowSinkConfig
 from connectors.mlflow.events import (
     CHECKPOINT_MODEL_PREFIX,
@@ -46,7 +46,7 @@ from connectors.mlflow.events import (
     EventError,
     diff,
     empty_state,
-    load_state,
+    read_state_blob,
     validate_event,
 )
 from daemon.blobs import BlobStore
@@ -86,10 +86,6 @@ def model_dir(name: str) -> str:
     if safe != name or safe in (".", "..") or safe.startswith("."):
         safe = f"{safe.strip('.') or 'model'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
     return safe
-
-
-def _tags(items: list[dict[str, Any]] | None) -> dict[str, str]:
-    return {t["key"]: t.get("value", "") for t in items or []}
 
 
 def encode_checkpoint(cp: Checkpoint, partial: dict[str, Any] | None = None) -> str:
@@ -135,15 +131,14 @@ class MlflowSink:
         self._persisted_at = 0.0
         self._run: tuple[str, str] | None = None  # (run id, artifact root path)
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.uploaded_bytes = 0
-        self.skipped_files = 0
 
     # -- plumbing ------------------------------------------------------------------------
 
     def _where(self) -> str:
         return f"{self.name} ({self.config.tracking_uri})"
 
-    def _get_client(self) -> RegistryClient:
+    @property
+    def client(self) -> RegistryClient:
         if self._client is None:
             token = read_secret(self.config.token, "sinks[].token") if self.config.token \
                 else None
@@ -151,10 +146,6 @@ class MlflowSink:
                                           request_timeout_s=self.config.request_timeout_s,
                                           name=self.config.name)
         return self._client
-
-    @property
-    def client(self) -> RegistryClient:
-        return self._get_client()
 
     async def _retrying(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + RETRY_FOR_S
@@ -181,7 +172,7 @@ class MlflowSink:
         model = await self.client.get_model(self.checkpoint_model)
         if model is None:
             return Checkpoint(), None
-        raw = _tags(model.get("tags")).get(CHECKPOINT_TAG)
+        raw = tags_of(model.get("tags")).get(CHECKPOINT_TAG)
         if raw is None:
             return Checkpoint(), None
         return decode_checkpoint(raw, f"{self._where()} model {self.checkpoint_model!r}")
@@ -214,7 +205,7 @@ class MlflowSink:
 
     async def _check_owner(self) -> None:
         model = await self.client.get_model(self.checkpoint_model)
-        owner = _tags(model.get("tags")).get(OWNER_TAG) if model is not None else None
+        owner = tags_of(model.get("tags")).get(OWNER_TAG) if model is not None else None
         if owner != self._owner:
             raise SinkFencedError(
                 f"{self._where()}: another apply ({owner or 'unknown'}) took over "
@@ -278,16 +269,19 @@ class MlflowSink:
     async def _seed_events(self, seq: int, body: Body) -> list[Event]:
         """The first segment of a pruned log: the events before it are gone, so the
         state after it (the state blob its manifest names) is rebuilt from nothing."""
-        bid = body.manifest.positions.get(self.stream, {}).get("state_blob")
-        if not bid:
+        positions = body.manifest.positions.get(self.stream, {})
+        if not positions.get("state_blob"):
             return self.events_of(body)
         if self.blobs is None:
             raise SinkError(f"{self.name}: segment {seq} starts a pruned log; rebuilding "
                             "the registry from its state blob needs the log's blob store")
         try:
-            state = load_state(await self.blobs.get(str(bid)))
+            found = await read_state_blob(self.blobs, positions)
         except EventError as e:
-            raise SinkError(f"{self.name}: segment {seq}: state blob {bid}: {e}") from e
+            raise SinkError(f"{self.name}: segment {seq}: state blob "
+                            f"{positions['state_blob']}: {e}") from e
+        assert found is not None
+        state = found[1]
         log.warning("registry_seeded_from_state", sink=self.name, seq=seq,
                     models=len(state["models"]))
         return diff(empty_state(), state)
@@ -363,7 +357,7 @@ class MlflowSink:
                 if not e.already_exists:
                     raise
                 model = await self._model(name, "create model")
-        have = _tags(model.get("tags"))
+        have = tags_of(model.get("tags"))
         if have.get(SOURCE_TAG) != tags[SOURCE_TAG]:
             raise self._conflict(f"model {name!r} already exists")
         if (model.get("description") or "") != ev["description"]:
@@ -380,7 +374,7 @@ class MlflowSink:
             await self.client.rename_model(old, new)
         else:  # renamed before a restart, or by someone else: only ours may be adopted
             model = await self._model(new, f"rename model {old!r} to {new!r}")
-            if _tags(model.get("tags")).get(SOURCE_TAG) not in (self._source_tag(old),
+            if tags_of(model.get("tags")).get(SOURCE_TAG) not in (self._source_tag(old),
                                                                 self._source_tag(new)):
                 raise self._conflict(f"cannot rename model {old!r}: it is missing and "
                                      f"{new!r} exists")
@@ -388,7 +382,7 @@ class MlflowSink:
         for v in await self.client.search_versions(new):
             n = int(v["version"])
             tag = self._source_tag(new, n)
-            if _tags(v.get("tags")).get(SOURCE_TAG) != tag:
+            if tags_of(v.get("tags")).get(SOURCE_TAG) != tag:
                 await self.client.set_version_tag(new, n, SOURCE_TAG, tag)
 
     async def _on_model_description(self, ev: Event) -> None:
@@ -434,7 +428,7 @@ class MlflowSink:
             await self._model(name, f"create version {n}")
             run_id, source = await self._upload_version(ev)
             existing = await self._create_numbered(ev, run_id, source, tag)
-        elif _tags(existing.get("tags")).get(SOURCE_TAG) != tag:
+        elif tags_of(existing.get("tags")).get(SOURCE_TAG) != tag:
             raise self._conflict(f"version {n} of model {name!r} already exists")
         if ev["stage"] != NO_STAGE and existing.get("current_stage") != ev["stage"]:
             await self.client.transition_stage(name, n, ev["stage"])
@@ -472,7 +466,7 @@ class MlflowSink:
     def _is_leftover(self, v: dict[str, Any], name: str) -> bool:
         """A version this sink created while reaching another number (a crash between
         create and delete): its source tag names a version other than its own."""
-        tag = _tags(v.get("tags")).get(SOURCE_TAG, "")
+        tag = tags_of(v.get("tags")).get(SOURCE_TAG, "")
         prefix = f"{self.stream}/"
         if not tag.startswith(prefix):
             return False
@@ -517,42 +511,23 @@ class MlflowSink:
             return self._run
         c = self.client
         location = f"mlflow-artifacts:/{self.config.artifact_prefix.strip('/')}/{self.log_id}"
-        try:
-            exp = (await c.call("GET", "experiments/get-by-name",
-                                f"experiment {self.experiment_name!r}",
-                                params={"experiment_name": self.experiment_name}))["experiment"]
-        except MlflowApiError as e:
-            if not e.not_found:
-                raise
-            try:
-                await c.call("POST", "experiments/create",
-                             f"create experiment {self.experiment_name!r}",
-                             body={"name": self.experiment_name, "artifact_location": location,
-                                   "tags": [{"key": LOG_ID_TAG, "value": self.log_id}]})
-            except MlflowApiError as e2:
-                if not e2.already_exists:
-                    raise
-            exp = (await c.call("GET", "experiments/get-by-name",
-                                f"experiment {self.experiment_name!r}",
-                                params={"experiment_name": self.experiment_name}))["experiment"]
-        exp_id = str(exp["experiment_id"])
-        if exp.get("lifecycle_stage") == "deleted":
-            await c.call("POST", "experiments/restore",
-                         f"restore experiment {self.experiment_name!r}",
-                         body={"experiment_id": exp_id})
+        exp = await c.get_experiment(self.experiment_name)
+        if exp is None:
+            exp_id = await c.experiment_id(self.experiment_name, location,
+                                           {LOG_ID_TAG: self.log_id})
+        else:
+            exp_id = str(exp["experiment_id"])
+            if exp.get("lifecycle_stage") == "deleted":
+                await c.call("POST", "experiments/restore",
+                             f"restore experiment {self.experiment_name!r}",
+                             body={"experiment_id": exp_id})
         runs = (await c.call("POST", "runs/search", f"runs of {self.experiment_name!r}",
                              body={"experiment_ids": [exp_id], "max_results": 1,
                                    "filter": f"tags.`{LOG_ID_TAG}` = '{self.log_id}'",
                                    "run_view_type": "ALL",
                                    "order_by": ["attributes.start_time ASC"]})).get("runs", [])
-        if runs:
-            info = runs[0]["info"]
-        else:
-            info = (await c.call("POST", "runs/create", f"create run in {self.experiment_name!r}",
-                                 body={"experiment_id": exp_id, "run_name": RUN_NAME,
-                                       "start_time": int(time.time() * 1000),
-                                       "tags": [{"key": LOG_ID_TAG, "value": self.log_id}]})
-                    )["run"]["info"]
+        info = runs[0]["info"] if runs else await c.create_run(
+            exp_id, RUN_NAME, {LOG_ID_TAG: self.log_id}, start_time_ms=int(time.time() * 1000))
         uri = str(info["artifact_uri"])
         if not uri.startswith("mlflow-artifacts:/"):
             raise SinkError(f"{self._where()}: run {info['run_id']} stores artifacts at {uri!r}; "
@@ -568,7 +543,7 @@ class MlflowSink:
             if ev["artifacts"] else {}
         for a in ev["artifacts"]:
             if have.get(a["path"]) == a["size"]:
-                self.skipped_files += 1  # uploaded before a restart (full size only)
+                # uploaded before a restart (full size only)
                 log.info("artifact_present", sink=self.name, model=ev["name"],
                          version=ev["version"], path=a["path"], size=a["size"])
                 continue
@@ -581,7 +556,6 @@ class MlflowSink:
                 if failed:  # the HTTP library wraps what the body generator raised
                     raise failed[0] from e
                 raise
-            self.uploaded_bytes += a["size"]
             log.info("artifact_uploaded", sink=self.name, model=ev["name"],
                      version=ev["version"], path=a["path"], size=a["size"],
                      seconds=round(time.monotonic() - started, 3))

@@ -33,7 +33,7 @@ from connectors.mlflow.events import (
     diff,
     dump_state,
     empty_state,
-    load_state,
+    read_state_blob,
 )
 from connectors.mlflow.metrics import (
     ARTIFACT_BYTES,
@@ -80,7 +80,6 @@ class MlflowSource:
         self._more = False  # the last reconcile left new versions for the next one
         self.up: bool | None = None  # None until the first reconcile
         self.last_error: str | None = None
-        self.last_reconcile_at: float | None = None  # wall clock, seconds
         self.reconciles = 0
         self.webhook_wakeups = 0
 
@@ -103,15 +102,16 @@ class MlflowSource:
         if self.blobs is None:
             raise SourceError(f"{self.stream}: positions name state blob {bid} but no blob "
                               "store was given")
-        raw = await self.blobs.get(str(bid))
-        digest = hashlib.sha256(raw).hexdigest()
-        if positions.get("state_digest") not in (None, digest):
-            raise SourceError(f"{self.stream}: state blob {bid} has digest {digest}, the log "
+        # a blob's id is the SHA-256 of its content, checked on read
+        if positions.get("state_digest") not in (None, bid):
+            raise SourceError(f"{self.stream}: state blob {bid} has digest {bid}, the log "
                               f"says {positions.get('state_digest')}")
         try:
-            return load_state(raw)
+            found = await read_state_blob(self.blobs, positions)
         except EventError as e:
             raise SourceError(f"{self.stream}: state blob {bid}: {e}") from e
+        assert found is not None
+        return found[1]
 
     async def start(self, positions: dict[str, Any] | None) -> None:
         if self.blobs is None:
@@ -165,12 +165,10 @@ class MlflowSource:
         loses the latency hint."""
         if self._receiver is None or self._webhook_registered or self._client is None:
             return
-        hook = self.config.webhook
-        assert hook is not None and self.webhook_url is not None
-        try:
-            await self._client.ensure_webhook(
-                self.webhook_name, self.webhook_url,
-                read_secret(hook.secret, f"sources[{self.stream}].webhook.secret"))
+        assert self.webhook_url is not None
+        try:  # the secret the receiver checks deliveries against, read once at start
+            await self._client.ensure_webhook(self.webhook_name, self.webhook_url,
+                                              self._receiver.secret)
             self._webhook_registered = True
             log.info("mlflow_webhook_registered", stream=self.stream, name=self.webhook_name,
                      url=self.webhook_url)
@@ -252,7 +250,6 @@ class MlflowSource:
         await self._register_webhook()  # if the registry was down at start
         RECONCILES.labels(self.stream, trigger).inc()
         self.reconciles += 1
-        self.last_reconcile_at = time.time()
         captured, deferred = 0, []
         for name, version in snap.missing:
             if captured >= CAPTURE_BUDGET_BYTES:
@@ -273,7 +270,7 @@ class MlflowSource:
                               f"{MAX_CHUNK}-byte blob limit (narrow `models` or raise chunk "
                               "sizes to shorten chunk lists)", retriable=False)
         bid = await self.blobs.put(raw)
-        positions = {"state_blob": bid, "state_digest": hashlib.sha256(raw).hexdigest()}
+        positions = {"state_blob": bid, "state_digest": bid}  # the id is its SHA-256
         self._state, self._positions = new, positions
         EVENTS.labels(self.stream).inc(len(events))
         log.info("mlflow_changes", stream=self.stream, trigger=trigger, events=len(events),
@@ -320,7 +317,7 @@ class MlflowSource:
                 artifacts.append(await self._capture_file(f"{root}/{f.path}", f.path, f.size,
                                                           what))
         except MlflowApiError as e:
-            if e.not_found and e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
                 self._defer(snap, [(name, version)])
                 return 0
             raise

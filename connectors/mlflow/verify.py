@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.mlflow.client import MlflowApiError, RegistryClient, sha256_of
+from connectors.mlflow.client import (
+    MlflowApiError,
+    RegistryClient,
+    model_entry,
+    sha256_of,
+    tags_of,
+    version_entry,
+)
 from connectors.mlflow.events import SOURCE_TAG, is_internal_model, public_tags
 from daemon.errors import SinkError
 
@@ -35,10 +42,6 @@ class RegistryCheck:
                                 "log": log, "target": target})
 
 
-def _tags(items: list[dict[str, Any]] | None) -> dict[str, str]:
-    return {t["key"]: t.get("value", "") for t in items or []}
-
-
 def _ours(tags: dict[str, str], stream: str) -> bool:
     return tags.get(SOURCE_TAG, "").startswith(f"{stream}/")
 
@@ -51,7 +54,7 @@ async def replicated_models(client: RegistryClient, stream: str) -> list[str]:
         raise SinkError(f"drill: cannot list the models of {client!r}: {e}",
                         retriable=e.retriable) from e
     return sorted(m["name"] for m in models
-                  if not is_internal_model(m["name"]) and _ours(_tags(m.get("tags")), stream))
+                  if not is_internal_model(m["name"]) and _ours(tags_of(m.get("tags")), stream))
 
 
 async def read_replica(client: RegistryClient, stream: str,
@@ -61,21 +64,13 @@ async def read_replica(client: RegistryClient, stream: str,
     models: dict[str, Any] = {}
     for rm in await client.search_models():
         name = rm["name"]
-        tags = _tags(rm.get("tags"))
-        if is_internal_model(name) or not (name in names or _ours(tags, stream)):
+        if is_internal_model(name) or not (name in names
+                                           or _ours(tags_of(rm.get("tags")), stream)):
             continue
-        models[name] = {
-            "description": rm.get("description") or "", "tags": public_tags(tags),
-            "aliases": {a["alias"]: int(a["version"]) for a in rm.get("aliases", [])},
-            "versions": {},
-        }
-    for name, m in models.items():
-        for mv in await client.search_versions(name):
-            m["versions"][str(int(mv["version"]))] = {
-                "description": mv.get("description") or "",
-                "tags": public_tags(_tags(mv.get("tags"))),
-                "stage": mv.get("current_stage") or "None",
-            }
+        models[name] = model_entry(rm)
+    for mv in await client.search_versions():
+        if mv["name"] in models:
+            models[mv["name"]]["versions"][str(int(mv["version"]))] = version_entry(mv)
     return {"models": models}
 
 
@@ -151,15 +146,10 @@ async def delete_replica(client: RegistryClient, stream: str, checkpoint_model: 
             except MlflowApiError as e:
                 if not e.not_found:
                     raise
-        try:
-            out = await client.call("GET", "experiments/get-by-name",
-                                    f"experiment {experiment!r}",
-                                    params={"experiment_name": experiment})
+        exp = await client.get_experiment(experiment)
+        if exp is not None:
             await client.call("POST", "experiments/delete", f"delete experiment {experiment!r}",
-                              body={"experiment_id": out["experiment"]["experiment_id"]})
-        except MlflowApiError as e:
-            if not e.not_found:
-                raise
+                              body={"experiment_id": exp["experiment_id"]})
     except MlflowApiError as e:
         raise SinkError(f"drill: cannot clean up the scratch registry {client!r}: {e}",
                         retriable=e.retriable) from e

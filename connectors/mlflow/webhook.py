@@ -40,10 +40,14 @@ MAX_REMEMBERED_DELIVERIES = 100_000
 MAX_DELIVERY_ID_LEN = 200
 
 
+def _mac(secret: str, delivery_id: str, timestamp: str, body: bytes) -> bytes:
+    return hmac.new(secret.encode(), f"{delivery_id}.{timestamp}.".encode() + body,
+                    hashlib.sha256).digest()
+
+
 def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
     """The `X-MLflow-Signature` value MLflow sends for this delivery."""
-    mac = hmac.new(secret.encode(), f"{delivery_id}.{timestamp}.".encode() + body,
-                   hashlib.sha256).digest()
+    mac = _mac(secret, delivery_id, timestamp, body)
     return f"{SIGNATURE_VERSION},{base64.b64encode(mac).decode()}"
 
 
@@ -84,9 +88,7 @@ def check_delivery(headers: Mapping[str, str], body: bytes, secret: str,
         given = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         return "malformed"
-    expected = hmac.new(secret.encode(), f"{delivery_id}.{timestamp}.".encode() + body,
-                        hashlib.sha256).digest()
-    if not hmac.compare_digest(given, expected):
+    if not hmac.compare_digest(given, _mac(secret, delivery_id, timestamp, body)):
         return "bad_signature"
     try:
         ts = int(timestamp)
