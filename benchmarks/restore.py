@@ -61,10 +61,10 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.ship import LOG_ID, STREAM, LogReader, ShipperProc, wait_shipped, write_config
+from connectors.kafka.config import DEFAULT_CHECKPOINT_TOPIC
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "restore"
-CHECKPOINT_TOPIC = "drstream.checkpoints"
 SINK_PRODUCER_CONF = {  # the Kafka sink's producer settings, minus the transaction
     "enable.idempotence": True,
     "linger.ms": 5,
@@ -184,7 +184,7 @@ class CheckpointWatch:
                                   "isolation.level": "read_committed",
                                   "auto.offset.reset": "earliest",
                                   "topic.metadata.refresh.interval.ms": 500})
-        self.consumer.subscribe([CHECKPOINT_TOPIC])
+        self.consumer.subscribe([DEFAULT_CHECKPOINT_TOPIC])
         self.seq = 0
 
     def poll(self, timeout: float) -> int:

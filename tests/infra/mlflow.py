@@ -15,12 +15,10 @@ back with everything it had (the "primary unreachable" tests).
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.client
 import os
 import shutil
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -50,10 +48,6 @@ def _health(port: int) -> bool:
         conn.close()
 
 
-def unique_model_name(prefix: str = "m") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
 class MlflowServer:
     """One `mlflow server` process: SQLite registry + served local artifacts."""
 
@@ -62,7 +56,6 @@ class MlflowServer:
         self.workdir = workdir or RUN_DIR / "mlflow" / f"{name}-{uuid.uuid4().hex[:8]}"
         self.port = 0
         self.proc: Proc | None = None
-        self.start_seconds: float | None = None  # wall time of the last start()
 
     # -- where things are ------------------------------------------------------
 
@@ -132,13 +125,11 @@ class MlflowServer:
                 "--serve-artifacts", "--artifacts-destination", str(self.artifacts_dir),
                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
             ]
-            started = time.monotonic()
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.proc = start_process(self.name, argv, self.log_path, env=self.env(),
                                       cwd=self.workdir)
             try:
                 wait_until(lambda: _health(self.port), timeout, self.proc, "/health answers 200")
-                self.start_seconds = time.monotonic() - started
                 return self
             except ServiceStartError:
                 self.proc.stop()
@@ -151,11 +142,6 @@ class MlflowServer:
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc is not None:
             self.proc.stop(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.stop()  # removes the pid file
 
     def restart(self, timeout: float = START_TIMEOUT) -> MlflowServer:
         """Stop and start on the same port and work directory (the registry is kept)."""
@@ -186,17 +172,6 @@ class MlflowServer:
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-
-    def wait_down(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if not _health(self.port):
-                    return
-                time.sleep(0.1)
-                continue
-            return
-        raise AssertionError(f"{self} still answers after stop")
 
 
 def start_servers(names: tuple[str, ...] = ("primary", "standby"),

@@ -17,7 +17,7 @@ import pytest
 from tests.infra.mlflow import MlflowServer
 from tests.infra.procs import attach_log_tails, unique_test_name
 
-MLFLOW_FIXTURES = {"mlflow_servers", "mlflow_primary", "mlflow_standby", "mlflow_server_factory"}
+MLFLOW_FIXTURES = {"mlflow_primary", "mlflow_standby", "mlflow_server_factory"}
 
 _running: list[MlflowServer] = []
 
@@ -65,12 +65,6 @@ def mlflow_primary(_mlflow_primary_server: MlflowServer) -> MlflowServer:
 @pytest.fixture
 def mlflow_standby(_mlflow_standby_server: MlflowServer) -> MlflowServer:
     return _alive(_mlflow_standby_server)
-
-
-@pytest.fixture
-def mlflow_servers(mlflow_primary: MlflowServer,
-                   mlflow_standby: MlflowServer) -> tuple[MlflowServer, MlflowServer]:
-    return mlflow_primary, mlflow_standby
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,15 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from daemon.codec import KafkaRecord
 from daemon.keyring import KeyRing, generate_key_file, load_key
+from daemon.segment import parse_header
 from tests.infra.procs import Proc, start_process
-from tests.integration.shiplib import log_head, read_primary, read_segments
+from tests.integration.shiplib import (
+    drstream,
+    log_head,
+    positions_reached,
+    read_primary,
+    read_segments,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY_ID = "k1"
@@ -271,6 +279,101 @@ def process_pool(tmp_path: Path) -> Iterator[ProcessPool]:
         yield pool
     finally:
         pool.close()
+
+
+def show(res: subprocess.CompletedProcess[str]) -> str:
+    """A finished command's exit code and output tails, for failure messages."""
+    return f"exit {res.returncode}\nstdout:\n{res.stdout[-4000:]}\nstderr:\n{res.stderr[-4000:]}"
+
+
+class ReplayProcess:
+    """`drstream replay ...` in its own process group, output in a log file. `args` are
+    the command line after `python -m daemon.cli`."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc: Proc = start_process(
+            f"drstream-replay-{os.getpid()}", [sys.executable, "-m", "daemon.cli", *args],
+            log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+
+    def alive(self) -> bool:
+        return self.proc.alive()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.forget()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            rc = self.proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"replay still running after {timeout:.0f}s\n"
+                                 f"{self.output()[-3000:]}") from None
+        self.forget()
+        return rc
+
+    def forget(self) -> None:
+        self.proc.pid_path.unlink(missing_ok=True)
+
+
+def drill(setup: DrSetup, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`drstream drill --config PATH <extra> --json`: the finished command and its report."""
+    res = drstream("drill", "--config", str(setup.path), *extra, "--json")
+    try:
+        report = json.loads(res.stdout)
+    except ValueError:
+        raise AssertionError(f"drill --json printed no JSON report: {show(res)}") from None
+    return res, report
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def wait_log_has(setup: DrSetup, targets: dict[TP, int], procs: Iterable[DrProcess],
+                 timeout: float = 120) -> int:
+    """Wait until the durable head's positions cover `targets`; returns the head seq."""
+    found = [0]
+
+    def reached() -> bool:
+        head, manifest = log_head(setup.raw["store"], setup.log_id, setup.keyring)
+        found[0] = head or 0
+        return head is not None and not positions_reached(manifest, targets)
+
+    wait_for(reached, timeout, f"log {setup.log_id} to hold every produced record", procs,
+             interval=0.3)
+    return found[0]
+
+
+def copy_log(raw: dict[str, Any], tmp_path: Path) -> tuple[DrSetup, Path]:
+    """A config for a private copy of the file store of the log that config `raw` names
+    (same log id, key and sinks), and the copy's path."""
+    dst = tmp_path / f"store-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(Path(raw["store"]["path"]), dst)
+    raw = json.loads(json.dumps(raw))
+    raw["store"]["path"] = str(dst)
+    setup = DrSetup(tmp_path / f"copy-{uuid.uuid4().hex[:6]}.yaml", raw)
+    setup.rewrite()
+    return setup, dst
+
+
+def segment_path(store: Path, log_id: str, seq: int) -> Path:
+    """Where a file store keeps segment `seq` of a log."""
+    return store / "logs" / log_id / f"{seq:020d}.seg"
+
+
+def flip_body_byte(store: Path, log_id: str, seq: int) -> None:
+    """Tamper with a segment in a file store: flip one bit in the middle of its body
+    (inside the ciphertext, not the tag)."""
+    path = segment_path(store, log_id, seq)
+    data = bytearray(path.read_bytes())
+    header, header_len = parse_header(bytes(data))
+    data[header_len + header.body_len // 2] ^= 0x01
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
 
 
 # --------------------------------------------------------------------------- Kafka

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -24,7 +25,8 @@ from typing import Any
 import yaml
 
 from daemon.keyring import generate_key_file
-from tests.integration.applylib import KEY_ID, DrSetup, unique
+from tests.infra.mlflow import MlflowServer
+from tests.integration.applylib import KEY_ID, DrSetup, unique, wait_for
 
 INTERNAL = "drstream."
 CHECKPOINT_MODEL_PREFIX = "drstream.checkpoint."
@@ -37,6 +39,28 @@ def client(uri: str) -> Any:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def log_version(server: MlflowServer, model: str, files: dict[str, bytes],
+                source_kind: str = "runs") -> tuple[int, str]:
+    """Register a new version of `model` with `files` (test setup through mlflow itself)."""
+    c = server.client()
+    if c.search_registered_models(filter_string=f"name='{model}'") == []:
+        c.create_registered_model(model)
+    exp = c.get_experiment_by_name("drstream-tests") or None
+    exp_id = exp.experiment_id if exp else c.create_experiment("drstream-tests")
+    run = c.create_run(exp_id)
+    with tempfile.TemporaryDirectory() as d:
+        for rel, data in files.items():
+            p = Path(d, rel)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        c.log_artifacts(run.info.run_id, d, "model")
+    c.set_terminated(run.info.run_id)
+    source = (f"runs:/{run.info.run_id}/model" if source_kind == "runs"
+              else f"{run.info.artifact_uri}/model")
+    mv = c.create_model_version(model, source, run.info.run_id)
+    return int(mv.version), run.info.run_id
 
 
 # --------------------------------------------------------------------------- configs
@@ -57,7 +81,7 @@ def write_mlflow_config(tmp_path: Path, *, primary: str, standby: str, prefix: s
         "keyring": {"active": KEY_ID, "keys": {KEY_ID: f"file:{key_path}"}},
         "sources": [{"type": "mlflow", "name": "primary", "tracking_uri": primary,
                      "interval_s": 1, "chunk_bytes": 4 * MiB,
-                     "models": {"include": [_re_escape(prefix) + ".*"]}, **(source or {})}],
+                     "models": {"include": [re.escape(prefix) + ".*"]}, **(source or {})}],
         "ship": {"heartbeat_interval_s": 1, "flush_interval_s": 0.2, **(ship or {})},
         "sinks": [{"type": "mlflow", "name": "standby", "tracking_uri": standby,
                    "source": "mlflow:primary", **(sink or {})}],
@@ -68,12 +92,6 @@ def write_mlflow_config(tmp_path: Path, *, primary: str, standby: str, prefix: s
     path = tmp_path / f"{log_id}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return DrSetup(path, raw)
-
-
-def _re_escape(s: str) -> str:
-    import re
-
-    return re.escape(s)
 
 
 # --------------------------------------------------------------------------- reading
@@ -107,9 +125,6 @@ def registry_view(uri: str, prefix: str = "") -> View:
                                               "tags": _public(mv.tags),
                                               "stage": mv.current_stage}
     return out
-
-
-standby_view = registry_view
 
 
 def file_digests(uri: str, name: str, version: int, dst: Path) -> dict[str, tuple[int, str]]:
@@ -167,22 +182,18 @@ def wait_equal(primary: str, standby: str, prefix: str, timeout: float,
                procs: Any = (), what: str = "standby equal to the primary") -> float:
     """Poll until the two registries' views are equal; returns the seconds it took."""
     started = time.monotonic()
-    deadline = started + timeout
     diffs: list[str] = []
-    while True:
-        a, b = registry_view(primary, prefix), registry_view(standby, prefix)
-        diffs = view_diff(a, b)
-        if not diffs:
-            return time.monotonic() - started
-        for p in procs:
-            if not p.alive():
-                raise AssertionError(f"{p.command} exited while waiting for {what}: "
-                                     f"{diffs[:5]}\n{p.describe()}")
-        if time.monotonic() >= deadline:
-            tails = "\n".join(p.describe(30) for p in procs)
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
-                                 f"differences:\n  " + "\n  ".join(diffs[:15]) + f"\n{tails}")
-        time.sleep(0.3)
+
+    def equal() -> bool:
+        nonlocal diffs
+        diffs = view_diff(registry_view(primary, prefix), registry_view(standby, prefix))
+        return not diffs
+
+    try:
+        wait_for(equal, timeout, what, procs, interval=0.3)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\ndifferences:\n  " + "\n  ".join(diffs[:15])) from None
+    return time.monotonic() - started
 
 
 def wait_version(uri: str, name: str, version: int, timeout: float, procs: Any = ()) -> float:
@@ -192,18 +203,15 @@ def wait_version(uri: str, name: str, version: int, timeout: float, procs: Any =
 
     c = client(uri)
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        for p in procs:
-            if not p.alive():
-                raise AssertionError(f"{p.command} exited while waiting for {name} version "
-                                     f"{version}\n{p.describe()}")
+
+    def ready() -> bool:
         try:
-            if c.get_model_version(name, str(version)).status == "READY":
-                return time.monotonic() - started
+            return bool(c.get_model_version(name, str(version)).status == "READY")
         except MlflowException:  # not there yet
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{name} version {version} not on {uri} after {timeout:.0f}s")
+            return False
+
+    wait_for(ready, timeout, f"{name} version {version} on {uri}", procs, interval=0.1)
+    return time.monotonic() - started
 
 
 # --------------------------------------------------------------------------- history
@@ -226,15 +234,13 @@ class History:
     """The scripted registry history of issue 6, step by step on the primary.
 
     `steps` is a list of (label, callable); `run()` performs them in order with
-    `pause_s` between steps, so the source sees intermediate states too. `marks`
-    records when a step finished (monotonic) for latency measurements."""
+    `pause_s` between steps, so the source sees intermediate states too."""
 
     uri: str
     prefix: str
     workdir: Path
     big_bytes: int = 200 * MiB
     pause_s: float = 0.5
-    marks: dict[str, float] = field(default_factory=dict)
     steps: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     big_version: tuple[str, int] | None = None
 
@@ -340,7 +346,6 @@ class History:
         pause = self.pause_s if pause_s is None else pause_s
         for label, step in self.steps:
             step()
-            self.marks[label] = time.monotonic()
             if on_step is not None:
                 on_step(label)
             if pause:

@@ -23,6 +23,7 @@ import pytest
 
 from tests.infra.kafka import KafkaCluster
 from tests.integration.applylib import (
+    CHECKPOINT_TOPIC,
     ProcessPool,
     Records,
     as_source,
@@ -41,14 +42,13 @@ from tests.integration.applylib import (
     topic_partitions,
     unique,
     wait_for,
+    wait_log_has,
     write_dr_config,
 )
 from tests.integration.shiplib import (
     DeliveryCheck,
     add_partitions,
     flush,
-    log_head,
-    positions_reached,
     producer,
     store_fields,
 )
@@ -257,7 +257,7 @@ def checkpoint_commits(bootstrap: str, key: str) -> list[int]:
                   "enable.partition.eof": True})
     seqs: list[int] = []
     try:
-        c.assign([TopicPartition("drstream.checkpoints", 0, OFFSET_BEGINNING)])
+        c.assign([TopicPartition(CHECKPOINT_TOPIC, 0, OFFSET_BEGINNING)])
         while True:
             msgs = c.consume(500, 5)
             assert msgs, "timed out reading the checkpoint topic"
@@ -289,13 +289,7 @@ def test_backlog_is_applied_in_batched_transactions(
         produce_round(primary, multi, 3, compact, txn, round_)
         time.sleep(0.4)
     source = read_topics(primary, topics)
-    targets = next_offsets(source)
-
-    def shipped() -> bool:
-        _, manifest = log_head(setup.raw["store"], setup.log_id, setup.keyring)
-        return manifest is not None and not positions_reached(manifest, targets)
-
-    wait_for(shipped, 90, "ship of the backlog", [ship])
+    wait_log_has(setup, next_offsets(source), [ship], timeout=90)
     ship.stop_ok()
     head = log_head_seq(setup)
     with checkpoint_watch(standby) as watch:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 import uuid
@@ -25,7 +24,6 @@ from confluent_kafka.admin import AdminClient
 
 from connectors.kafka.verify import delete_topics
 from daemon.deltalog import seq_from_key
-from daemon.segment import parse_header
 from tests.infra.kafka import KafkaCluster
 from tests.integration.applylib import (
     CheckpointWatch,
@@ -35,15 +33,20 @@ from tests.integration.applylib import (
     as_source,
     checkpoint_watch,
     compare_replica,
+    copy_log,
     count,
     create_topics,
+    drill,
     file_store,
+    flip_body_byte,
     high_watermarks,
     process_pool,
     read_topics,
+    show,
     topic_partitions,
     unique,
     wait_for,
+    wait_log_has,
     write_dr_config,
 )
 from tests.integration.shiplib import (
@@ -51,8 +54,6 @@ from tests.integration.shiplib import (
     Segment,
     drstream,
     flush,
-    log_head,
-    positions_reached,
     producer,
     read_segments,
     records_of,
@@ -60,15 +61,10 @@ from tests.integration.shiplib import (
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 2
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def show(res: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {res.returncode}\nstdout:\n{res.stdout[-4000:]}\nstderr:\n{res.stderr[-4000:]}"
 
 
 def ok(res: subprocess.CompletedProcess[str], what: str) -> str:
@@ -86,21 +82,6 @@ def produce(bootstrap: str, topic: str, start: int, n: int) -> None:
         p.poll(0)
     flush(p)
     check.check()
-
-
-def wait_log_has(setup: DrSetup, targets: dict[tuple[str, int], int], procs: list[Any],
-                 timeout: float = 120) -> int:
-    """Wait until the durable head's positions cover `targets`; returns the head seq."""
-    found = [0]
-
-    def reached() -> bool:
-        head, manifest = log_head(setup.raw["store"], setup.log_id, setup.keyring)
-        found[0] = head or 0
-        return head is not None and not positions_reached(manifest, targets)
-
-    wait_for(reached, timeout, f"log {setup.log_id} to hold every produced record", procs,
-             interval=0.3)
-    return found[0]
 
 
 def ship_all(pool: ProcessPool, setup: DrSetup, primary: str, topic: str, label: str) -> int:
@@ -165,17 +146,6 @@ class DrillLog:
     segments: list[Segment]
     records: Records
 
-    def copy(self, tmp_path: Path) -> tuple[DrSetup, Path]:
-        """A config for a private copy of the log's store (same log id, key and sink)."""
-        src = Path(self.raw["store"]["path"])
-        dst = tmp_path / f"store-{uuid.uuid4().hex[:6]}"
-        shutil.copytree(src, dst)
-        raw = json.loads(json.dumps(self.raw))
-        raw["store"]["path"] = str(dst)
-        setup = DrSetup(tmp_path / f"drill-{uuid.uuid4().hex[:6]}.yaml", raw)
-        setup.rewrite()
-        return setup, dst
-
 
 @pytest.fixture(scope="module")
 def drill_log(primary_kafka: KafkaCluster, standby_kafka: KafkaCluster,
@@ -200,19 +170,10 @@ def drill_log(primary_kafka: KafkaCluster, standby_kafka: KafkaCluster,
     return DrillLog(setup.raw, topic, segments, records)
 
 
-def drill(setup: DrSetup) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    res = drstream("drill", "--config", str(setup.path), "--json")
-    try:
-        report = json.loads(res.stdout)
-    except ValueError:
-        raise AssertionError(f"drill --json printed no JSON report: {show(res)}") from None
-    return res, report
-
-
 def test_drill_of_a_healthy_log_passes(
     drill_log: DrillLog, standby_kafka: KafkaCluster, tmp_path: Path,
 ) -> None:
-    setup, store = drill_log.copy(tmp_path)
+    setup, store = copy_log(drill_log.raw, tmp_path)
     res, report = drill(setup)
     assert res.returncode == 0, f"drill of a healthy log failed: {show(res)}"
     assert report["ok"] is True, report
@@ -240,16 +201,10 @@ def test_drill_of_a_healthy_log_passes(
 def test_drill_of_a_tampered_log_fails_naming_the_segment(
     drill_log: DrillLog, standby_kafka: KafkaCluster, tmp_path: Path,
 ) -> None:
-    setup, store = drill_log.copy(tmp_path)
+    setup, store = copy_log(drill_log.raw, tmp_path)
     with_records = [s.seq for s in drill_log.segments if s.manifest.record_count]
     seq = with_records[len(with_records) // 2]
-    path = store / "logs" / setup.log_id / f"{seq:020d}.seg"
-    data = bytearray(path.read_bytes())
-    header, header_len = parse_header(bytes(data))
-    at = header_len + header.body_len // 2  # inside the ciphertext, not the tag
-    data[at] ^= 0x01
-    path.chmod(0o644)
-    path.write_bytes(bytes(data))
+    flip_body_byte(store, setup.log_id, seq)
     res, report = drill(setup)
     assert res.returncode == 1, f"drill of a tampered log: want exit 1, {show(res)}"
     assert report["ok"] is False, report

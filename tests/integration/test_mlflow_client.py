@@ -13,30 +13,9 @@ import pytest
 
 from connectors.mlflow.client import MlflowApiError, RegistryClient
 from tests.infra.mlflow import MlflowServer
+from tests.integration.mlflowlib import log_version
 
 pytestmark = pytest.mark.integration
-
-
-def log_version(server: MlflowServer, model: str, files: dict[str, bytes],
-                source_kind: str = "runs") -> tuple[int, str]:
-    """Register a new version of `model` with `files` (test setup through mlflow itself)."""
-    c = server.client()
-    if c.search_registered_models(filter_string=f"name='{model}'") == []:
-        c.create_registered_model(model)
-    exp = c.get_experiment_by_name("drstream-tests") or None
-    exp_id = exp.experiment_id if exp else c.create_experiment("drstream-tests")
-    run = c.create_run(exp_id)
-    with tempfile.TemporaryDirectory() as d:
-        for rel, data in files.items():
-            p = Path(d, rel)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(data)
-        c.log_artifacts(run.info.run_id, d, "model")
-    c.set_terminated(run.info.run_id)
-    source = (f"runs:/{run.info.run_id}/model" if source_kind == "runs"
-              else f"{run.info.artifact_uri}/model")
-    mv = c.create_model_version(model, source, run.info.run_id)
-    return int(mv.version), run.info.run_id
 
 
 async def test_registry_calls_round_trip(mlflow_primary: MlflowServer,

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from connectors.mlflow.events import SOURCE_TAG
 from tests.infra.mlflow import MlflowServer
 from tests.integration.applylib import DrProcess, ProcessPool, process_pool, seeded_rng, unique
 from tests.integration.mlflowlib import (
@@ -38,7 +39,6 @@ from tests.integration.mlflowlib import (
 
 pytestmark = pytest.mark.integration
 
-SOURCE_TAG = "drstream.source"
 KILLS = 3  # per process, at least
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from connectors.file.store import FileStore, FileStoreConfig
 from connectors.mlflow.events import empty_state, fold, load_state
@@ -19,8 +18,8 @@ from daemon.blobs import BlobStore
 from daemon.codec import EventBatch
 from daemon.keyring import generate_key_file
 from tests.infra.mlflow import MlflowServer
+from tests.integration.mlflowlib import log_version
 from tests.integration.shiplib import KEY_ID, ShipSetup, drstream, read_segments, shipper_pool
-from tests.integration.test_mlflow_client import log_version
 
 pytestmark = pytest.mark.integration
 
@@ -41,9 +40,9 @@ def ship_setup(tmp_path: Path, server: MlflowServer, model: str) -> ShipSetup:
         "logging": {"level": "info", "format": "json"},
         "service": {"ship_metrics_listen": "127.0.0.1:0"},
     }
-    path = tmp_path / "ship.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return ShipSetup(path, log_id, store, key_path, raw)
+    setup = ShipSetup(tmp_path / "ship.yaml", log_id, store, key_path, raw)
+    setup.rewrite()
+    return setup
 
 
 def shipped_events(setup: ShipSetup) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -135,8 +134,7 @@ def test_unreachable_registry_makes_ship_unready_then_ready(
     server.client().create_registered_model(name)
     setup = ship_setup(tmp_path, server, name)
     port = free_port()
-    setup.raw["service"] = {"ship_metrics_listen": f"127.0.0.1:{port}"}
-    setup.path.write_text(yaml.safe_dump(setup.raw, sort_keys=False))
+    setup.rewrite(service={"ship_metrics_listen": f"127.0.0.1:{port}"})
 
     def up() -> float:
         return scrape(port)[("drstream_source_up", (("stream", STREAM),))]

@@ -28,7 +28,7 @@ from daemon.keyring import KeyRing
 from daemon.sink import Checkpoint
 from daemon.store import open_store, store_config_from_url
 from tests.infra.mlflow import MlflowServer
-from tests.integration.mlflowlib import file_digests, standby_view
+from tests.integration.mlflowlib import file_digests, registry_view
 
 pytestmark = pytest.mark.integration
 STREAM = "mlflow:primary"
@@ -62,6 +62,14 @@ def digest(seq: int) -> bytes:
     return hashlib.sha256(f"segment {seq}".encode()).digest()
 
 
+def leave_checkpoint(c: Any, log_id: str, segment_digest: bytes) -> None:
+    """Set the sink's checkpoint on the standby to one a crashed apply leaves inside
+    segment 1 (`done` 1), the segment having digest `segment_digest`."""
+    partial = {"seq": 1, "digest": segment_digest.hex(), "done": 1}
+    c.set_registered_model_tag(f"drstream.checkpoint.{log_id}.standby", CHECKPOINT_TAG,
+                               encode_checkpoint(Checkpoint(), partial))
+
+
 def model(versions: dict[str, Any], **kw: Any) -> dict[str, Any]:
     return {"description": "", "tags": {}, "aliases": {}, "versions": versions, **kw}
 
@@ -93,7 +101,7 @@ async def test_sink_replays_events_keeps_numbers_and_files(
     finally:
         await sink.close()
 
-    view = standby_view(mlflow_standby.tracking_uri, prefix=name)
+    view = registry_view(mlflow_standby.tracking_uri, prefix=name)
     assert view == {name: {
         "description": "a model", "tags": {"team": "ml"}, "aliases": {"champion": 3},
         "versions": {3: {"description": "third", "tags": {"k": "v"}, "stage": "Staging"},
@@ -119,7 +127,7 @@ async def test_sink_replays_events_keeps_numbers_and_files(
         await sink2.apply(2, digest(2), 2000, body(diff(state, new)))
     finally:
         await sink2.close()
-    view = standby_view(mlflow_standby.tracking_uri, prefix=name)
+    view = registry_view(mlflow_standby.tracking_uri, prefix=name)
     assert view == {name + "-renamed": {
         "description": "a model", "tags": {"team": "ml"}, "aliases": {"prod": 3},
         "versions": {3: {"description": "third", "tags": {"k": "v"}, "stage": "Staging"}}}}
@@ -160,10 +168,7 @@ async def test_restart_mid_segment_and_leftovers_do_not_duplicate(
     assert leftover.version == "3"
     # the checkpoint says: segment 1 partly applied, 2 of its events done (events[:2] was
     # its own segment above; rewrite the checkpoint as the crashed apply would have left)
-    c.set_registered_model_tag(f"drstream.checkpoint.{log_id}.standby", CHECKPOINT_TAG,
-                               encode_checkpoint(Checkpoint(), {"seq": 1,
-                                                                "digest": digest(1).hex(),
-                                                                "done": 1}))
+    leave_checkpoint(c, log_id, digest(1))
     sink = make_sink(mlflow_standby, blobs, log_id)
     try:
         assert (await sink.start()).seq == 0
@@ -172,15 +177,12 @@ async def test_restart_mid_segment_and_leftovers_do_not_duplicate(
         await sink.close()
     versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
     assert versions == [2, 4]
-    view = standby_view(mlflow_standby.tracking_uri, prefix=name)
+    view = registry_view(mlflow_standby.tracking_uri, prefix=name)
     assert view[name]["aliases"] == {"a": 4}
     assert view[name]["versions"][4]["stage"] == "Production"
 
     # the same segment under another digest: the log was rewritten, apply refuses
-    c.set_registered_model_tag(f"drstream.checkpoint.{log_id}.standby", CHECKPOINT_TAG,
-                               encode_checkpoint(Checkpoint(), {"seq": 1,
-                                                                "digest": digest(9).hex(),
-                                                                "done": 1}))
+    leave_checkpoint(c, log_id, digest(9))
     sink = make_sink(mlflow_standby, blobs, log_id)
     try:
         await sink.start()
@@ -209,7 +211,7 @@ async def test_corrupt_artifact_is_refused_and_no_version_created(
         await sink.close()
     c = mlflow_standby.client()
     assert c.search_model_versions(f"name='{name}'") == []
-    assert standby_view(mlflow_standby.tracking_uri, prefix=name + "-other") == {}
+    assert registry_view(mlflow_standby.tracking_uri, prefix=name + "-other") == {}
 
 
 async def test_foreign_model_on_the_standby_is_a_conflict(
@@ -252,7 +254,7 @@ async def test_standby_restarting_mid_segment_is_waited_for(
         assert sink.checkpoint().seq == 2
     finally:
         await sink.close()
-    view = standby_view(standby.tracking_uri, prefix=name)
+    view = registry_view(standby.tracking_uri, prefix=name)
     assert sorted(view[name]["versions"]) == [1, 2]
     assert view[name]["aliases"] == {"prod": 2}
 

@@ -5,6 +5,7 @@ registry, and webhook-triggered reconciles."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -25,7 +26,7 @@ from daemon.blobs import BlobStore
 from daemon.keyring import KeyRing
 from daemon.source import Delivery
 from tests.infra.mlflow import MlflowServer
-from tests.integration.test_mlflow_client import log_version
+from tests.integration.mlflowlib import log_version
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +46,28 @@ def source_config(server: MlflowServer, model: str, **overrides: Any) -> MlflowS
         "type": "mlflow", "name": "primary", "tracking_uri": server.tracking_uri,
         "interval_s": 0.3, "chunk_bytes": CHUNK, "request_timeout_s": 10,
         "models": {"include": [f"{model}.*"]}, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def webhook_source(server: MlflowServer, name: str, blobs: BlobStore,
+                         monkeypatch: pytest.MonkeyPatch, *, interval_s: float,
+                         **webhook: Any) -> AsyncIterator[tuple[MlflowSource, str]]:
+    """A started source of model `name` (created here) that runs a webhook receiver: a
+    fresh secret in SECRET_ENV, a log id of its own, `webhook` settings added. Yields the
+    source and its log id; closes it and deletes the webhook it registered at exit."""
+    monkeypatch.setenv(SECRET_ENV, os.urandom(16).hex())
+    cfg = source_config(server, name, interval_s=interval_s, webhook={
+        "listen": "127.0.0.1:0", "secret": f"env:{SECRET_ENV}", **webhook})
+    log_id = f"{LOG_ID}-{os.urandom(4).hex()}"
+    await asyncio.to_thread(server.client().create_registered_model, name)
+    src = MlflowSource(cfg, log_id=log_id, blobs=blobs)
+    await src.start({})
+    try:
+        yield src, log_id
+    finally:
+        await src.close()
+        async with RegistryClient(server.tracking_uri) as rc:
+            await rc.delete_webhook(f"drstream-{log_id}")
 
 
 async def next_delivery(src: MlflowSource, timeout: float = 30.0) -> Delivery:
@@ -173,15 +196,8 @@ async def test_webhook_wakes_the_source_before_the_interval(
         monkeypatch: pytest.MonkeyPatch) -> None:
     name = mlflow_model_name
     interval = 60.0
-    monkeypatch.setenv(SECRET_ENV, os.urandom(16).hex())
-    cfg = source_config(mlflow_primary, name, interval_s=interval, webhook={
-        "listen": "127.0.0.1:0", "secret": f"env:{SECRET_ENV}", "tolerance_s": 60})
-    log_id = f"{LOG_ID}-{os.urandom(4).hex()}"
-    c = mlflow_primary.client()
-    await asyncio.to_thread(c.create_registered_model, name)
-    src = MlflowSource(cfg, log_id=log_id, blobs=blobs)
-    await src.start({})
-    try:
+    async with webhook_source(mlflow_primary, name, blobs, monkeypatch, interval_s=interval,
+                              tolerance_s=60) as (src, log_id):
         assert src.webhook_url is not None
         async with RegistryClient(mlflow_primary.tracking_uri) as rc:
             hooks = [h for h in await rc.list_webhooks() if h["name"] == f"drstream-{log_id}"]
@@ -197,10 +213,6 @@ async def test_webhook_wakes_the_source_before_the_interval(
         assert [e["type"] for e in events_of(d)] == ["version.created"]
         assert src.webhook_wakeups >= 1
         assert time.monotonic() < reconciled_at + interval  # before the next reconcile
-    finally:
-        await src.close()
-        async with RegistryClient(mlflow_primary.tracking_uri) as rc:
-            await rc.delete_webhook(f"drstream-{log_id}")
 
 
 async def test_receiver_unreachable_interval_still_ships(
@@ -208,25 +220,14 @@ async def test_receiver_unreachable_interval_still_ships(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The registry posts to a dead address (receiver down): reconciles still ship."""
     name = mlflow_model_name
-    monkeypatch.setenv(SECRET_ENV, os.urandom(16).hex())
     dead = "http://127.0.0.1:9/webhook"  # discard port: nothing listens
-    cfg = source_config(mlflow_primary, name, interval_s=1.0, webhook={
-        "listen": "127.0.0.1:0", "secret": f"env:{SECRET_ENV}", "public_url": dead})
-    log_id = f"{LOG_ID}-{os.urandom(4).hex()}"
-    c = mlflow_primary.client()
-    await asyncio.to_thread(c.create_registered_model, name)
-    src = MlflowSource(cfg, log_id=log_id, blobs=blobs)
-    await src.start({})
-    try:
+    async with webhook_source(mlflow_primary, name, blobs, monkeypatch, interval_s=1.0,
+                              public_url=dead) as (src, _):
         events_of(await next_delivery(src))
         v1, _ = await asyncio.to_thread(log_version, mlflow_primary, name, {"f": b"y"})
         evs = events_of(await next_delivery(src))
         assert [(e["type"], e["version"]) for e in evs] == [("version.created", v1)]
         assert src.webhook_wakeups == 0
-    finally:
-        await src.close()
-        async with RegistryClient(mlflow_primary.tracking_uri) as rc:
-            await rc.delete_webhook(f"drstream-{log_id}")
 
 
 async def test_artifact_capture_memory_is_bounded(
@@ -317,15 +318,9 @@ async def test_webhook_signed_with_another_secret_is_rejected(
     from connectors.mlflow.metrics import WEBHOOKS_REJECTED
 
     name = mlflow_model_name
-    monkeypatch.setenv(SECRET_ENV, os.urandom(16).hex())
-    cfg = source_config(mlflow_primary, name, interval_s=60.0, webhook={
-        "listen": "127.0.0.1:0", "secret": f"env:{SECRET_ENV}"})
-    log_id = f"{LOG_ID}-{os.urandom(4).hex()}"
-    await asyncio.to_thread(mlflow_primary.client().create_registered_model, name)
-    src = MlflowSource(cfg, log_id=log_id, blobs=blobs)
-    await src.start({})
     bad = WEBHOOKS_REJECTED.labels("mlflow:primary", "bad_signature")
-    try:
+    async with webhook_source(mlflow_primary, name, blobs, monkeypatch,
+                              interval_s=60.0) as (src, log_id):
         events_of(await next_delivery(src))
         assert src.webhook_url is not None
         async with RegistryClient(mlflow_primary.tracking_uri) as rc:
@@ -338,7 +333,3 @@ async def test_webhook_signed_with_another_secret_is_rejected(
             assert await src.read(0.2) is None
         assert bad._value.get() > before
         assert src.webhook_wakeups == 0
-    finally:
-        await src.close()
-        async with RegistryClient(mlflow_primary.tracking_uri) as rc:
-            await rc.delete_webhook(f"drstream-{log_id}")

@@ -11,10 +11,8 @@ records, each once, in partition order, nothing more.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,12 +24,12 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from tests.infra.kafka import KafkaCluster
-from tests.infra.procs import Proc, start_process
 from tests.integration.applylib import (
     KEY_ID,
     CheckpointWatch,
     DrSetup,
     Records,
+    ReplayProcess,
     as_source,
     checkpoint_watch,
     compare_replica,
@@ -44,6 +42,7 @@ from tests.integration.applylib import (
     seeded_rng,
     unique,
     wait_for,
+    wait_log_has,
     write_dr_config,
 )
 from tests.integration.shiplib import (
@@ -51,8 +50,6 @@ from tests.integration.shiplib import (
     Segment,
     drstream,
     flush,
-    log_head,
-    positions_reached,
     producer,
     read_segments,
     records_of,
@@ -60,7 +57,6 @@ from tests.integration.shiplib import (
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 MAIN_RECORDS = 1000  # timestamps t0 .. t0+999 ms over 3 partitions
 OTHER_RECORDS = 100  # timestamps t0, t0+10, .. t0+990 on the second topic
 BIG_RECORDS = 200_000
@@ -85,21 +81,6 @@ def ok(res: subprocess.CompletedProcess[str], what: str) -> str:
 def topics_with_suffix(bootstrap: str, suffix: str) -> list[str]:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     return sorted(t for t in admin.list_topics(timeout=10).topics if t.endswith(suffix))
-
-
-def wait_log_has(setup: DrSetup, targets: dict[tuple[str, int], int], procs: list,
-                 timeout: float = 120) -> int:
-    """Wait until the durable head's positions cover `targets`; returns the head seq."""
-    found = [0]
-
-    def reached() -> bool:
-        head, manifest = log_head(setup.raw["store"], setup.log_id, setup.keyring)
-        found[0] = head or 0
-        return head is not None and not positions_reached(manifest, targets)
-
-    wait_for(reached, timeout, f"log {setup.log_id} to hold every produced record", procs,
-             interval=0.3)
-    return found[0]
 
 
 def renamed(records: Records, suffix: str) -> dict[str, str]:
@@ -282,39 +263,6 @@ def test_replay_dry_run_reports_counts_and_writes_nothing(
 
 
 # --------------------------------------------------------------------------- kill -9
-
-
-class ReplayProcess:
-    """`drstream replay ...` in its own process group, output in a log file."""
-
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        self.log_path = log_path
-        self.proc: Proc = start_process(
-            f"drstream-replay-{os.getpid()}", [sys.executable, "-m", "daemon.cli", *args],
-            log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT)
-
-    def alive(self) -> bool:
-        return self.proc.alive()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.forget()
-
-    def wait(self, timeout: float) -> int:
-        try:
-            rc = self.proc.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"replay still running after {timeout:.0f}s\n"
-                                 f"{self.output()[-3000:]}") from None
-        self.forget()
-        return rc
-
-    def forget(self) -> None:
-        self.proc.pid_path.unlink(missing_ok=True)
 
 
 @pytest.fixture

@@ -15,9 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
-import subprocess
-import sys
 import time
 import uuid
 import warnings
@@ -30,35 +27,38 @@ from typing import Any
 import pytest
 
 from connectors.mlflow.client import RegistryClient
-from connectors.mlflow.events import empty_state, fold
+from connectors.mlflow.events import SOURCE_TAG, empty_state, fold
 from connectors.mlflow.verify import compare_registry
 from daemon.codec import EventBatch
-from daemon.segment import parse_header
 from tests.infra.mlflow import MlflowServer
-from tests.infra.procs import Proc, start_process
-from tests.integration.applylib import DrSetup, process_pool, seeded_rng, unique, wait_for
+from tests.integration.applylib import (
+    DrSetup,
+    ReplayProcess,
+    copy_log,
+    drill,
+    flip_body_byte,
+    process_pool,
+    seeded_rng,
+    segment_path,
+    show,
+    unique,
+    wait_for,
+)
 from tests.integration.mlflowlib import (
     CHECKPOINT_MODEL_PREFIX,
     client,
     file_digests,
+    log_version,
     registry_view,
     view_diff,
     write_mlflow_config,
 )
 from tests.integration.shiplib import Segment, drstream, read_segments
-from tests.integration.test_mlflow_client import log_version
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-SOURCE_TAG = "drstream.source"
-
 
 # --------------------------------------------------------------------------- helpers
-
-
-def show(res: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {res.returncode}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}"
 
 
 def rfc3339(ms: int) -> str:
@@ -103,37 +103,6 @@ def drop_replayed(uri: str, prefix: str, log_id: str) -> None:
             c.delete_registered_model(rm.name)
 
 
-class ReplayProcess:
-    """`drstream replay ...` in its own process group, output in a log file."""
-
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        self.log_path = log_path
-        self.proc: Proc = start_process(
-            f"drstream-replay-mlflow-{uuid.uuid4().hex[:6]}",
-            [sys.executable, "-m", "daemon.cli", "--log-format", "json", *args],
-            log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT)
-
-    def alive(self) -> bool:
-        return self.proc.alive()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.pid_path.unlink(missing_ok=True)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            rc = self.proc.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"replay still running after {timeout:.0f}s\n"
-                                 f"{self.output()[-3000:]}") from None
-        self.proc.pid_path.unlink(missing_ok=True)
-        return rc
-
-
 # --------------------------------------------------------------------------- the log
 
 
@@ -151,20 +120,6 @@ class RegistryLog:
 
     def events_through(self, seq: int) -> list[dict[str, Any]]:
         return events_of([s for s in self.segments if s.seq <= seq], self.stream)
-
-    @property
-    def store(self) -> Path:
-        return Path(self.setup.raw["store"]["path"])
-
-    def copy(self, tmp_path: Path) -> tuple[DrSetup, Path]:
-        """A config for a private copy of the log's store (same log id and key)."""
-        dst = tmp_path / f"store-{uuid.uuid4().hex[:6]}"
-        shutil.copytree(self.store, dst)
-        raw = json.loads(json.dumps(self.setup.raw))
-        raw["store"]["path"] = str(dst)
-        setup = DrSetup(tmp_path / f"copy-{uuid.uuid4().hex[:6]}.yaml", raw)
-        setup.rewrite()
-        return setup, dst
 
 
 def files(label: str, size: int = 300_000) -> dict[str, bytes]:
@@ -303,7 +258,8 @@ def test_replay_killed_and_rerun_creates_each_version_once(
     rng = seeded_rng()
     log = registry_log
     want = fold(empty_state(), log.events)
-    args = ["replay", "--config", str(log.setup.path), "--target-mlflow", standby,
+    args = ["--log-format", "json",
+            "replay", "--config", str(log.setup.path), "--target-mlflow", standby,
             "--stream", log.stream, "--name", unique("resume"), "--parallel", "2"]
     # The whole replay takes well under a second here, so the kill is placed by what the
     # replay logged, early on: after a segment, or between the files of a version
@@ -342,23 +298,12 @@ def test_replay_killed_and_rerun_creates_each_version_once(
 # --------------------------------------------------------------------------- drill
 
 
-def drill(setup: DrSetup, target: str, stream: str
-          ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    res = drstream("drill", "--config", str(setup.path), "--target-mlflow", target,
-                   "--stream", stream, "--json")
-    try:
-        report = json.loads(res.stdout)
-    except ValueError:
-        raise AssertionError(f"drill --json printed no JSON report: {show(res)}") from None
-    return res, report
-
-
 def test_drill_of_a_healthy_registry_log_passes(
     registry_log: RegistryLog, standby: str, tmp_path: Path,
 ) -> None:
     log = registry_log
-    setup, store = log.copy(tmp_path)
-    res, report = drill(setup, standby, log.stream)
+    setup, store = copy_log(log.setup.raw, tmp_path)
+    res, report = drill(setup, "--target-mlflow", standby, "--stream", log.stream)
     assert res.returncode == 0, f"drill of a healthy registry log failed: {show(res)}"
     assert report["ok"] is True and report["mismatches"] == [], report
     state = fold(empty_state(), log.events)
@@ -385,16 +330,11 @@ def test_drill_of_a_tampered_registry_log_fails_naming_the_segment(
     registry_log: RegistryLog, standby: str, tmp_path: Path,
 ) -> None:
     log = registry_log
-    setup, store = log.copy(tmp_path)
+    setup, store = copy_log(log.setup.raw, tmp_path)
     with_events = [s.seq for s in log.segments if events_of([s], log.stream)]
     seq = with_events[len(with_events) // 2]
-    path = store / "logs" / setup.log_id / f"{seq:020d}.seg"
-    data = bytearray(path.read_bytes())
-    header, header_len = parse_header(bytes(data))
-    data[header_len + header.body_len // 2] ^= 0x01  # inside the ciphertext
-    path.chmod(0o644)
-    path.write_bytes(bytes(data))
-    res, report = drill(setup, standby, log.stream)
+    flip_body_byte(store, setup.log_id, seq)
+    res, report = drill(setup, "--target-mlflow", standby, "--stream", log.stream)
     assert res.returncode == 1, f"drill of a tampered log: want exit 1, {show(res)}"
     assert report["ok"] is False, report
     error = report.get("error", "")
@@ -410,7 +350,7 @@ def test_drill_keep_then_compare_names_what_differs(
     """`--keep` leaves the scratch models; a second drill refuses a registry that holds
     them; the comparison a drill makes names each altered model/version/field."""
     log = registry_log
-    setup, _ = log.copy(tmp_path)
+    setup, _ = copy_log(log.setup.raw, tmp_path)
     res = drstream("drill", "--config", str(setup.path), "--target-mlflow", standby,
                    "--stream", log.stream, "--keep", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["ok"] is True, show(res)
@@ -450,11 +390,11 @@ def test_pruned_registry_log_still_rebuilds_the_registry(
     remaining segment's state blob rebuilds them. A replay and a drill of a log whose
     first half was deleted (as prune does, a prefix) give the full registry state."""
     log = registry_log
-    setup, store = log.copy(tmp_path)
+    setup, store = copy_log(log.setup.raw, tmp_path)
     cut = log.mid_seq  # delete segments 1..mid_seq - 1; keep the rest
     for s in log.segments:
         if s.seq < cut:
-            (store / "logs" / setup.log_id / f"{s.seq:020d}.seg").unlink()
+            segment_path(store, setup.log_id, s.seq).unlink()
     want = fold(empty_state(), log.events)
     assert any(e["type"] == "model.created" for e in log.events_through(cut - 1)), \
         "the deleted prefix must hold model creations for this test to prove anything"
@@ -463,6 +403,6 @@ def test_pruned_registry_log_still_rebuilds_the_registry(
     assert res.returncode == 0, show(res)
     check_registry(standby, log.prefix, want, tmp_path)
     drop_replayed(standby, log.prefix, setup.log_id)
-    res, report = drill(setup, standby, log.stream)
+    res, report = drill(setup, "--target-mlflow", standby, "--stream", log.stream)
     assert res.returncode == 0 and report["ok"] is True, f"{show(res)}\n{report}"
     assert report["models"] == len(want["models"]), report
