@@ -1,8 +1,9 @@
-"""MLflow fixtures: a primary and a standby tracking server, real processes.
+"""MLflow fixtures: a primary, a standby and a scratch tracking server, real processes.
 
 Starting a server takes ~6-8 s on this machine (more under load), so each is shared by
 the session and starts the first time a test asks for it (a test of the source alone
-never starts the standby). Tests use unique model names (`mlflow_model_name`). A test
+never starts the standby; only drills of a live flow need the scratch server). Tests use
+unique model names (`mlflow_model_name`). A test
 that stops the primary must start it again (`server.start()`, same port and data).
 Tests that need a server of their own (kill/restart at will) use
 `mlflow_server_factory`. A server that cannot start makes the test error, never skip.
@@ -17,7 +18,7 @@ import pytest
 from tests.infra.mlflow import MlflowServer
 from tests.infra.procs import attach_log_tails, unique_test_name
 
-MLFLOW_FIXTURES = {"mlflow_primary", "mlflow_standby", "mlflow_server_factory"}
+MLFLOW_FIXTURES = {"mlflow_primary", "mlflow_standby", "mlflow_scratch", "mlflow_server_factory"}
 
 _running: list[MlflowServer] = []
 
@@ -51,6 +52,11 @@ def _mlflow_standby_server(request: pytest.FixtureRequest) -> Iterator[MlflowSer
     yield from _session_server(request, "standby")
 
 
+@pytest.fixture(scope="session")
+def _mlflow_scratch_server(request: pytest.FixtureRequest) -> Iterator[MlflowServer]:
+    yield from _session_server(request, "scratch")
+
+
 def _alive(server: MlflowServer) -> MlflowServer:
     if not server.alive():  # a test stopped it and failed before starting it again
         server.start()
@@ -65,6 +71,12 @@ def mlflow_primary(_mlflow_primary_server: MlflowServer) -> MlflowServer:
 @pytest.fixture
 def mlflow_standby(_mlflow_standby_server: MlflowServer) -> MlflowServer:
     return _alive(_mlflow_standby_server)
+
+
+@pytest.fixture
+def mlflow_scratch(_mlflow_scratch_server: MlflowServer) -> MlflowServer:
+    """A third registry for drills (a drill never goes into the standby)."""
+    return _alive(_mlflow_scratch_server)
 
 
 @pytest.fixture

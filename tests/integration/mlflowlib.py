@@ -19,18 +19,23 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from connectors.mlflow.events import SOURCE_TAG
+from daemon.codec import EventBatch
 from daemon.keyring import generate_key_file
 from tests.infra.mlflow import MlflowServer
 from tests.integration.applylib import KEY_ID, DrSetup, unique, wait_for
+from tests.integration.shiplib import Segment
 
 INTERNAL = "drstream."
 CHECKPOINT_MODEL_PREFIX = "drstream.checkpoint."
 MiB = 1 << 20
+SAFE_PREFIX = re.compile(r"[A-Za-z0-9._-]+")  # no quote or backslash ("_" matches itself too)
 
 View = dict[str, Any]  # model name -> {description, tags, aliases, versions}
 
@@ -44,9 +49,20 @@ def client(uri: str) -> Any:
 def log_version(server: MlflowServer, model: str, files: dict[str, bytes],
                 source_kind: str = "runs") -> tuple[int, str]:
     """Register a new version of `model` with `files` (test setup through mlflow itself)."""
+    from mlflow.exceptions import MlflowException
+
     c = server.client()
-    if c.search_registered_models(filter_string=f"name='{model}'") == []:
+    try:
+        c.get_registered_model(model)
+    except MlflowException:
         c.create_registered_model(model)
+    run_id, source = log_run(c, files, source_kind)
+    mv = c.create_model_version(model, source, run_id)
+    return int(mv.version), run_id
+
+
+def log_run(c: Any, files: dict[str, bytes], source_kind: str = "runs") -> tuple[str, str]:
+    """A finished run holding `files` under `model/`: (run id, a version source for it)."""
     exp = c.get_experiment_by_name("drstream-tests") or None
     exp_id = exp.experiment_id if exp else c.create_experiment("drstream-tests")
     run = c.create_run(exp_id)
@@ -59,8 +75,24 @@ def log_version(server: MlflowServer, model: str, files: dict[str, bytes],
     c.set_terminated(run.info.run_id)
     source = (f"runs:/{run.info.run_id}/model" if source_kind == "runs"
               else f"{run.info.artifact_uri}/model")
-    mv = c.create_model_version(model, source, run.info.run_id)
-    return int(mv.version), run.info.run_id
+    return run.info.run_id, source
+
+
+def versions_by_prefix(uri: str, prefix: str = "") -> dict[str, list[Any]]:
+    """Every version of the models whose name starts with `prefix`, from one listing
+    (filtered on the server when the prefix is plain ASCII): model name -> versions."""
+    c = client(uri)
+    where = f"name LIKE '{prefix}%'" if prefix and SAFE_PREFIX.fullmatch(prefix) else None
+    out: dict[str, list[Any]] = {}
+    token = None
+    while True:
+        page = c.search_model_versions(where, max_results=1000, page_token=token)
+        for mv in page:
+            if mv.name.startswith(prefix):
+                out.setdefault(mv.name, []).append(mv)
+        token = page.token
+        if not token:
+            return out
 
 
 # --------------------------------------------------------------------------- configs
@@ -118,12 +150,12 @@ def registry_view(uri: str, prefix: str = "") -> View:
         token = page.token
         if not token:
             break
-    for name, m in out.items():
-        escaped = name.replace("'", "\\'")
-        for mv in c.search_model_versions(f"name='{escaped}'"):
-            m["versions"][int(mv.version)] = {"description": mv.description or "",
-                                              "tags": _public(mv.tags),
-                                              "stage": mv.current_stage}
+    # one listing (a filter by exact name does not work for every name)
+    for name, versions in versions_by_prefix(uri, prefix).items():
+        if name in out:
+            out[name]["versions"] = {int(mv.version): {
+                "description": mv.description or "", "tags": _public(mv.tags),
+                "stage": mv.current_stage} for mv in versions}
     return out
 
 
@@ -212,6 +244,57 @@ def wait_version(uri: str, name: str, version: int, timeout: float, procs: Any =
 
     wait_for(ready, timeout, f"{name} version {version} on {uri}", procs, interval=0.1)
     return time.monotonic() - started
+
+
+def check_equal_with_files(primary: MlflowServer, standby: MlflowServer, prefix: str,
+                           tmp_path: Path) -> View:
+    """The standby's models under `prefix` equal the primary's: names, numbers, tags,
+    aliases, descriptions, stages, and every file's size and sha256. Returns the view."""
+    a = registry_view(primary.tracking_uri, prefix)
+    b = registry_view(standby.tracking_uri, prefix)
+    assert not view_diff(a, b), view_diff(a, b)
+    started = time.monotonic()
+    files_a = artifact_digests(primary.tracking_uri, a, tmp_path / "dl-primary")
+    files_b = artifact_digests(standby.tracking_uri, b, tmp_path / "dl-standby")
+    print(f"artifact checksums of {sum(len(f) for f in files_a.values())} files compared "
+          f"in {time.monotonic() - started:.1f}s")
+    for key in files_a:
+        assert files_b[key] == files_a[key], f"{key}: files differ\nprimary {files_a[key]}\n" \
+                                             f"standby {files_b[key]}"
+    assert files_a.keys() == files_b.keys()
+    return a
+
+
+def check_replica_tags(standby: MlflowServer, view: View, stream: str = "mlflow:primary"
+                       ) -> None:
+    """Every replicated model and version names its source; no version is left over."""
+    c = client(standby.tracking_uri)
+    for name, m in view.items():
+        assert c.get_registered_model(name).tags.get(SOURCE_TAG) == f"{stream}/{name}"
+        for n in m["versions"]:
+            assert c.get_model_version(name, str(n)).tags.get(SOURCE_TAG) == \
+                f"{stream}/{name}/{n}"
+
+
+def state_view(state: dict[str, Any]) -> View:
+    """A RegistryState (folded from a log) in the shape of registry_view."""
+    return {name: {"description": m["description"], "tags": m["tags"],
+                   "aliases": dict(m["aliases"]),
+                   "versions": {int(n): {"description": v["description"], "tags": v["tags"],
+                                         "stage": v["stage"]}
+                                for n, v in m["versions"].items()}}
+            for name, m in state["models"].items()}
+
+
+def log_events(segments: list[Segment], stream: str) -> list[dict[str, Any]]:
+    """The registry events of `stream` in the segments, in log order."""
+    return [ev for s in segments for b in s.body.batches
+            if isinstance(b, EventBatch) and b.stream == stream for ev in b.events]
+
+
+def rfc3339(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
 
 
 # --------------------------------------------------------------------------- history
@@ -355,3 +438,118 @@ class History:
 def big_file_env() -> int:
     """Size of the big artifact (DRSTREAM_MLFLOW_BIG_MB overrides the 200 MB default)."""
     return int(os.environ.get("DRSTREAM_MLFLOW_BIG_MB", "200")) * MiB
+
+
+# --------------------------------------------------------------------------- races
+
+
+class RegistryProxy:
+    """An HTTP proxy in front of a real MLflow server, owned by a test, to make a change
+    land exactly between two calls of the code under test.
+
+    Every request is forwarded unchanged. `arm(endpoint, change)` makes the next request
+    to `endpoint` (a path under /api/2.0/mlflow/, e.g. "model-versions/search") run
+    `change` first (a real change, made on the server directly, not through the proxy),
+    or with `after=True` once the server answered and before the answer is passed on.
+    The proxy runs its own event loop in a thread, like tests/infra/tcp_proxy.py."""
+
+    def __init__(self, upstream: str) -> None:
+        import asyncio
+        import threading
+
+        self.upstream = upstream.rstrip("/")
+        self.port = 0
+        self.hits: dict[str, int] = {}
+        self._armed: list[tuple[str, Callable[[], None], bool]] = []
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="registry-proxy")
+        self._runner: Any = None
+        self._session: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RegistryProxy:
+        import asyncio
+
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        return self
+
+    def stop(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> RegistryProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def arm(self, endpoint: str, change: Callable[[], None], *, after: bool = False,
+            times: int = 1) -> None:
+        with self._lock:
+            self._armed += [(endpoint, change, after)] * times
+
+    def armed(self) -> int:
+        with self._lock:
+            return len(self._armed)
+
+    def _take(self, endpoint: str, after: bool) -> Callable[[], None] | None:
+        with self._lock:
+            for i, (e, change, a) in enumerate(self._armed):
+                if e == endpoint and a == after:
+                    del self._armed[i]
+                    return change
+        return None
+
+    async def _start(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _stop(self) -> None:
+        await self._runner.cleanup()
+        await self._session.close()
+
+    async def _run(self, endpoint: str, after: bool) -> None:
+        import asyncio
+
+        change = self._take(endpoint, after)
+        if change is not None:
+            await asyncio.get_running_loop().run_in_executor(None, change)
+
+    async def _forward(self, request: Any) -> Any:
+        from aiohttp import web
+        from yarl import URL
+
+        endpoint = request.path.split("/api/2.0/mlflow/", 1)[-1]
+        self.hits[endpoint] = self.hits.get(endpoint, 0) + 1
+        await self._run(endpoint, after=False)
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length", "transfer-encoding")}
+        url = URL(self.upstream + request.raw_path, encoded=True)  # as the client sent it
+        async with self._session.request(request.method, url, headers=headers,
+                                         data=await request.read()) as up:
+            body = await up.read()
+            status, ctype = up.status, up.headers.get("Content-Type")
+        await self._run(endpoint, after=True)
+        out = web.Response(status=status, body=body)
+        if ctype:
+            out.headers["Content-Type"] = ctype
+        return out

@@ -20,18 +20,16 @@ from typing import Any
 
 import pytest
 
-from connectors.mlflow.events import SOURCE_TAG
 from tests.infra.mlflow import MlflowServer
 from tests.integration.applylib import DrProcess, ProcessPool, process_pool, seeded_rng, unique
 from tests.integration.mlflowlib import (
     CHECKPOINT_MODEL_PREFIX,
     History,
     MiB,
-    artifact_digests,
     big_file_env,
+    check_equal_with_files,
+    check_replica_tags,
     client,
-    registry_view,
-    view_diff,
     wait_equal,
     wait_version,
     write_mlflow_config,
@@ -46,33 +44,6 @@ KILLS = 3  # per process, at least
 def pool(tmp_path: Path) -> Iterator[ProcessPool]:
     with process_pool(tmp_path) as p:
         yield p
-
-
-def check_equal_with_files(primary: MlflowServer, standby: MlflowServer, prefix: str,
-                           tmp_path: Path) -> dict[str, Any]:
-    a = registry_view(primary.tracking_uri, prefix)
-    b = registry_view(standby.tracking_uri, prefix)
-    assert not view_diff(a, b), view_diff(a, b)
-    started = time.monotonic()
-    files_a = artifact_digests(primary.tracking_uri, a, tmp_path / "dl-primary")
-    files_b = artifact_digests(standby.tracking_uri, b, tmp_path / "dl-standby")
-    print(f"artifact checksums of {sum(len(f) for f in files_a.values())} files compared "
-          f"in {time.monotonic() - started:.1f}s")
-    for key in files_a:
-        assert files_b[key] == files_a[key], f"{key}: files differ\nprimary {files_a[key]}\n" \
-                                             f"standby {files_b[key]}"
-    assert files_a.keys() == files_b.keys()
-    return a
-
-
-def check_replica_tags(standby: MlflowServer, view: dict[str, Any]) -> None:
-    """Every replicated model and version names its source; no version is left over."""
-    c = client(standby.tracking_uri)
-    for name, m in view.items():
-        assert c.get_registered_model(name).tags.get(SOURCE_TAG) == f"mlflow:primary/{name}"
-        for n in m["versions"]:
-            assert c.get_model_version(name, str(n)).tags.get(SOURCE_TAG) == \
-                f"mlflow:primary/{name}/{n}"
 
 
 def test_scripted_history_replicates_to_the_standby(

@@ -288,3 +288,70 @@ async def test_a_second_apply_fences_the_first(
         assert (await reread.peek()).seq == 2
     finally:
         await reread.close()
+
+
+async def test_recreated_and_renamed_models_keep_their_own_files(
+        mlflow_standby: MlflowServer, blobs: BlobStore, mlflow_model_name: str,
+        tmp_path: Path) -> None:
+    """A model deleted and created again under its name, then renamed while a new model
+    takes its name: every version on the standby serves its own files, though each new
+    version 1 has a file of the same path and size as an older version 1."""
+    name, renamed = mlflow_model_name, f"{mlflow_model_name}-v2"
+
+    async def files(label: str, size: int = 65_537) -> list[dict[str, Any]]:
+        return [await put_file(blobs, "MLmodel", f"label: {label}\n".encode()),
+                await put_file(blobs, "data/w.bin", os.urandom(size), chunk=20_000)]
+
+    first = {"models": {name: model({str(n): version(await files(f"a{n}")) for n in (1, 2, 3)},
+                                    created_ms=100, aliases={"prod": 3})}}
+    second = {"models": {name: model({str(n): version(await files(f"b{n}")) for n in (1, 2)},
+                                     created_ms=200)}}
+    third = {"models": {renamed: second["models"][name],
+                        name: model({"1": version(await files("c1"))}, created_ms=300)}}
+    sink = make_sink(mlflow_standby, blobs, f"sink-{uuid.uuid4().hex[:8]}")
+    try:
+        await sink.start()
+        steps = ((empty_state(), first), (first, second), (second, third))
+        for seq, (old, new) in enumerate(steps, start=1):
+            await sink.apply(seq, digest(seq), seq, body(diff(old, new)))
+            view = registry_view(mlflow_standby.tracking_uri, prefix=name)
+            assert {n: sorted(m["versions"]) for n, m in view.items()} == \
+                {n: sorted(map(int, m["versions"])) for n, m in new["models"].items()}
+            for n, m in new["models"].items():
+                for v, want in m["versions"].items():
+                    got = file_digests(mlflow_standby.tracking_uri, n, int(v), tmp_path / "dl")
+                    assert got == {a["path"]: (a["size"], a["sha256"])
+                                   for a in want["artifacts"]}, f"{n} version {v} (step {seq})"
+    finally:
+        await sink.close()
+
+
+async def test_an_existing_file_is_reused_only_when_its_checksum_matches(
+        mlflow_standby: MlflowServer, blobs: BlobStore, mlflow_model_name: str,
+        tmp_path: Path) -> None:
+    """A file already in the version's place on the standby (a crash after its upload)
+    with the right size but other bytes is uploaded again, not taken as done."""
+    from connectors.mlflow.client import RegistryClient
+
+    name = mlflow_model_name
+    data = os.urandom(100_000)
+    f = await put_file(blobs, "w.bin", data, chunk=30_000)
+    events = diff(empty_state(), {"models": {name: model({"1": version([f])})}})
+    sink = make_sink(mlflow_standby, blobs, f"sink-{uuid.uuid4().hex[:8]}")
+    try:
+        await sink.start()
+        await sink.apply(1, digest(1), 1, body(events))
+        async with RegistryClient(mlflow_standby.tracking_uri) as rc:
+            root = await rc.artifact_root(name, 1)
+
+            async def zeros() -> AsyncIterator[bytes]:
+                yield bytes(len(data))
+
+            await rc.upload(f"{root}/w.bin", zeros(), size=len(data))
+        # the model is gone again (as if it had never been made) and the log is re-read
+        mlflow_standby.client().delete_registered_model(name)
+        await sink.apply(2, digest(2), 2, body(events))
+    finally:
+        await sink.close()
+    got = file_digests(mlflow_standby.tracking_uri, name, 1, tmp_path / "dl")
+    assert got == {"w.bin": (len(data), hashlib.sha256(data).hexdigest())}

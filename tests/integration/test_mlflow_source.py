@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,14 @@ import connectors.mlflow  # noqa: F401  (registers the source until daemon/store
 from connectors.file.store import FileStore, FileStoreConfig
 from connectors.mlflow.client import RegistryClient
 from connectors.mlflow.config import MlflowSourceConfig
-from connectors.mlflow.events import fold, load_state
+from connectors.mlflow.events import empty_state, fold, load_state
 from connectors.mlflow.metrics import SOURCE_UP
 from connectors.mlflow.source import MlflowSource
 from daemon.blobs import BlobStore
 from daemon.keyring import KeyRing
 from daemon.source import Delivery
 from tests.infra.mlflow import MlflowServer
-from tests.integration.mlflowlib import log_version
+from tests.integration.mlflowlib import RegistryProxy, log_run, log_version, registry_view
 
 pytestmark = pytest.mark.integration
 
@@ -82,6 +82,32 @@ async def next_delivery(src: MlflowSource, timeout: float = 30.0) -> Delivery:
 def events_of(d: Delivery) -> list[dict[str, Any]]:
     assert [b.stream for b in d.events] == ["mlflow:primary"]
     return d.events[0].events
+
+
+@pytest.fixture
+def proxy(mlflow_primary: MlflowServer) -> Iterator[RegistryProxy]:
+    """The primary behind a proxy that can make a change land between two calls."""
+    with RegistryProxy(mlflow_primary.tracking_uri) as p:
+        yield p
+
+
+async def drain(src: MlflowSource, quiet_s: float = 1.5, timeout: float = 60
+                ) -> list[list[dict[str, Any]]]:
+    """The events of every delivery until the source has nothing to ship for `quiet_s`."""
+    out: list[list[dict[str, Any]]] = []
+    deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < quiet_s:
+        assert time.monotonic() < deadline, f"the source kept shipping: {out}"
+        d = await src.read(0.2)
+        if d is not None:
+            out.append(events_of(d))
+            quiet_since = time.monotonic()
+    return out
+
+
+DELETIONS = {"model.deleted", "version.deleted", "alias.deleted", "model.tag.deleted",
+             "version.tag.deleted"}
 
 
 async def file_from_blobs(blobs: BlobStore, art: dict[str, Any]) -> bytes:
@@ -333,3 +359,180 @@ async def test_webhook_signed_with_another_secret_is_rejected(
             assert await src.read(0.2) is None
         assert bad._value.get() > before
         assert src.webhook_wakeups == 0
+
+
+def summary(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(e["type"], e["name"], *([e["new_name"]] if "new_name" in e else []),
+             *([e["version"]] if "version" in e else [])) for e in events]
+
+
+async def test_rename_during_a_reconcile_is_shipped_as_a_rename(
+        mlflow_primary: MlflowServer, proxy: RegistryProxy, mlflow_model_name: str,
+        blobs: BlobStore) -> None:
+    """The model is renamed between the source's listing of models and its listing of
+    versions: what ships is the rename, never its versions or aliases deleted."""
+    name, renamed = f"{mlflow_model_name}-a", f"{mlflow_model_name}-a-v2"
+    c = mlflow_primary.client()
+    await asyncio.to_thread(c.create_registered_model, name)
+    for i in range(2):
+        await asyncio.to_thread(log_version, mlflow_primary, name, {"f": bytes([i]) * 100})
+    await asyncio.to_thread(c.set_registered_model_alias, name, "prod", "2")
+    src = MlflowSource(source_config(mlflow_primary, mlflow_model_name, interval_s=60,
+                                     tracking_uri=proxy.url), log_id=LOG_ID, blobs=blobs)
+    await src.start({})
+    try:
+        first = events_of(await next_delivery(src))
+        assert [e["type"] for e in first] == ["model.created", "version.created",
+                                              "version.created", "alias.set"]
+        proxy.arm("model-versions/search",
+                  lambda: c.rename_registered_model(name, renamed))
+        src._wake.set()  # as a webhook would
+        shipped = await drain(src)
+        assert proxy.armed() == 0, "the rename was never forced"
+        assert [summary(evs) for evs in shipped] == [[("model.renamed", name, renamed)]]
+    finally:
+        await src.close()
+
+
+async def test_listings_that_keep_disagreeing_are_narrowed_never_deleted(
+        mlflow_primary: MlflowServer, proxy: RegistryProxy, mlflow_model_name: str,
+        blobs: BlobStore) -> None:
+    """A model renamed back and forth under every listing: the source never ships its
+    versions or itself as deleted, ships the changes of the other models meanwhile, and
+    the rename once the model holds still."""
+    a, flipped, b = (f"{mlflow_model_name}-a", f"{mlflow_model_name}-a-x",
+                     f"{mlflow_model_name}-b")
+    c = mlflow_primary.client()
+    for n in (a, b):
+        await asyncio.to_thread(c.create_registered_model, n)
+        await asyncio.to_thread(log_version, mlflow_primary, n, {"f": n.encode()})
+    await asyncio.to_thread(c.set_registered_model_alias, a, "prod", "1")
+    src = MlflowSource(source_config(mlflow_primary, mlflow_model_name, interval_s=60,
+                                     tracking_uri=proxy.url), log_id=LOG_ID, blobs=blobs)
+    await src.start({})
+    try:
+        shipped = [events_of(await next_delivery(src))]
+        names = [a, flipped]
+
+        def flip() -> None:
+            c.rename_registered_model(names[0], names[1])
+            names.reverse()
+
+        flips = 7  # odd: the model ends renamed
+        proxy.arm("model-versions/search", flip, times=flips)
+        await asyncio.to_thread(c.update_registered_model, b, "changed meanwhile")
+        src._wake.set()
+        d = await next_delivery(src)
+        assert proxy.armed() > 0, "the flapping stopped before the first delivery"
+        assert summary(events_of(d)) == [("model.description", b)]
+        shipped.append(events_of(d))
+        while proxy.armed():
+            src._wake.set()
+            if (d := await src.read(0.5)) is not None:
+                shipped.append(events_of(d))
+        src._wake.set()
+        shipped += await drain(src)
+    finally:
+        await src.close()
+    events = [e for evs in shipped for e in evs]
+    assert not [e for e in events if e["type"] in DELETIONS], summary(events)
+    assert ("model.renamed", a, flipped) in summary(events)
+    final = fold(empty_state(), events)
+    view = await asyncio.to_thread(registry_view, mlflow_primary.tracking_uri, mlflow_model_name)
+    assert sorted(final["models"]) == sorted(view) == sorted([flipped, b])
+    assert final["models"][flipped]["aliases"] == {"prod": 1}
+
+
+async def test_each_version_is_read_through_its_own_source(
+        mlflow_primary: MlflowServer, proxy: RegistryProxy, mlflow_model_name: str,
+        blobs: BlobStore) -> None:
+    """The model is deleted and created again, with versions 1 and 2 of other files,
+    right after the source listed a new version 2 of the old model: no version is ever
+    shipped with another version's files, and the new model is a new model."""
+    name = mlflow_model_name
+    c = mlflow_primary.client()
+    runs: dict[str, dict[str, bytes]] = {}
+
+    def run_with(label: str) -> tuple[str, str]:
+        files = {"MLmodel": f"label: {label}\n".encode(), "w.bin": os.urandom(70_000)}
+        run_id, source = log_run(c, files)
+        runs[run_id] = files
+        return run_id, source
+
+    old = [await asyncio.to_thread(run_with, f"old{i}") for i in (1, 2)]
+    new = [await asyncio.to_thread(run_with, f"new{i}") for i in (1, 2)]
+    await asyncio.to_thread(c.create_registered_model, name)
+    await asyncio.to_thread(c.create_model_version, name, old[0][1], old[0][0])
+    src = MlflowSource(source_config(mlflow_primary, name, interval_s=60,
+                                     tracking_uri=proxy.url), log_id=LOG_ID, blobs=blobs)
+    await src.start({})
+    try:
+        shipped = [events_of(await next_delivery(src))]
+        await asyncio.to_thread(c.create_model_version, name, old[1][1], old[1][0])
+
+        def recreate() -> None:
+            c.delete_registered_model(name)
+            c.create_registered_model(name)
+            for run_id, source in new:
+                c.create_model_version(name, source, run_id)
+
+        proxy.arm("model-versions/search", recreate, after=True)
+        src._wake.set()
+        shipped += await drain(src)
+        assert proxy.armed() == 0, "the re-creation was never forced"
+    finally:
+        await src.close()
+    events = [e for evs in shipped for e in evs]
+    for e in (e for e in events if e["type"] == "version.created"):
+        want = {p: hashlib.sha256(data).hexdigest() for p, data in runs[e["run_id"]].items()}
+        got = {a["path"]: a["sha256"] for a in e["artifacts"]}
+        assert got == want, f"version {e['version']} of run {e['run_id']} shipped with " \
+                            "another version's files"
+        for a in e["artifacts"]:
+            assert hashlib.sha256(await file_from_blobs(blobs, a)).hexdigest() == a["sha256"]
+    final = fold(empty_state(), events)
+    assert {n: v["run_id"] for n, v in final["models"][name]["versions"].items()} == \
+        {"1": new[0][0], "2": new[1][0]}
+    assert ("model.deleted", name) in summary(events)
+    assert summary(events)[-2:] == [("version.created", name, 1), ("version.created", name, 2)]
+
+
+async def test_recreated_name_and_rename_between_two_reconciles(
+        mlflow_primary: MlflowServer, mlflow_model_name: str, blobs: BlobStore) -> None:
+    """Between two reconciles one model is deleted and created again under its name, and
+    another is renamed while a new model takes its old name (version 1 registered from
+    the very run of the renamed model's version 1)."""
+    a, r = f"{mlflow_model_name}-a", f"{mlflow_model_name}-r"
+    c = mlflow_primary.client()
+    for n in (a, r):
+        await asyncio.to_thread(c.create_registered_model, n, {"gen": "1"})
+    r1_run, r1_source = await asyncio.to_thread(log_run, c, {"f": b"r1"})
+    await asyncio.to_thread(c.create_model_version, r, r1_source, r1_run)
+    await asyncio.to_thread(log_version, mlflow_primary, r, {"f": b"r2"})
+    for i in range(3):
+        await asyncio.to_thread(log_version, mlflow_primary, a, {"f": bytes([i])})
+    await asyncio.to_thread(c.set_registered_model_alias, a, "prod", "3")
+    src = MlflowSource(source_config(mlflow_primary, mlflow_model_name, interval_s=60),
+                       log_id=LOG_ID, blobs=blobs)
+    await src.start({})
+    try:
+        shipped = [events_of(await next_delivery(src))]
+        await asyncio.to_thread(c.delete_registered_model, a)
+        await asyncio.to_thread(c.create_registered_model, a, {"gen": "2"})
+        await asyncio.to_thread(log_version, mlflow_primary, a, {"f": b"new"})
+        await asyncio.to_thread(c.rename_registered_model, r, f"{r}-v2")
+        await asyncio.to_thread(c.create_registered_model, r, {"gen": "2"})
+        await asyncio.to_thread(c.create_model_version, r, r1_source, r1_run)
+        src._wake.set()
+        shipped += await drain(src)
+    finally:
+        await src.close()
+    assert summary(shipped[1]) == [
+        ("model.deleted", a), ("model.renamed", r, f"{r}-v2"), ("model.created", a),
+        ("model.created", r), ("version.created", a, 1), ("version.created", r, 1)]
+    assert len(shipped) == 2
+    final = fold(empty_state(), [e for evs in shipped for e in evs])
+    view = await asyncio.to_thread(registry_view, mlflow_primary.tracking_uri, mlflow_model_name)
+    assert {n: sorted(m["versions"], key=int) for n, m in final["models"].items()} == \
+        {n: [str(v) for v in sorted(m["versions"])] for n, m in view.items()}
+    assert final["models"][a]["tags"] == {"gen": "2"} and final["models"][a]["aliases"] == {}

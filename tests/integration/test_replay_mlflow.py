@@ -20,7 +20,6 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ import pytest
 from connectors.mlflow.client import RegistryClient
 from connectors.mlflow.events import SOURCE_TAG, empty_state, fold
 from connectors.mlflow.verify import compare_registry
-from daemon.codec import EventBatch
 from tests.infra.mlflow import MlflowServer
 from tests.integration.applylib import (
     DrSetup,
@@ -48,8 +46,11 @@ from tests.integration.mlflowlib import (
     CHECKPOINT_MODEL_PREFIX,
     client,
     file_digests,
+    log_events,
     log_version,
     registry_view,
+    rfc3339,
+    state_view,
     view_diff,
     write_mlflow_config,
 )
@@ -61,30 +62,10 @@ pytestmark = pytest.mark.integration
 # --------------------------------------------------------------------------- helpers
 
 
-def rfc3339(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
-
-
-def events_of(segments: list[Segment], stream: str) -> list[dict[str, Any]]:
-    return [ev for s in segments for b in s.body.batches
-            if isinstance(b, EventBatch) and b.stream == stream for ev in b.events]
-
-
-def expected_view(state: dict[str, Any]) -> dict[str, Any]:
-    """A folded RegistryState in the shape of mlflowlib.registry_view."""
-    return {name: {"description": m["description"], "tags": m["tags"],
-                   "aliases": dict(m["aliases"]),
-                   "versions": {int(n): {"description": v["description"], "tags": v["tags"],
-                                         "stage": v["stage"]}
-                                for n, v in m["versions"].items()}}
-            for name, m in state["models"].items()}
-
-
 def check_registry(uri: str, prefix: str, state: dict[str, Any], tmp: Path) -> None:
     """The registry's models under `prefix` are exactly `state`: metadata, and every
     version's files (downloaded with mlflow's client) by size and sha256."""
-    want, have = expected_view(state), registry_view(uri, prefix)
+    want, have = state_view(state), registry_view(uri, prefix)
     diffs = view_diff(want, have, labels=("log", "target"))
     assert not diffs, "target registry differs from the log's state:\n  " + "\n  ".join(diffs)
     for name, m in state["models"].items():
@@ -116,10 +97,10 @@ class RegistryLog:
 
     @property
     def events(self) -> list[dict[str, Any]]:
-        return events_of(self.segments, self.stream)
+        return log_events(self.segments, self.stream)
 
     def events_through(self, seq: int) -> list[dict[str, Any]]:
-        return events_of([s for s in self.segments if s.seq <= seq], self.stream)
+        return log_events([s for s in self.segments if s.seq <= seq], self.stream)
 
 
 def files(label: str, size: int = 300_000) -> dict[str, bytes]:
@@ -178,13 +159,13 @@ def registry_log(_mlflow_primary_server: MlflowServer, _mlflow_standby_server: M
         ship = pool.ship(setup)
         ship.wait_ready(90)
         for label, action, etype in history(primary, prefix):
-            before = sum(e["type"] == etype for e in events_of(
+            before = sum(e["type"] == etype for e in log_events(
                 read_segments(setup.raw["store"], setup.log_id, setup.keyring), stream))
             action()
 
             def shipped(etype: str = etype, before: int = before, label: str = label) -> bool:
                 segs = read_segments(setup.raw["store"], setup.log_id, setup.keyring)
-                if sum(e["type"] == etype for e in events_of(segs, stream)) <= before:
+                if sum(e["type"] == etype for e in log_events(segs, stream)) <= before:
                     return False
                 marks[label] = segs[-1].seq
                 return True
@@ -193,7 +174,7 @@ def registry_log(_mlflow_primary_server: MlflowServer, _mlflow_standby_server: M
         ship.stop_ok()
     segments = read_segments(setup.raw["store"], setup.log_id, setup.keyring)
     log = RegistryLog(setup, stream, prefix, segments, marks["version a2, stage"])
-    later = [s.seq for s in segments if s.seq > log.mid_seq and events_of([s], stream)]
+    later = [s.seq for s in segments if s.seq > log.mid_seq and log_events([s], stream)]
     assert later, "no events after the middle of the history: the cut would prove nothing"
     print(f"registry log: {len(log.events)} events in {len(segments)} segments in "
           f"{time.monotonic() - started:.1f}s; middle seq {log.mid_seq}, steps at {marks}")
@@ -331,7 +312,7 @@ def test_drill_of_a_tampered_registry_log_fails_naming_the_segment(
 ) -> None:
     log = registry_log
     setup, store = copy_log(log.setup.raw, tmp_path)
-    with_events = [s.seq for s in log.segments if events_of([s], log.stream)]
+    with_events = [s.seq for s in log.segments if log_events([s], log.stream)]
     seq = with_events[len(with_events) // 2]
     flip_body_byte(store, setup.log_id, seq)
     res, report = drill(setup, "--target-mlflow", standby, "--stream", log.stream)

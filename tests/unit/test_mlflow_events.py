@@ -60,8 +60,11 @@ def tags() -> st.SearchStrategy[dict[str, str]]:
                            max_size=3)
 
 
+IDENTITIES = st.integers(1, 6)  # a small range: two models created in one millisecond
+
+
 @st.composite
-def states(draw: Any) -> dict[str, Any]:
+def states(draw: Any, identities: bool = True) -> dict[str, Any]:
     models = {}
     for name in draw(st.sets(NAMES, max_size=4)):
         vs = draw(versions())
@@ -71,23 +74,41 @@ def states(draw: Any) -> dict[str, Any]:
                 aliases[a] = int(draw(st.sampled_from(sorted(vs))))
         models[name] = {"description": draw(TEXT), "tags": draw(tags()), "aliases": aliases,
                         "versions": vs}
+        if identities:
+            models[name]["created_ms"] = draw(IDENTITIES)
     return validate_state({"models": models})
 
 
 @st.composite
 def evolved(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(old, new) where new is old after registry-like changes (renames included)."""
+    """(old, new) where new is old after registry-like changes: edits, deletions,
+    renames (to any free name, also one freed in the same step, and swaps), models
+    deleted and created again under their name (a new identity, numbering from 1), and
+    renames whose old name is taken at once by a new model."""
     old = draw(states())
     new = copy.deepcopy(old)
     models = new["models"]
-    for name in sorted(models):
-        op = draw(st.sampled_from(["keep", "rename", "delete", "edit"]))
-        if op == "rename":
+    later = 100  # identities of models created in this step: after every old one
+    for name in sorted(old["models"]):
+        if name not in models or models[name]["created_ms"] != old["models"][name]["created_ms"]:
+            continue  # moved or replaced already in this step
+        op = draw(st.sampled_from(["keep", "rename", "delete", "edit", "recreate",
+                                   "rename+reuse", "swap"]))
+        if op in ("rename", "rename+reuse"):
             target = draw(NAMES)
-            if target not in models and target not in old["models"]:
+            if target not in models:
                 models[target] = models.pop(name)
+                if op == "rename+reuse":
+                    later += 1
+                    models[name] = fresh_model(draw, later)
+        elif op == "swap":
+            other = draw(st.sampled_from(sorted(models)))
+            models[name], models[other] = models[other], models[name]
         elif op == "delete":
             del models[name]
+        elif op == "recreate":
+            later += 1
+            models[name] = fresh_model(draw, later)
         elif op == "edit":
             m = models[name]
             m["description"] = draw(TEXT)
@@ -106,6 +127,14 @@ def evolved(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             if m["versions"] and draw(st.booleans()):
                 m["aliases"]["champion"] = int(draw(st.sampled_from(sorted(m["versions"]))))
     return old, validate_state(new)
+
+
+def fresh_model(draw: Any, created_ms: int) -> dict[str, Any]:
+    """A model just created on the primary: its versions are numbered from 1 again."""
+    vs = {str(n): draw(versions().filter(bool)).popitem()[1]
+          for n in range(1, 1 + draw(st.integers(0, 2)))}
+    return {"description": draw(TEXT), "tags": draw(tags()), "aliases": {}, "versions": vs,
+            "created_ms": created_ms}
 
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -130,6 +159,8 @@ def test_fold_diff_is_new_for_evolved_states(pair: tuple[dict[str, Any], dict[st
     assert fold(old, events) == new
     assert old == before  # neither diff nor fold changes its input
     check_order(old, events)
+    check_identity(old, new, events)
+    check_standby_numbering(old, events)
 
 
 @PROPS
@@ -155,9 +186,11 @@ def test_canonical_json_round_trip(s: dict[str, Any]) -> None:
 def check_order(old: dict[str, Any], events: list[dict[str, Any]]) -> None:
     types = [e["type"] for e in events]
     idx = {t: [i for i, x in enumerate(types) if x == t] for t in EVENT_FIELDS}
-    # renames first
-    if idx["model.renamed"]:
-        assert idx["model.renamed"] == list(range(len(idx["model.renamed"])))
+    # deletions that free a name a rename or a creation needs, then renames, first
+    freed = {e["new_name"] for e in events if e["type"] == "model.renamed"} | \
+        {e["name"] for e in events if e["type"] == "model.created"}
+    early = [i for i in idx["model.deleted"] if events[i]["name"] in freed]
+    assert early + idx["model.renamed"] == list(range(len(early) + len(idx["model.renamed"])))
     # creations before the aliases that point at them
     created_at = {(e["name"], e["version"]): i for i, e in enumerate(events)
                   if e["type"] == "version.created"}
@@ -175,6 +208,50 @@ def check_order(old: dict[str, Any], events: list[dict[str, Any]]) -> None:
         nums = [e["version"] for e in events
                 if e["type"] == "version.created" and e["name"] == name]
         assert nums == sorted(nums)
+
+
+def _unique_identities(state: dict[str, Any]) -> dict[int, str]:
+    """created_ms -> name, for the identities only one model of `state` has."""
+    seen: dict[int, list[str]] = {}
+    for name, m in state["models"].items():
+        if m.get("created_ms") is not None:
+            seen.setdefault(m["created_ms"], []).append(name)
+    return {c: names[0] for c, names in seen.items() if len(names) == 1}
+
+
+def check_identity(old: dict[str, Any], new: dict[str, Any],
+                   events: list[dict[str, Any]]) -> None:
+    """A model that is in both states (same identity) is never deleted and created again
+    (a rename is a rename), and a name whose model was replaced is never edited into the
+    new one: fold == new already says the new identity came with a model.created."""
+    before, after = _unique_identities(old), _unique_identities(new)
+    created = {e.get("created_ms") for e in events if e["type"] == "model.created"}
+    for c in set(before) & set(after):
+        assert c not in created, f"model {before[c]!r} -> {after[c]!r} was created anew"
+    renames = {(e["name"], e["new_name"]) for e in events if e["type"] == "model.renamed"}
+    for c in set(before) & set(after):
+        if before[c] != after[c]:
+            assert renames, f"model {before[c]!r} -> {after[c]!r} was not renamed"
+
+
+def check_standby_numbering(old: dict[str, Any], events: list[dict[str, Any]]) -> None:
+    """The events can be replayed on an MLflow registry, which numbers a model's versions
+    upward only (a deleted number is never handed out again in the same model; a model
+    created anew starts at 1): every version.created is above what its model had."""
+    high = {name: max(map(int, m["versions"]), default=0)
+            for name, m in old["models"].items()}
+    for e in events:
+        t = e["type"]
+        if t == "model.created":
+            high[e["name"]] = 0
+        elif t == "model.renamed":
+            high[e["new_name"]] = high.pop(e["name"])
+        elif t == "model.deleted":
+            del high[e["name"]]
+        elif t == "version.created":
+            assert e["version"] > high[e["name"]], \
+                f"{e['name']!r}: version {e['version']} after {high[e['name']]} in one model"
+            high[e["name"]] = e["version"]
 
 
 def model(versions: dict[str, Any], **kw: Any) -> dict[str, Any]:
@@ -214,6 +291,114 @@ def test_model_recreated_under_same_name_is_deleted_first() -> None:
     events = diff(old, new)
     assert [e["type"] for e in events] == ["model.deleted", "model.created", "version.created"]
     assert fold(old, events) == new
+
+
+def types_and_names(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(e["type"], e["name"], *([e["new_name"]] if "new_name" in e else []),
+             *([e["version"]] if "version" in e else [])) for e in events]
+
+
+def test_recreated_name_with_no_version_in_common_is_deleted_and_created() -> None:
+    """Deleted and created again under its name between two reconciles: the new model
+    has none of the old version numbers yet, or reuses them for other versions. Either
+    way it is a new model (numbering from 1 on the standby), never edits of the old."""
+    old = {"models": {"m": model({"1": version("s3://x/1"), "2": version("s3://x/2"),
+                                  "3": version("s3://x/3")}, tags={"team": "ml"},
+                                 aliases={"prod": 3}, created_ms=1000)}}
+    empty = {"models": {"m": model({}, created_ms=1400)}}
+    events = diff(old, empty)
+    assert types_and_names(events) == [("model.deleted", "m"), ("model.created", "m")]
+    assert events[1]["created_ms"] == 1400
+    assert fold(old, events) == empty
+    again = {"models": {"m": model({"1": version("s3://y/1"), "2": version("s3://y/2")},
+                                   created_ms=1400)}}
+    events = diff(old, again)
+    assert types_and_names(events) == [("model.deleted", "m"), ("model.created", "m"),
+                                       ("version.created", "m", 1),
+                                       ("version.created", "m", 2)]
+    assert fold(old, events) == again
+    # from the state where the new model had no versions yet: plain version creations
+    assert types_and_names(diff(empty, again)) == [("version.created", "m", 1),
+                                                   ("version.created", "m", 2)]
+
+
+def test_rename_and_a_new_model_under_the_old_name_in_one_diff() -> None:
+    """Renamed, and a new model takes the old name at once, its version 1 registered from
+    the same run (same source and files): the identity tells them apart."""
+    v1, v2 = version("runs:/r1/model"), version("runs:/r2/model")
+    old = {"models": {"r": model({"1": v1, "2": v2}, aliases={"prod": 2}, created_ms=500)}}
+    new = {"models": {"r-v2": model({"1": v1, "2": v2}, aliases={"prod": 2}, created_ms=500),
+                      "r": model({"1": copy.deepcopy(v1)}, created_ms=900)}}
+    events = diff(old, new)
+    assert types_and_names(events) == [("model.renamed", "r", "r-v2"),
+                                       ("model.created", "r"), ("version.created", "r", 1)]
+    assert fold(old, events) == new
+
+
+def test_deleted_model_name_taken_by_a_rename() -> None:
+    old = {"models": {"a": model({"1": version("s3://a/1")}, created_ms=1),
+                      "b": model({"1": version("s3://b/1")}, created_ms=2)}}
+    new = {"models": {"a": model({"1": version("s3://b/1")}, created_ms=2)}}
+    events = diff(old, new)
+    assert types_and_names(events) == [("model.deleted", "a"), ("model.renamed", "b", "a")]
+    assert fold(old, events) == new
+
+
+def test_models_that_swap_names_are_renamed_through_a_free_name() -> None:
+    old = {"models": {"a": model({"1": version("s3://a/1")}, created_ms=1),
+                      "b": model({"1": version("s3://b/1"), "2": version("s3://b/2")},
+                                 created_ms=2)}}
+    new = {"models": {"a": copy.deepcopy(old["models"]["b"]),
+                      "b": copy.deepcopy(old["models"]["a"])}}
+    events = diff(old, new)
+    assert [e["type"] for e in events] == ["model.renamed"] * 3
+    temp = events[0]["new_name"]
+    assert temp not in ("a", "b") and events[-1] == {"type": "model.renamed", "name": temp,
+                                                     "new_name": "b"}
+    assert fold(old, events) == new
+
+
+def test_models_created_in_the_same_millisecond_keep_their_identity() -> None:
+    old = {"models": {"a": model({"1": version("s3://a/1")}, created_ms=7),
+                      "b": model({"1": version("s3://b/1")}, created_ms=7)}}
+    new = {"models": {"a": copy.deepcopy(old["models"]["a"]),
+                      "c": copy.deepcopy(old["models"]["b"])}}
+    assert types_and_names(diff(old, new)) == [("model.renamed", "b", "c")]
+    both_renamed = {"models": {"x": copy.deepcopy(old["models"]["b"]),
+                               "y": copy.deepcopy(old["models"]["a"])}}
+    events = diff(old, both_renamed)
+    assert types_and_names(events) == [("model.renamed", "a", "y"),
+                                       ("model.renamed", "b", "x")]
+    assert fold(old, events) == both_renamed
+
+
+# A state blob as the previous version of the source wrote it: no model identities.
+LEGACY_STATE_BLOB = (
+    b'{"models":{"m":{"aliases":{"prod":1},"description":"d","tags":{"team":"ml"},'
+    b'"versions":{"1":{"artifacts":[],"description":"","run_id":"r1","source":"runs:/r1/m",'
+    b'"stage":"None","tags":{}}}}}}')
+
+
+def test_a_state_and_events_without_identities_still_load_and_fold() -> None:
+    """Logs written before models carried an identity replay as before, and the source
+    resumes from their state blob: a model it sees again under the same name with the
+    same versions is the same model; one whose version now names another is replaced."""
+    legacy = load_state(LEGACY_STATE_BLOB)
+    created = [{"type": "model.created", "name": "m", "description": "d",
+                "tags": {"team": "ml"}},
+               {"type": "version.created", "name": "m", "version": 1, "description": "",
+                "tags": {}, "stage": "None", "run_id": "r1", "source": "runs:/r1/m",
+                "artifacts": []},
+               {"type": "alias.set", "name": "m", "alias": "prod", "version": 1}]
+    assert fold(empty_state(), created) == legacy
+    live = copy.deepcopy(legacy)
+    live["models"]["m"]["created_ms"] = 123
+    live["models"]["m"]["versions"]["2"] = version("runs:/r2/m")
+    events = diff(legacy, live)
+    assert types_and_names(events) == [("version.created", "m", 2)]
+    replaced = {"models": {"m": model({"1": version("runs:/other/m")}, created_ms=456)}}
+    assert types_and_names(diff(legacy, replaced)) == [
+        ("model.deleted", "m"), ("model.created", "m"), ("version.created", "m", 1)]
 
 
 def test_internal_tags_and_checkpoint_models_are_not_diffed() -> None:
@@ -277,6 +462,15 @@ def test_missing_field_is_named(missing: str) -> None:
         validate_event(ev)
 
 
+@pytest.mark.parametrize("created_ms", ["5", -1, True, 1.5, None])
+def test_model_created_identity_must_be_a_timestamp(created_ms: Any) -> None:
+    ev = {"type": "model.created", "name": "m", "description": "", "tags": {}}
+    validate_event(ev)
+    validate_event({**ev, "created_ms": 1796304259910})
+    with pytest.raises(EventError, match="'created_ms'"):
+        validate_event({**ev, "created_ms": created_ms})
+
+
 def test_not_an_object() -> None:
     with pytest.raises(EventError, match="must be an object"):
         validate_event(["model.created"])
@@ -297,6 +491,10 @@ def test_fold_rejects_events_that_do_not_apply() -> None:
     b"{", b"[]", b'{"models":{}, "x":1}', b'{"models":{"m":{"description":""}}}',
     b'{"models":{"m":{"description":"","tags":{},"aliases":{"a":2},"versions":{}}}}',
     b'{"models":{"m":{"description":"","tags":{},"aliases":{},"versions":{"01":{}}}}}',
+    b'{"models":{"m":{"description":"","tags":{},"aliases":{},"versions":{},'
+    b'"created_ms":"5"}}}',
+    b'{"models":{"m":{"description":"","tags":{},"aliases":{},"versions":{},'
+    b'"created_ms":-1}}}',
 ])
 def test_bad_states_are_rejected(bad: bytes) -> None:
     with pytest.raises(EventError):
