@@ -9,9 +9,18 @@ into the log; the `mlflow` sink replays them on the standby. Both sides rely on
 State (canonical JSON = sorted keys, compact separators, ASCII):
 
     {"models": {name: {"description": str, "tags": {k: v}, "aliases": {alias: version},
+       "created_ms": int (optional),
        "versions": {"<n>": {"description": str, "tags": {k: v}, "stage": str,
           "run_id": str | null, "source": str,
           "artifacts": [{"path": str, "size": int, "sha256": hex, "chunks": [hex]}]}}}}}
+
+A model is more than its name: `created_ms` (the primary's creation time of the registered
+model; a rename keeps it, a model deleted and created again under its name gets a new
+one) and its versions (numbers whose run, source and files never change) tell which old
+model, if any, a model of the new state is. `diff` ships a re-created name as delete +
+create and a rename as a rename, never as edits of another model. States and events
+written before models carried `created_ms` still load and fold; such models are matched
+by name and versions alone.
 
 Tags whose key starts with `drstream.` are drstream's own bookkeeping on a standby and
 are never diffed; nor are the sink's checkpoint models (`drstream.checkpoint.*`).
@@ -58,6 +67,10 @@ def _name(v: Any) -> bool:
 
 def _int_version(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _timestamp(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _opt_str(v: Any) -> bool:
@@ -123,6 +136,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "run_id": (_opt_str, "a string or null"),
     "source": (_str, "a string"),
     "alias": (_name, "a non-empty string"),
+    "created_ms": (_timestamp, "an integer >= 0 (milliseconds since the epoch)"),
 }
 
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -142,6 +156,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "alias.set": ("name", "alias", "version"),
     "alias.deleted": ("name", "alias"),
 }
+# Fields an event may leave out: logs written before models carried an identity.
+OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {"model.created": ("created_ms",)}
 
 
 def validate_event(ev: Any) -> Event:
@@ -153,11 +169,14 @@ def validate_event(ev: Any) -> Event:
         raise EventError(f"registry event: field 'type' must be one of "
                          f"{sorted(EVENT_FIELDS)} (got {etype!r})")
     fields = EVENT_FIELDS[etype]
+    optional = OPTIONAL_FIELDS.get(etype, ())
     what = f"registry event {etype}"
     if isinstance(ev.get("name"), str):
         what += f" (model {ev['name']!r})"
-    for f in fields:
+    for f in (*fields, *optional):
         if f not in ev:
+            if f in optional:
+                continue
             raise EventError(f"{what}: field {f!r} is missing")
         if f == "artifacts":
             why = _artifacts_error(ev[f])
@@ -168,7 +187,7 @@ def validate_event(ev: Any) -> Event:
         ok, expected = _CHECKS[f]
         if not ok(ev[f]):
             raise EventError(f"{what}: field {f!r} must be {expected} (got {ev[f]!r:.80})")
-    extra = set(ev) - set(fields) - {"type"}
+    extra = set(ev) - set(fields) - set(optional) - {"type"}
     if extra:
         raise EventError(f"{what}: unknown field(s) {sorted(extra)}")
     return ev
@@ -220,10 +239,12 @@ def validate_state(state: Any) -> State:
         where = f"registry state: model {name!r}"
         if not _name(name):
             raise EventError("registry state: model names must be non-empty strings")
-        if not isinstance(m, dict) or set(m) != {"description", "tags", "aliases", "versions"}:
-            raise EventError(f"{where} must have exactly description, tags, aliases, versions")
-        for f in ("description", "tags"):
-            if not _CHECKS[f][0](m[f]):
+        if not isinstance(m, dict) or not _MODEL_FIELDS <= set(m) <= {*_MODEL_FIELDS,
+                                                                      "created_ms"}:
+            raise EventError(f"{where} must have exactly description, tags, aliases, versions "
+                             "(and created_ms)")
+        for f in ("description", "tags", "created_ms"):
+            if f in m and not _CHECKS[f][0](m[f]):
                 raise EventError(f"{where}: field {f!r} must be {_CHECKS[f][1]}")
         if not isinstance(m["versions"], dict):
             raise EventError(f"{where}: field 'versions' must be an object")
@@ -248,6 +269,7 @@ def validate_state(state: Any) -> State:
     return state
 
 
+_MODEL_FIELDS = frozenset({"description", "tags", "aliases", "versions"})
 _VERSION_FIELDS = ("description", "tags", "stage", "run_id", "source", "artifacts")
 
 
@@ -273,22 +295,99 @@ def _immutable(v: Mapping[str, Any]) -> tuple[Any, ...]:
     return (v["run_id"], v["source"], v["artifacts"])
 
 
-def _is_rename(old_m: Mapping[str, Any], new_m: Mapping[str, Any]) -> int:
-    """How many versions say `new_m` is `old_m` renamed (0: not a rename)."""
+def _common(old_m: Mapping[str, Any], new_m: Mapping[str, Any]) -> int | None:
+    """How many version numbers the two have in common naming the same version; None
+    when one names another version in each (so they are not one model: MLflow never
+    numbers two versions of a model alike)."""
     common = set(old_m["versions"]) & set(new_m["versions"])
-    if not common:
-        return 0
-    for n in common:
-        a, b = old_m["versions"][n], new_m["versions"][n]
-        if _immutable(a) != _immutable(b):
-            return 0
+    if any(_immutable(old_m["versions"][n]) != _immutable(new_m["versions"][n])
+           for n in common):
+        return None
     return len(common)
 
 
-def _replaced(old_m: Mapping[str, Any], new_m: Mapping[str, Any]) -> bool:
-    """Same name, but a version number now means another version: deleted and recreated."""
-    return any(_immutable(old_m["versions"][n]) != _immutable(new_m["versions"][n])
-               for n in set(old_m["versions"]) & set(new_m["versions"]))
+def _identity(m: Mapping[str, Any]) -> int | None:
+    return m.get("created_ms")
+
+
+def _match(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, str]:
+    """Old name -> new name of every model that is in both states (renamed or not).
+
+    A model is the one with its identity (`created_ms`) whose versions agree with it;
+    among models created in the same millisecond, the one that kept its name, else the
+    one sharing most versions (then name order). Where a side has no identity (a state
+    written before identities), a model keeps its name unless a version now names
+    another, and one gone under its name was renamed if its versions reappear under a
+    name that no other model holds."""
+    pairs: dict[str, str] = {}
+    taken: set[str] = set()
+    old_ids = {_identity(m) for m in old.values()} - {None}
+    by_id: dict[Any, list[str]] = {}
+    for n in sorted(new):
+        by_id.setdefault(_identity(new[n]), []).append(n)
+
+    def no_id(o: str, n: str) -> bool:
+        c = _identity(new[n])
+        return (_identity(old[o]) is None or c is None) and c not in old_ids
+
+    def take(o: str, candidates: Iterable[str], need: int = 0) -> None:
+        scored = [(score, n) for n in candidates if n not in taken
+                  and (score := _common(old[o], new[n])) is not None and score >= need]
+        if o not in pairs and scored:
+            pairs[o] = max(scored, key=lambda sn: sn[0])[1]  # first best: name order
+            taken.add(pairs[o])
+
+    same_id = {o: by_id.get(_identity(old[o]), []) if _identity(old[o]) is not None else []
+               for o in old}
+    for o in sorted(old):
+        take(o, [o] if o in same_id[o] else [])
+    for o in sorted(old):
+        take(o, same_id[o])
+    for o in sorted(old):
+        take(o, [o] if o in new and no_id(o, o) else [])
+    legacy = [n for n in sorted(new) if _identity(new[n]) not in old_ids]
+    for o in sorted(set(old) - set(pairs)):  # few: models gone under their name
+        take(o, [n for n in legacy if no_id(o, n)], need=1)
+    return pairs
+
+
+def adopt_identities(old: State, new: State) -> State:
+    """`old`, its models without an identity (a state written before identities) given
+    the one of the model of `new` that `diff` takes them to be: from then on a model
+    deleted and created again is told apart even when no version number is common."""
+    if all(_identity(m) is not None for m in old["models"].values()):
+        return old
+    out = copy.deepcopy(old)
+    for o, n in _match(_public_models(old), _public_models(new)).items():
+        if _identity(out["models"][o]) is None and _identity(new["models"][n]) is not None:
+            out["models"][o]["created_ms"] = _identity(new["models"][n])
+    return out
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    """A name for a model on its way to a name another model still holds (a swap)."""
+    k = 1
+    while (tmp := f"{name} (drstream rename {k})") in taken:
+        k += 1
+    return tmp
+
+
+def _rename_events(renames: list[tuple[str, str]], names: set[str],
+                   avoid: set[str]) -> list[Event]:
+    """The renames in an order that never takes a name in use (`names`, updated as the
+    renames go); models that swap names move aside to a free name first."""
+    todo, out = sorted(renames), []
+    while todo:
+        i = next((i for i, (_, dst) in enumerate(todo) if dst not in names), None)
+        src, dst = todo.pop(0 if i is None else i)
+        if i is None:  # every target is held by a model still to move: a cycle
+            tmp = _free_name(src, names | avoid)
+            todo.insert(0, (tmp, dst))
+            dst = tmp
+        out.append({"type": "model.renamed", "name": src, "new_name": dst})
+        names.remove(src)
+        names.add(dst)
+    return out
 
 
 def _tag_events(prefix: dict[str, Any], etype: str, old: Mapping[str, str],
@@ -310,38 +409,19 @@ def _public_models(state: State) -> dict[str, Any]:
 def diff(old: State, new: State) -> list[Event]:
     """The events that turn `old` into `new`, in apply order:
 
-    renames; replaced models' deletions; model creations; version creations (increasing
-    version number); descriptions; stages; tags; aliases set; aliases deleted; versions
-    deleted; models deleted."""
+    deletions of models whose name a rename or a creation takes; renames; model
+    creations; version creations (increasing version number); descriptions; stages;
+    tags; aliases set; aliases deleted; versions deleted; the other model deletions."""
     old_models, new_models = _public_models(old), _public_models(new)
-
-    # Renames: a model gone under its old name whose versions (numbers and immutable
-    # fields) reappear under a name that is new.
-    gone = sorted(set(old_models) - set(new_models))
-    fresh = sorted(set(new_models) - set(old_models))
-    renames: list[tuple[str, str]] = []
-    taken: set[str] = set()
-    for o in gone:
-        best, score = None, 0
-        for cand in fresh:
-            if cand in taken:
-                continue
-            hits = _is_rename(old_models[o], new_models[cand])
-            if hits > score:
-                best, score = cand, hits
-        if best is not None:
-            renames.append((o, best))
-            taken.add(best)
-    mid = dict(old_models)
-    for src, dst in renames:
-        mid[dst] = mid.pop(src)
-
-    renamed = [{"type": "model.renamed", "name": s, "new_name": d} for s, d in renames]
-    replaced = sorted(x for x in set(mid) & set(new_models)
-                      if _replaced(mid[x], new_models[x]))
-    for x in replaced:
-        del mid[x]
-    early_deletes = [{"type": "model.deleted", "name": x} for x in replaced]
+    pairs = _match(old_models, new_models)
+    renames = [(o, n) for o, n in pairs.items() if o != n]
+    taken = {n for _, n in renames} | (set(new_models) - set(pairs.values()))
+    gone = sorted(set(old_models) - set(pairs))
+    early = [{"type": "model.deleted", "name": x} for x in gone if x in taken]
+    deleted = [{"type": "model.deleted", "name": x} for x in gone if x not in taken]
+    renamed = _rename_events(renames, set(old_models) - {e["name"] for e in early},
+                             set(old["models"]) | set(new["models"]))
+    mid = {n: old_models[o] for o, n in pairs.items()}
 
     created: list[Event] = []
     v_created: list[Event] = []
@@ -351,7 +431,6 @@ def diff(old: State, new: State) -> list[Event]:
     alias_set: list[Event] = []
     alias_deleted: list[Event] = []
     v_deleted: list[Event] = []
-    deleted = [{"type": "model.deleted", "name": x} for x in sorted(set(mid) - set(new_models))]
 
     empty: dict[str, Any] = {"description": "", "tags": {}, "aliases": {}, "versions": {}}
     for name in sorted(new_models):
@@ -359,7 +438,8 @@ def diff(old: State, new: State) -> list[Event]:
         om = mid.get(name)
         if om is None:
             created.append({"type": "model.created", "name": name,
-                            "description": nm["description"], "tags": public_tags(nm["tags"])})
+                            "description": nm["description"], "tags": public_tags(nm["tags"]),
+                            **({} if _identity(nm) is None else {"created_ms": _identity(nm)})})
             om = empty
         else:
             if om["description"] != nm["description"]:
@@ -393,7 +473,7 @@ def diff(old: State, new: State) -> list[Event]:
             if str(n) not in nm["versions"]:
                 v_deleted.append({"type": "version.deleted", "name": name, "version": n})
 
-    return [*renamed, *early_deletes, *created, *v_created, *descriptions, *stages, *tags,
+    return [*early, *renamed, *created, *v_created, *descriptions, *stages, *tags,
             *alias_set, *alias_deleted, *v_deleted, *deleted]
 
 
@@ -423,6 +503,8 @@ def apply_event(state: State, ev: Event) -> None:
             raise EventError(f"model.created: model {ev['name']!r} already exists")
         models[ev["name"]] = {"description": ev["description"], "tags": dict(ev["tags"]),
                               "aliases": {}, "versions": {}}
+        if "created_ms" in ev:
+            models[ev["name"]]["created_ms"] = ev["created_ms"]
     elif t == "model.renamed":
         m = _model(state, ev)
         if ev["new_name"] in models:

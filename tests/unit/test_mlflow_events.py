@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from connectors.mlflow.events import (
     EVENT_FIELDS,
     EventError,
+    adopt_identities,
     diff,
     dump_state,
     empty_state,
@@ -113,6 +114,7 @@ def evolved(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             m = models[name]
             m["description"] = draw(TEXT)
             m["tags"] = draw(tags())
+            top = max([int(n) for n in m["versions"]] + [0])  # deleted numbers stay used
             for n in list(m["versions"]):
                 if draw(st.booleans()):
                     del m["versions"][n]
@@ -121,7 +123,6 @@ def evolved(draw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                     m["versions"][n]["stage"] = draw(STAGES)
                     m["versions"][n]["description"] = draw(TEXT)
                     m["versions"][n]["tags"] = draw(tags())
-            top = max([int(n) for n in m["versions"]] + [0])
             for n in range(top + 1, top + 1 + draw(st.integers(0, 2))):
                 m["versions"][str(n)] = draw(versions().filter(bool)).popitem()[1]
             if m["versions"] and draw(st.booleans()):
@@ -237,7 +238,11 @@ def check_identity(old: dict[str, Any], new: dict[str, Any],
 def check_standby_numbering(old: dict[str, Any], events: list[dict[str, Any]]) -> None:
     """The events can be replayed on an MLflow registry, which numbers a model's versions
     upward only (a deleted number is never handed out again in the same model; a model
-    created anew starts at 1): every version.created is above what its model had."""
+    created anew starts at 1): every version.created is above what its model had.
+    Models created in one millisecond with versions of the same content can only be
+    told apart by name, so states with such twins are left out here."""
+    if len(_unique_identities(old)) < len(old["models"]):
+        return
     high = {name: max(map(int, m["versions"]), default=0)
             for name, m in old["models"].items()}
     for e in events:
@@ -399,6 +404,15 @@ def test_a_state_and_events_without_identities_still_load_and_fold() -> None:
     replaced = {"models": {"m": model({"1": version("runs:/other/m")}, created_ms=456)}}
     assert types_and_names(diff(legacy, replaced)) == [
         ("model.deleted", "m"), ("model.created", "m"), ("version.created", "m", 1)]
+    # the source gives the old models the identities the registry reports, deciding the
+    # same; from then on a re-created name is told apart with no version in common
+    adopted = adopt_identities(legacy, live)
+    assert adopted["models"]["m"]["created_ms"] == 123 and "created_ms" not in legacy["models"]["m"]
+    assert diff(adopted, live) == events
+    assert adopt_identities(legacy, replaced) == legacy
+    recreated = {"models": {"m": model({}, created_ms=789)}}
+    assert types_and_names(diff(adopted, recreated)) == [("model.deleted", "m"),
+                                                         ("model.created", "m")]
 
 
 def test_internal_tags_and_checkpoint_models_are_not_diffed() -> None:
