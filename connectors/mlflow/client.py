@@ -13,9 +13,12 @@ URI, `models:/<model id>` through the logged model's artifact location.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import hashlib
 import json
-from collections.abc import AsyncIterable, AsyncIterator
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlparse
@@ -32,6 +35,12 @@ PAGE_SIZE = 1000
 CONNECT_TIMEOUT_S = 10.0
 READY = "READY"
 RETRIABLE_STATUSES = frozenset({408, 425, 429})
+# A snapshot whose listings disagree (a model renamed, re-created or deleted between the
+# calls) is taken again up to this many times, this far apart, before the models that
+# keep moving are left as they were shipped (each attempt is three listings, ~10 ms on
+# a quiet registry of a few hundred models).
+SNAPSHOT_ATTEMPTS = 3
+SNAPSHOT_RETRY_S = 0.2
 ALL_WEBHOOK_EVENTS = (
     ("REGISTERED_MODEL", "CREATED"),
     ("MODEL_VERSION", "CREATED"),
@@ -70,10 +79,26 @@ class ArtifactFile:
 @dataclass
 class Snapshot:
     """A registry state (RegistryState shape) and the versions whose artifacts are not
-    known yet (their `artifacts` is [] until the caller captures them)."""
+    known yet (their `artifacts` is [] until the caller captures them). `narrowed`: the
+    models whose listings kept disagreeing, left as they were known."""
 
     state: dict[str, Any]
     missing: list[tuple[str, int]] = field(default_factory=list)
+    narrowed: list[str] = field(default_factory=list)
+
+
+def name_filter(name: str) -> str:
+    """A search filter that selects model `name` (and maybe others: keep exact matches).
+
+    MLflow 3 takes a quoted string literally, quotes and backslashes included (`'it\\'s'`
+    means `it\\'s`), so a name is quoted with the quote it does not hold. A name with
+    both quotes or a backslash (which some databases take as a LIKE escape, and which
+    can end a literal early) is matched with LIKE, each of those characters as `_`."""
+    if "\\" not in name and "'" not in name:
+        return f"name = '{name}'"
+    if "\\" not in name and '"' not in name:
+        return f'name = "{name}"'
+    return "name LIKE '{}'".format(re.sub(r"['\"\\\\]", "_", name))
 
 
 def tags_of(items: list[dict[str, Any]] | None) -> dict[str, str]:
@@ -82,11 +107,36 @@ def tags_of(items: list[dict[str, Any]] | None) -> dict[str, str]:
 
 
 def model_entry(rm: dict[str, Any]) -> dict[str, Any]:
-    """A REST registered model in RegistryState shape (public tags, no versions yet)."""
-    return {"description": rm.get("description") or "",
-            "tags": public_tags(tags_of(rm.get("tags"))),
-            "aliases": {a["alias"]: int(a["version"]) for a in rm.get("aliases", [])},
-            "versions": {}}
+    """A REST registered model in RegistryState shape (public tags, no versions yet; its
+    creation time, when the registry reports one, is its identity)."""
+    entry = {"description": rm.get("description") or "",
+             "tags": public_tags(tags_of(rm.get("tags"))),
+             "aliases": {a["alias"]: int(a["version"]) for a in rm.get("aliases", [])},
+             "versions": {}}
+    created = _int_or_none(rm.get("creation_timestamp"))
+    if created is not None:
+        entry["created_ms"] = created
+    return entry
+
+
+def _int_or_none(v: Any) -> int | None:
+    try:
+        return int(v) if v is not None and int(v) >= 0 else None
+    except (TypeError, ValueError):
+        return None
+
+
+def keep_aliases(model: dict[str, Any], shipped: Mapping[str, int]) -> None:
+    """Aliases of `model` that point at a version not in it keep their `shipped` target
+    while that is in it, else are left out: a state never moves or drops a serving alias
+    that the registry did not."""
+    for alias, target in list(model["aliases"].items()):
+        if str(target) in model["versions"]:
+            continue
+        if alias in shipped and str(shipped[alias]) in model["versions"]:
+            model["aliases"][alias] = shipped[alias]
+        else:
+            del model["aliases"][alias]
 
 
 def version_entry(mv: dict[str, Any]) -> dict[str, Any]:
@@ -319,9 +369,10 @@ class RegistryClient:
         if name is None:
             return await self._paged("model-versions/search", "model_versions",
                                      "search versions", {})
-        return await self._paged("model-versions/search", "model_versions",
-                                 f"search versions of model {name!r}",
-                                 {"filter": "name='{}'".format(name.replace("'", "\\'"))})
+        found = await self._paged("model-versions/search", "model_versions",
+                                  f"search versions of model {name!r}",
+                                  {"filter": name_filter(name)})
+        return [v for v in found if v.get("name") == name]
 
     async def get_download_uri(self, name: str, version: int) -> str:
         out = await self.call("GET", "model-versions/get-download-uri",
@@ -391,9 +442,12 @@ class RegistryClient:
     # -- artifacts ---------------------------------------------------------------------
 
     async def artifact_root(self, name: str, version: int) -> str:
-        """The version's artifact directory as an `mlflow-artifacts` path (no scheme)."""
+        """The version's artifact directory as an `mlflow-artifacts` path (no scheme),
+        from its download URI (looked up by the model's current name)."""
         uri = await self.get_download_uri(name, version)
-        what = f"version {version} of model {name!r}"
+        return await self._resolve_root(uri, f"version {version} of model {name!r}")
+
+    async def _resolve_root(self, uri: str, what: str) -> str:
         for _ in range(4):  # runs:/ -> mlflow-artifacts:/, models:/ -> mlflow-artifacts:/
             parsed = urlparse(uri)
             path = self.artifact_path_of(uri)
@@ -542,22 +596,46 @@ class RegistryClient:
     async def snapshot(self, known: dict[str, Any] | None = None,
                        selection: ModelSelection | None = None) -> Snapshot:
         """The live registry in RegistryState shape, without drstream's own models and
-        tags. Only READY versions are included; aliases pointing elsewhere are left out.
-        A version whose (source, run_id) is in `known` (under any model name: renames)
-        reuses its artifact list; the others get [] and are listed in `missing`."""
+        tags. Only READY versions are included; an alias pointing elsewhere keeps its
+        `known` target if it can, else is left out. A version whose (source, run_id) is
+        in `known` (under any model name: renames) reuses its artifact list; the others
+        get [] and are listed in `missing`.
+
+        The models are listed before and after the versions: a model renamed, created
+        again or changed meanwhile, a version listed under a model the listing does not
+        have, or a model or version that `known` has and the listings lack but the
+        registry still serves (a page that shifted) makes the snapshot disagree with
+        itself; it is taken again, and the models that keep disagreeing are left as in
+        `known` (`narrowed`), so nothing is ever reported deleted that was not."""
+        known = known or {"models": {}}
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(SNAPSHOT_RETRY_S)
+            snap, moved = await self._snapshot_once(known, selection)
+            if not moved:
+                return snap
+        return _narrow(snap, known, moved)
+
+    def _selected(self, name: str, selection: ModelSelection | None) -> bool:
+        return not is_internal_model(name) and (selection is None or selection.matches(name))
+
+    async def _snapshot_once(self, known: dict[str, Any], selection: ModelSelection | None
+                             ) -> tuple[Snapshot, set[str]]:
+        """One snapshot and the names of the models its listings disagree about."""
         reuse: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
-        for m in (known or {}).get("models", {}).values():
+        for m in known["models"].values():
             for v in m["versions"].values():
                 reuse[(v["source"], v["run_id"])] = v["artifacts"]
-        models: dict[str, Any] = {}
-        for rm in await self.search_models():
-            name = rm["name"]
-            if is_internal_model(name) or (selection and not selection.matches(name)):
-                continue
-            models[name] = model_entry(rm)
+        before = {rm["name"]: rm for rm in await self.search_models()}
+        models = {name: model_entry(rm) for name, rm in before.items()
+                  if self._selected(name, selection)}
         snap = Snapshot(state={"models": models})
+        moved: set[str] = set()
         for mv in await self.search_versions():
             name = mv["name"]
+            if name not in before:  # its model came (or was renamed) after the listing
+                moved |= {name} if self._selected(name, selection) else set()
+                continue
             if name not in models or mv.get("status", READY) != READY:
                 continue
             n = int(mv["version"])
@@ -571,10 +649,91 @@ class RegistryClient:
                 **version_entry(mv), "run_id": run_id, "source": source,
                 "artifacts": [dict(a, chunks=list(a["chunks"])) for a in artifacts],
             }
-        for m in models.values():
-            m["aliases"] = {a: n for a, n in m["aliases"].items() if str(n) in m["versions"]}
+        for name, m in models.items():
+            km = known["models"].get(name)
+            same = km is not None and km.get("created_ms") in (None, m.get("created_ms"))
+            keep_aliases(m, km["aliases"] if same else {})
         snap.missing.sort()
-        return snap
+        moved |= await self._still_served(known, models, selection)
+        after = {rm["name"]: rm for rm in await self.search_models()}
+        moved |= {name for name in set(before) | set(after)
+                  if self._selected(name, selection) and _stamp(before.get(name)) !=
+                  _stamp(after.get(name))}
+        return snap, moved
+
+    async def _still_served(self, known: dict[str, Any], models: dict[str, Any],
+                            selection: ModelSelection | None) -> set[str]:
+        """Names of models the listings lack, or lack a version of, that `known` has and
+        the registry still serves: the listings missed them."""
+        out: set[str] = set()
+        for name, km in known["models"].items():
+            if not self._selected(name, selection):
+                continue
+            live = _counterpart(km, name, models)
+            if live is None:  # gone by name and identity: deleted, if the registry agrees
+                rm = await self.get_model(name)
+                if rm is not None and km.get("created_ms") in (
+                        None, _int_or_none(rm.get("creation_timestamp"))):
+                    out.add(name)
+                continue
+            lname, lm = live
+            for n in sorted(set(km["versions"]) - set(lm["versions"]), key=int):
+                mv = await self.get_version(lname, int(n))
+                if mv is not None and mv.get("status", READY) == READY:
+                    out.add(lname)
+                    break
+        return out
+
+    async def version_root(self, name: str, version: int, source: str) -> str:
+        """The version's artifact directory from its own `source` (a run's or a logged
+        model's files, an artifact URI), never from the model's current name: a model
+        renamed or created again meanwhile cannot hand over another version's files. A
+        source naming a registered model (`models:/<name>/...`) is resolved by the
+        registry (the version's download URI)."""
+        parsed = urlparse(source)
+        by_model = parsed.scheme == "models" and not re.fullmatch(
+            r"m-[^/@]+", source[len("models:/"):].strip("/"))
+        if by_model or not source:
+            return await self.artifact_root(name, version)
+        return await self._resolve_root(source, f"version {version} of model {name!r}")
+
+
+def _stamp(rm: dict[str, Any] | None) -> tuple[Any, Any] | None:
+    """What changes when a registered model is renamed away, created again or changed
+    (MLflow moves `last_updated_timestamp` on renames, version creations and deletions,
+    stage and description updates)."""
+    return None if rm is None else (rm.get("creation_timestamp"),
+                                     rm.get("last_updated_timestamp"))
+
+
+def _counterpart(km: dict[str, Any], name: str, models: dict[str, Any]
+                 ) -> tuple[str, dict[str, Any]] | None:
+    """The live model (name, entry) that known model `name` is: the one with its
+    identity, or without identities the one with its name."""
+    ident = km.get("created_ms")
+    live = models.get(name)
+    if live is not None and ident in (None, live.get("created_ms")):
+        return name, live
+    if ident is not None:
+        for lname, lm in models.items():
+            if lm.get("created_ms") == ident:
+                return lname, lm
+    return None
+
+
+def _narrow(snap: Snapshot, known: dict[str, Any], moved: set[str]) -> Snapshot:
+    """Leave the models that kept moving, under every name they had, as in `known`."""
+    models, old = snap.state["models"], known["models"]
+    ids = {m.get("created_ms") for n in moved for m in (models.get(n), old.get(n)) if m}
+    ids.discard(None)
+    names = moved | {n for n, m in [*models.items(), *old.items()] if m.get("created_ms") in ids}
+    for n in names:
+        models.pop(n, None)
+        if n in old:
+            models[n] = copy.deepcopy(old[n])
+    snap.missing = [(n, v) for n, v in snap.missing if n not in names]
+    snap.narrowed = sorted(names)
+    return snap
 
 
 async def sha256_of(chunks: AsyncIterable[bytes]) -> tuple[str, int]:

@@ -24,11 +24,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from connectors.mlflow.client import MlflowApiError, RegistryClient, Snapshot
+from connectors.mlflow.client import MlflowApiError, RegistryClient, Snapshot, keep_aliases
 from connectors.mlflow.config import MlflowSourceConfig
 from connectors.mlflow.events import (
     EventError,
     State,
+    adopt_identities,
     check_artifact_path,
     diff,
     dump_state,
@@ -59,6 +60,9 @@ CAPTURE_QUEUE = 2  # chunks downloaded ahead of the blob upload, per file
 # for the next reconcile (which starts at once), so a large initial sync is shipped, and
 # checkpointed in the log, in steps instead of all or nothing.
 CAPTURE_BUDGET_BYTES = 2 << 30
+# A reconcile that left models out because the registry kept changing them under its
+# listings looks again this soon (or at interval_s, if shorter).
+NARROWED_RETRY_S = 1.0
 
 
 class MlflowSource:
@@ -78,6 +82,7 @@ class MlflowSource:
         self._next_at = 0.0  # monotonic time of the next interval reconcile
         self._failures = 0
         self._more = False  # the last reconcile left new versions for the next one
+        self._narrowed = False  # the last reconcile left moving models as they were
         self.up: bool | None = None  # None until the first reconcile
         self.last_error: str | None = None
         self.reconciles = 0
@@ -219,7 +224,9 @@ class MlflowSource:
             log.warning("mlflow_reconcile_failed", stream=self.stream, error=str(e))
             return None
         self._failures = 0
-        self._next_at = time.monotonic() + self.config.interval_s
+        wait = min(self.config.interval_s, NARROWED_RETRY_S) if self._narrowed \
+            else self.config.interval_s
+        self._next_at = time.monotonic() + wait
         RECONCILE_SECONDS.labels(self.stream).observe(time.monotonic() - started)
         return delivery
 
@@ -250,6 +257,10 @@ class MlflowSource:
         await self._register_webhook()  # if the registry was down at start
         RECONCILES.labels(self.stream, trigger).inc()
         self.reconciles += 1
+        self._narrowed = bool(snap.narrowed)
+        if snap.narrowed:
+            log.warning("mlflow_models_kept_moving", stream=self.stream, models=snap.narrowed,
+                        retry_s=min(self.config.interval_s, NARROWED_RETRY_S))
         captured, deferred = 0, []
         for name, version in snap.missing:
             if captured >= CAPTURE_BUDGET_BYTES:
@@ -261,6 +272,7 @@ class MlflowSource:
             self._more = True
             self._wake.set()  # continue at once with the rest
         new = snap.state
+        self._state = adopt_identities(self._state, new)  # a state from an older version
         events = diff(self._state, new)
         if not events:
             return None
@@ -289,15 +301,8 @@ class MlflowSource:
             m = snap.state["models"][name]
             m["versions"].pop(str(version), None)
         for name in {n for n, _ in versions}:
-            m = snap.state["models"][name]
-            old = self._state["models"].get(name, {}).get("aliases", {})
-            for alias, target in list(m["aliases"].items()):
-                if str(target) in m["versions"]:
-                    continue
-                if alias in old and str(old[alias]) in m["versions"]:
-                    m["aliases"][alias] = old[alias]
-                else:
-                    del m["aliases"][alias]
+            keep_aliases(snap.state["models"][name],
+                         self._state["models"].get(name, {}).get("aliases", {}))
 
     async def _capture(self, snap: Snapshot, name: str, version: int) -> int:
         """Stream the version's files into blobs; fills its `artifacts` in `snap.state`;
@@ -305,8 +310,9 @@ class MlflowSource:
         one agrees)."""
         assert self._client is not None
         what = f"version {version} of model {name!r}"
+        source = snap.state["models"][name]["versions"][str(version)]["source"]
         try:
-            root = await self._client.artifact_root(name, version)
+            root = await self._client.version_root(name, version, source)
             files = await self._client.list_artifacts(root)
             artifacts = []
             for f in files:

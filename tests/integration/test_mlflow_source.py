@@ -132,8 +132,9 @@ async def test_ships_state_events_and_artifacts(mlflow_primary: MlflowServer,
         d = await next_delivery(src)
         evs = events_of(d)
         assert [e["type"] for e in evs] == ["model.created", "version.created", "alias.set"]
+        created = (await asyncio.to_thread(c.get_registered_model, name)).creation_timestamp
         assert evs[0] == {"type": "model.created", "name": name, "description": "a model",
-                          "tags": {"team": "ml"}}
+                          "tags": {"team": "ml"}, "created_ms": created}
         ver = evs[1]
         assert (ver["name"], ver["version"], ver["run_id"]) == (name, v1, run1)
         assert ver["tags"] == {}  # drstream.* tags are never shipped
