@@ -19,8 +19,13 @@ streamed chunk by chunk from the log's blobs (sha256 and size of each whole file
 before its last byte is sent) into the artifact directory of one run per log and sink,
 in the experiment `drstream.<log_id>.<sink name>` whose artifact location is
 `mlflow-artifacts:/<artifact_prefix>/<log_id>`; a version's files land under
-`<run artifacts>/<model>/<N>/` and the version points at that directory (MLflow only
+`<run artifacts>/versions/<key>/` and the version points at that directory (MLflow only
 accepts an `mlflow-artifacts:` source inside the artifact directory of the version's run).
+The key is a digest of what the version is (model name and number when it was created,
+run, source and every file's path, size and sha256), not of its name and number alone: a
+model renamed, or deleted and created again, never shares a directory with another
+version of other files. A file found there already (uploaded before a crash) is kept
+only when its sha256 is the one the event names.
 """
 
 from __future__ import annotations
@@ -30,14 +35,13 @@ import functools
 import hashlib
 import json
 import os
-import re
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from connectors.mlflow.client import MlflowApiError, RegistryClient, tags_of
+from connectors.mlflow.client import MlflowApiError, RegistryClient, sha256_of, tags_of
 from connectors.mlflow.config import MlflowSinkConfig
 from connectors.mlflow.events import (
     CHECKPOINT_MODEL_PREFIX,
@@ -76,16 +80,13 @@ RETRY_FOR_S = 120.0
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 PREFETCH_CHUNKS = 1  # blobs fetched ahead of the upload: memory <= (1 + this) chunks
 MAX_GAP_VERSIONS = 100_000  # sanity bound on placeholder versions for one gap
+VERIFY_CHUNK_BYTES = 1 << 20  # memory per file checked on the standby
 
-_SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def model_dir(name: str) -> str:
-    """A path segment for a model name (MLflow names may hold spaces, '%', '..')."""
-    safe = _SAFE_SEGMENT.sub("_", name)
-    if safe != name or safe in (".", "..") or safe.startswith("."):
-        safe = f"{safe.strip('.') or 'model'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return safe
+def version_key(ev: Event) -> str:
+    """The directory name of a version's files on the standby (see the module doc)."""
+    what = [ev["name"], ev["version"], ev["run_id"], ev["source"],
+            [[a["path"], a["size"], a["sha256"]] for a in ev["artifacts"]]]
+    return hashlib.sha256(json.dumps(what, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 def encode_checkpoint(cp: Checkpoint, partial: dict[str, Any] | None = None) -> str:
@@ -538,12 +539,13 @@ class MlflowSink:
     async def _upload_version(self, ev: Event) -> tuple[str, str]:
         """Upload the version's files; (run id, source URI) to create the version with."""
         run_id, root = await self._replica_run()
-        vdir = f"{root}/{model_dir(ev['name'])}/{ev['version']}"
+        vdir = f"{root}/versions/{version_key(ev)}"
         have = {f.path: f.size for f in await self.client.list_artifacts(vdir)} \
             if ev["artifacts"] else {}
         for a in ev["artifacts"]:
-            if have.get(a["path"]) == a["size"]:
-                # uploaded before a restart (full size only)
+            if have.get(a["path"]) == a["size"] and \
+                    await self._present(f"{vdir}/{a['path']}", a["sha256"]):
+                # uploaded before a restart
                 log.info("artifact_present", sink=self.name, model=ev["name"],
                          version=ev["version"], path=a["path"], size=a["size"])
                 continue
@@ -560,6 +562,11 @@ class MlflowSink:
                      version=ev["version"], path=a["path"], size=a["size"],
                      seconds=round(time.monotonic() - started, 3))
         return run_id, f"mlflow-artifacts:/{vdir}"
+
+    async def _present(self, path: str, sha256: str) -> bool:
+        """Whether the standby's file at `path` has this sha256 (read in 1 MiB chunks)."""
+        digest, _ = await sha256_of(self.client.download(path, VERIFY_CHUNK_BYTES))
+        return digest == sha256
 
     async def _file_chunks(self, ev: Event, a: dict[str, Any],
                            failed: list[BaseException]) -> AsyncIterator[bytes]:

@@ -293,8 +293,9 @@ async def test_a_second_apply_fences_the_first(
 async def test_recreated_and_renamed_models_keep_their_own_files(
         mlflow_standby: MlflowServer, blobs: BlobStore, mlflow_model_name: str,
         tmp_path: Path) -> None:
-    """A model deleted and created again under its name, then renamed while a new model
-    takes its name: every version on the standby serves its own files, though each new
+    """A model deleted and created again under its name (seen once before its new
+    versions), then renamed while a new model takes its name: the standby numbers each
+    new model's versions from 1, and every version serves its own files, though each new
     version 1 has a file of the same path and size as an older version 1."""
     name, renamed = mlflow_model_name, f"{mlflow_model_name}-v2"
 
@@ -304,14 +305,17 @@ async def test_recreated_and_renamed_models_keep_their_own_files(
 
     first = {"models": {name: model({str(n): version(await files(f"a{n}")) for n in (1, 2, 3)},
                                     created_ms=100, aliases={"prod": 3})}}
+    # seen once between the deletion and its new versions: numbering starts again at 1
+    recreated = {"models": {name: model({}, created_ms=200, description="again")}}
     second = {"models": {name: model({str(n): version(await files(f"b{n}")) for n in (1, 2)},
-                                     created_ms=200)}}
+                                     created_ms=200, description="again")}}
     third = {"models": {renamed: second["models"][name],
                         name: model({"1": version(await files("c1"))}, created_ms=300)}}
     sink = make_sink(mlflow_standby, blobs, f"sink-{uuid.uuid4().hex[:8]}")
     try:
         await sink.start()
-        steps = ((empty_state(), first), (first, second), (second, third))
+        steps = ((empty_state(), first), (first, recreated), (recreated, second),
+                 (second, third))
         for seq, (old, new) in enumerate(steps, start=1):
             await sink.apply(seq, digest(seq), seq, body(diff(old, new)))
             view = registry_view(mlflow_standby.tracking_uri, prefix=name)
