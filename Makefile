@@ -28,6 +28,7 @@ unit: install
 lint: install
 	$(VENV)/bin/ruff check daemon connectors tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 bench-codec: install
 	$(PY) -m benchmarks.codec

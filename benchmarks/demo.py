@@ -51,7 +51,7 @@ from daemon.config import Config, load_config
 from daemon.deltalog import DeltaLog
 from daemon.keyring import KeyRing, generate_key_file
 from daemon.segment import read_manifest
-from daemon.store import Store, open_store
+from daemon.store import Store
 from tests.infra.kafka import KafkaCluster, start_clusters
 from tests.infra.procs import Proc, start_process
 
@@ -263,7 +263,7 @@ class LogWatcher:
 
     def __init__(self, config: Config, keyring: KeyRing) -> None:
         self._loop = asyncio.new_event_loop()
-        self._store: Store = open_store(config.store)
+        self._store: Store = config.connectors.open_store(config.store)
         self._run(self._store.__aenter__())
         self.log = DeltaLog(self._store, config.log_id)
         self.keyring = keyring

@@ -779,7 +779,6 @@ class Drstream(Replicator):
         from daemon.cli import keyring_from_config
         from daemon.deltalog import DeltaLog
         from daemon.segment import read_manifest
-        from daemon.store import load_builtin_connectors, open_store
 
         puts: dict[int, tuple[int, int]] = {}
         for t, op, key, n in read_ops(self.ops_path("ship")):
@@ -792,11 +791,10 @@ class Drstream(Replicator):
             if op == "GET" and n and m:
                 fetched.setdefault(int(m[1]), t)
         keyring = keyring_from_config(self.config)
-        load_builtin_connectors()
 
         async def fetch_all() -> list[dict[str, Any]]:
             out = []
-            async with open_store(self.config.store) as store:
+            async with self.config.connectors.open_store(self.config.store) as store:
                 log = DeltaLog(store, self.log_id)
                 for seq in sorted(puts):
                     data = await log.fetch(seq)

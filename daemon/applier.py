@@ -24,8 +24,8 @@ from daemon.keyring import KeyRing
 from daemon.logging import get_logger
 from daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
 from daemon.segment import SegmentHeader, decode_segment, parse_header, segment_digest
-from daemon.sink import SINK_TYPES, AppliedSegment, Sink
-from daemon.store import Store, load_builtin_connectors
+from daemon.sink import AppliedSegment, Sink
+from daemon.store import Store
 
 log = get_logger("drstream.apply")
 
@@ -74,15 +74,12 @@ class ApplyProgress:
 
 class Applier:
     def __init__(self, config: Config, store: Store, keyring: KeyRing) -> None:
-        load_builtin_connectors()
         self.config = config
         self.keyring = keyring
         self.log = DeltaLog(store, config.log_id)
         self.blobs = BlobStore(store, config.log_id, keyring)
-        self.sinks: list[Sink] = [
-            SINK_TYPES[s.type].factory(s, log_id=config.log_id, blobs=self.blobs)
-            for s in config.sinks
-        ]
+        ctx = config.context(self.blobs)
+        self.sinks: list[Sink] = [config.connectors.sink(s, ctx) for s in config.sinks]
         self.progress = ApplyProgress()
         # replay and drill filter or observe each decoded segment before the sinks see it
         self.transform: Callable[[int, Body, int], Body] | None = None  # seq, body, created_at_ms

@@ -12,13 +12,17 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon import __version__
 from daemon.config import Config, load_config
 from daemon.errors import ConfigError, ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing, generate_key_file, load_key
 from daemon.logging import configure_logging
+from daemon.plugins import Connectors, installed
+
+if TYPE_CHECKING:
+    from daemon.replay import ReplayPlan
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
 
@@ -53,15 +57,15 @@ def keyring_from_args(specs: list[str]) -> KeyRing:
     return KeyRing(keys, next(iter(keys)))
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+async def _validate(args: argparse.Namespace, connectors: Connectors) -> int:
+    config = load_config(args.config, connectors)
     if args.check_keys:
         keyring_from_config(config)
     print(f"{args.config}: ok (log_id {config.log_id}, store {config.store.type})")
     return EXIT_OK
 
 
-def cmd_keys_generate(args: argparse.Namespace) -> int:
+async def _keys_generate(args: argparse.Namespace, connectors: Connectors) -> int:
     path = Path(args.path)
     generate_key_file(path)
     print(f"wrote a new 256-bit key to {path} (mode 0600)")
@@ -116,14 +120,13 @@ def _iso(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
-async def _verify(args: argparse.Namespace) -> int:
+async def _verify(args: argparse.Namespace, connectors: Connectors) -> int:
     from daemon.deltalog import DeltaLog
-    from daemon.store import open_store, store_config_from_url
     from daemon.verify import verify_log
 
-    config = load_config(args.config) if args.config else None
+    config = load_config(args.config, connectors) if args.config else None
     if args.url:
-        store_config = store_config_from_url(args.url)
+        store_config = connectors.store_config_from_url(args.url)
     elif config is not None:
         store_config = config.store
     else:
@@ -133,7 +136,7 @@ async def _verify(args: argparse.Namespace) -> int:
         keyring = keyring_from_args(args.key)
     elif config is not None and args.deep:
         keyring = keyring_from_config(config)
-    async with open_store(store_config) as store:
+    async with connectors.open_store(store_config) as store:
         log_ids = [args.log_id] if args.log_id else (
             [config.log_id] if config is not None else await _discover_logs(store)
         )
@@ -145,7 +148,7 @@ async def _verify(args: argparse.Namespace) -> int:
             report = await verify_log(
                 DeltaLog(store, log_id), keyring=keyring, deep=args.deep,
                 from_seq=args.from_seq, to_seq=args.to_seq,
-                progress=_progress_printer(lambda: None),
+                progress=_progress_printer(lambda: None), connectors=connectors,
             )
             reports.append(report)
     if args.json:
@@ -170,15 +173,11 @@ async def _discover_logs(store: Any) -> list[str]:
         start_after = f"logs/{found}0"  # '0' sorts right after '/', past all of its segments
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    return run_async(_verify(args))
-
-
-async def _ship(args: argparse.Namespace) -> int:
+async def _ship(args: argparse.Namespace, connectors: Connectors) -> int:
     from daemon.pipeline import Shipper
     from daemon.service import Service
 
-    config = load_config(args.config)
+    config = load_config(args.config, connectors)
     configure_logging(config.logging.level, config.logging.format)
     if not config.sources:
         raise ConfigError(args.config, [ConfigFieldError("sources", [], "ship needs a source")])
@@ -186,15 +185,11 @@ async def _ship(args: argparse.Namespace) -> int:
     return await Service("ship", args.config, config).run(keyring, Shipper)
 
 
-def cmd_ship(args: argparse.Namespace) -> int:
-    return run_async(_ship(args))
-
-
-async def _apply(args: argparse.Namespace) -> int:
+async def _apply(args: argparse.Namespace, connectors: Connectors) -> int:
     from daemon.applier import Applier
     from daemon.service import Service
 
-    config = load_config(args.config)
+    config = load_config(args.config, connectors)
     configure_logging(config.logging.level, config.logging.format)
     if not config.sinks:
         raise ConfigError(args.config, [ConfigFieldError("sinks", [], "apply needs a sink")])
@@ -202,17 +197,12 @@ async def _apply(args: argparse.Namespace) -> int:
     return await Service("apply", args.config, config).run(keyring, Applier)
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
-    return run_async(_apply(args))
-
-
-async def _status(args: argparse.Namespace) -> int:
+async def _status(args: argparse.Namespace, connectors: Connectors) -> int:
     from daemon.ops import status
-    from daemon.store import open_store
 
-    config = load_config(args.config)
+    config = load_config(args.config, connectors)
     keyring = keyring_from_config(config)
-    async with open_store(config.store) as store:
+    async with connectors.open_store(config.store) as store:
         report = await status(config, store, keyring)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -243,18 +233,13 @@ def _print_status(r: dict[str, Any]) -> None:
               f"{s['apply_lag_segments']} segments behind, apply lag {lag}")
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    return run_async(_status(args))
-
-
-async def _failover(args: argparse.Namespace) -> int:
+async def _failover(args: argparse.Namespace, connectors: Connectors) -> int:
     from daemon.ops import failover
-    from daemon.store import open_store
 
-    config = load_config(args.config)
+    config = load_config(args.config, connectors)
     configure_logging(config.logging.level, config.logging.format)
     keyring = keyring_from_config(config)
-    async with open_store(config.store) as store:
+    async with connectors.open_store(config.store) as store:
         report = await failover(config, store, keyring)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -275,55 +260,62 @@ async def _failover(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_failover(args: argparse.Namespace) -> int:
-    return run_async(_failover(args))
-
-
-def _log_config(args: argparse.Namespace) -> Config:
+def _log_config(args: argparse.Namespace, connectors: Connectors) -> Config:
     """--config, or --store URL + --log-id + --key (replaying a log without its config)."""
     from daemon.config import parse_config
-    from daemon.store import store_config_from_url
 
     if args.config:
-        return load_config(args.config)
+        return load_config(args.config, connectors)
     missing = [f for f, v in (("--store", args.store), ("--log-id", args.log_id),
                               ("--key", args.key)) if not v]
     if missing:
         raise ConfigError("arguments", [ConfigFieldError(
             ", ".join(missing), None, "give --config, or --store, --log-id and --key")])
     keys = dict(spec.partition("=")[::2] for spec in args.key)
-    store = store_config_from_url(args.store).model_dump()
+    store = connectors.store_config_from_url(args.store).model_dump()
     return parse_config({"log_id": args.log_id, "store": store,
-                         "keyring": {"active": next(iter(keys)), "keys": keys}}, "arguments")
+                         "keyring": {"active": next(iter(keys)), "keys": keys}}, "arguments",
+                        connectors)
 
 
-def _plan(args: argparse.Namespace) -> Any:
-    from daemon.replay import ReplayPlan, is_registry_stream, parse_time_ms
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
-    stream = args.stream or ("mlflow:primary" if args.target_mlflow else "kafka:primary")
-    registry = is_registry_stream(stream)
-    rename = getattr(args, "rename", "{topic}")
+
+def _plan(args: argparse.Namespace, connectors: Connectors) -> ReplayPlan:
+    """The replay plan of the command line: the stream (by default that of the kind whose
+    target option is given), and the options of its kind; another kind's options are
+    usage errors."""
+    from daemon.replay import ReplayPlan, parse_time_ms
+
+    given = {opt.flag: getattr(args, _dest(opt.flag)) for _, opt in connectors.stream_options()}
+    stream = args.stream or _default_stream(connectors, given)
+    kind = connectors.stream(stream)
     usage = []
-    if args.target_mlflow is not None and not registry:
-        usage.append(ConfigFieldError("--target-mlflow", args.target_mlflow, "writes a registry "
-                                      f"stream (mlflow:<name>); stream {stream} is a Kafka stream"))
-    if registry:
-        for opt, val, why in (
-            ("--target-bootstrap", args.target_bootstrap, "writes a Kafka stream; stream "
-             f"{stream} is a registry stream (use --target-mlflow)"),
-            ("--topics", args.topics, f"selects Kafka topics; stream {stream} holds registry "
-             "events"),
-            ("--rename", None if rename == "{topic}" else rename, "renames Kafka topics; stream "
-             f"{stream} holds registry events"),
-        ):
-            if val is not None:
-                usage.append(ConfigFieldError(opt, val, why))
+    for owner, opt in connectors.stream_options():
+        value = given[opt.flag]
+        if owner is kind or not opt.why or value is None or value == opt.default:
+            continue
+        use = kind.traits.target_option if opt.flag == owner.traits.target_option else None
+        why = f"{opt.why}; stream {stream} is {kind.traits.noun}" + (f" (use {use})" if use else "")
+        usage.append(ConfigFieldError(opt.flag, value, why))
     if usage:
         raise ConfigError("arguments", usage)
     return ReplayPlan(
-        until_ms=parse_time_ms(args.until) if args.until else None, until_seq=args.until_seq,
-        topics=args.topics, rename=rename,
-        name=getattr(args, "name", "replay"), parallel=args.parallel, stream=stream)
+        stream=stream, until_ms=parse_time_ms(args.until) if args.until else None,
+        until_seq=args.until_seq, name=getattr(args, "name", "replay"), parallel=args.parallel,
+        options={opt.flag: given[opt.flag] for opt in kind.options},
+        dry_run=getattr(args, "dry_run", False))
+
+
+def _default_stream(connectors: Connectors, given: dict[str, str | None]) -> str:
+    kinds = list(connectors.streams.values())
+    chosen = next((k for k in kinds if given.get(k.traits.target_option)),
+                  kinds[0] if kinds else None)
+    if chosen is None:
+        raise ConfigError("arguments", [ConfigFieldError("--stream", None, "no connector "
+                                                         "offers streams to replay")])
+    return chosen.traits.default_stream
 
 
 def _replay_progress(unit: str = "records") -> Callable[[int, int, int, int, float], None]:
@@ -340,116 +332,67 @@ def _replay_progress(unit: str = "records") -> Callable[[int, int, int, int, flo
     return show
 
 
-async def _replay(args: argparse.Namespace) -> int:
+async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
     from daemon.replay import replay
-    from daemon.store import open_store
 
-    config = _log_config(args)
-    plan = _plan(args)
-    if not args.dry_run and not (args.target_mlflow if plan.registry else args.target_bootstrap):
-        option, what = ("--target-mlflow", "MLflow registry") if plan.registry \
-            else ("--target-bootstrap", "Kafka cluster")
+    config = _log_config(args, connectors)
+    plan = _plan(args, connectors)
+    kind = connectors.stream(plan.stream)
+    if not plan.dry_run and not plan.option(kind.traits.target_option):
         raise ConfigError("arguments", [ConfigFieldError(
-            option, None, f"name the {what} to write to, or use --dry-run")])
+            kind.traits.target_option, None,
+            f"name the {kind.traits.target_noun} to write to, or use --dry-run")])
     keyring = keyring_from_config(config)
-    async with open_store(config.store) as store:
-        result = await replay(
-            config, store, keyring, plan,
-            None if args.dry_run or plan.registry else args.target_bootstrap,
-            _replay_progress("events" if plan.registry else "records"),
-            target_mlflow=None if args.dry_run or not plan.registry else args.target_mlflow,
-            target_token=args.target_mlflow_token)
+    async with connectors.open_store(config.store) as store:
+        result = await replay(config, store, keyring, plan, _replay_progress(kind.traits.unit))
     print(file=sys.stderr)
-    verb = "would write" if args.dry_run else "wrote"
-    if plan.registry:
-        tally = result.filter.registry
-        print(f"replay of log {config.log_id} ({plan.stream}) through seq {result.through_seq}: "
-              f"{verb} {tally.events} events ({tally.bytes / 2**20:.2f} MiB with artifacts) in "
-              f"{result.seconds:.1f}s")
-        for model, n in sorted(tally.per_model.items()):
-            print(f"  {model}: {n} event{'' if n == 1 else 's'}")
-        return EXIT_OK
-    print(f"replay of log {config.log_id} through seq {result.through_seq}: {verb} "
-          f"{result.records} records ({result.bytes / 2**20:.2f} MiB) in {result.seconds:.1f}s")
-    for (topic, p), t in sorted(result.filter.tally.items()):
-        print(f"  {args.rename.format(topic=topic, cluster=plan.stream.split(':')[-1])}[{p}]: "
-              f"{t.records} records")
+    verb = "would write" if plan.dry_run else "wrote"
+    print(f"replay of log {config.log_id} ({plan.stream}) through seq {result.through_seq}: "
+          f"{verb} {result.records} {kind.traits.unit} ({result.bytes / 2**20:.2f} MiB) in "
+          f"{result.seconds:.1f}s")
+    for line in result.filter.lines(plan):
+        print(line)
     return EXIT_OK
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    return run_async(_replay(args))
+async def _drill(args: argparse.Namespace, connectors: Connectors) -> int:
+    from daemon.replay import drill, drill_stamp
 
-
-async def _drill(args: argparse.Namespace) -> int:
-    from daemon.replay import drill, drill_registry
-    from daemon.store import open_store
-
-    config = load_config(args.config)
-    plan = _plan(args)
+    config = load_config(args.config, connectors)
+    plan = _plan(args, connectors)
+    kind = connectors.stream(plan.stream)
     keyring = keyring_from_config(config)
-    if plan.registry:
-        if not args.target_mlflow:
-            raise ConfigError(args.config, [ConfigFieldError(
-                "--target-mlflow", None, "name a scratch MLflow registry to drill into (an "
-                "empty one, never the standby: models keep their names)")])
-        async with open_store(config.store) as store:
-            report = await drill_registry(config, store, keyring, plan, args.target_mlflow,
-                                          args.keep, _replay_progress("events"),
-                                          args.target_mlflow_token)
-    else:
-        target = args.target_bootstrap or next(
-            (s.bootstrap_servers for s in config.sinks if s.type == "kafka"), None)
-        if target is None:
-            raise ConfigError(args.config, [ConfigFieldError(
-                "--target-bootstrap", None, "no Kafka sink in the config to drill against")])
-        async with open_store(config.store) as store:
-            report = await drill(config, store, keyring, plan, target, args.keep,
-                                 _replay_progress())
+    try:
+        scratch = kind.drill(plan, config.log_id, config.sinks, drill_stamp())
+    except ConfigFieldError as e:
+        raise ConfigError(args.config, [e]) from None
+    async with connectors.open_store(config.store) as store:
+        report = await drill(config, store, keyring, scratch, args.keep,
+                             _replay_progress(kind.traits.unit))
     print(file=sys.stderr)
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report.doc, indent=2, default=str))
     else:
-        _print_drill(report)
-    return EXIT_OK if report["ok"] else EXIT_PROBLEMS
+        _print_drill(report.doc, report.lines)
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
-def _print_drill(r: dict[str, Any]) -> None:
+def _print_drill(r: dict[str, Any], lines: list[str]) -> None:
     print(f"drill of log {r['log_id']} into {r['target']}: {'PASSED' if r['ok'] else 'FAILED'}")
     print(f"  RTO (time to rebuild)  {r['rto_s']}s")
     if "error" in r:
         print(f"  error                  {r['error']}")
-    elif r.get("kind") == "registry":
-        print(f"  events                 {r['events']} through seq {r['applied_through_seq']}")
-        print(f"  checked                {r['models']} models, {r['versions']} versions, "
-              f"{r['files']} files ({r['file_bytes'] / 2**20:.2f} MiB by sha256)")
-        print(f"  RPO at the point       {r['rpo_at_point_s']}s")
-        print(f"  mismatches             {len(r['mismatches'])}")
-        for m in r["mismatches"][:20]:
-            where = f"model {m['model']!r}" + (
-                f" version {m['version']}" if m["version"] is not None else "")
-            print(f"    {where} {m['field']}: log {m['log']!r} scratch {m['target']!r}")
-    else:
-        print(f"  records                {r['records']} in {r['partitions']} partitions, "
-              f"through seq {r['applied_through_seq']}")
-        print(f"  RPO at the point       {r['rpo_at_point_s']}s")
-        print(f"  mismatches             {len(r['mismatches'])}")
-        for m in r["mismatches"][:10]:
-            print(f"    {m['topic']}[{m['partition']}]: log {m['log']} target {m['target']}")
+    for line in lines:
+        print(line)
     print(f"  report                 {r['audit_object']}")
 
 
-def cmd_drill(args: argparse.Namespace) -> int:
-    return run_async(_drill(args))
-
-
-async def _prune(args: argparse.Namespace) -> int:
+async def _prune(args: argparse.Namespace, connectors: Connectors) -> int:
     from daemon.replay import parse_duration_s, prune
-    from daemon.store import open_store
 
-    config = load_config(args.config)
+    config = load_config(args.config, connectors)
     older = parse_duration_s(args.older_than)
-    async with open_store(config.store) as store:
+    async with connectors.open_store(config.store) as store:
         r = await prune(config, store, older, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     span = f"seq {r.deleted[0]}..{r.deleted[-1]}" if r.deleted else "nothing"
@@ -460,32 +403,32 @@ async def _prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    return run_async(_prune(args))
-
-
-def _add_replay_args(p: argparse.ArgumentParser) -> None:
+def _add_replay_args(p: argparse.ArgumentParser, connectors: Connectors) -> None:
     p.add_argument("--until", metavar="TIME",
                    help="RFC 3339: Kafka records with timestamps up to it; registry events "
                    "carry no time of their own, so for mlflow: streams the events of the "
                    "segments written (when the change was observed) at or before it")
     p.add_argument("--until-seq", type=int, metavar="N", help="segments up to N (inclusive)")
-    p.add_argument("--topics", metavar="REGEX", help="only source topics fully matching this")
     p.add_argument("--parallel", type=int, default=4, metavar="N",
                    help="segment fetches in flight (applied in order)")
+    kinds = list(connectors.streams.values())
+    default = ", or ".join([k.traits.default_stream for k in kinds[:1]] + [
+        f"{k.traits.default_stream} with {k.traits.target_option}" for k in kinds[1:]])
     p.add_argument("--stream", default=None,
-                   help="stream in the log to replay (default kafka:primary, or "
-                   "mlflow:primary with --target-mlflow)")
-    p.add_argument("--target-bootstrap", metavar="HOST:PORT", help="Kafka cluster to write to")
-    p.add_argument("--target-mlflow", metavar="URL",
-                   help="MLflow tracking server to write a registry stream (mlflow:<name>) to; "
-                   "it must serve artifacts (--serve-artifacts)")
-    p.add_argument("--target-mlflow-token", metavar="REF",
-                   help="bearer token for --target-mlflow, by reference (env:NAME, "
-                   "file:/absolute/path or credential:NAME)")
+                   help=f"stream in the log to replay (default {default})")
+    for _, opt in connectors.stream_options():
+        p.add_argument(opt.flag, metavar=opt.metavar, help=opt.help)
 
 
-def build_parser() -> argparse.ArgumentParser:
+Handler = Callable[[argparse.Namespace, Connectors], Coroutine[Any, Any, int]]
+HANDLERS: dict[str, Handler] = {
+    "validate": _validate, "keys generate": _keys_generate, "verify": _verify,
+    "ship": _ship, "apply": _apply, "status": _status, "failover": _failover,
+    "replay": _replay, "drill": _drill, "prune": _prune,
+}
+
+
+def build_parser(connectors: Connectors) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drstream",
         description="Disaster-recovery replication through an encrypted, hash-chained delta log.",
@@ -500,14 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="path of the YAML config")
     p.add_argument("--check-keys", action="store_true",
                    help="also load every key of the key ring (file modes, sizes)")
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(handler="validate")
 
     keys = sub.add_parser("keys", help="manage encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     p = keys_sub.add_parser("generate", help="write a new random 256-bit key file (mode 0600)")
     p.add_argument("path", help="where to write the key; an existing file is never overwritten")
     p.add_argument("--id", default="k1", help="key id to show in the config snippet")
-    p.set_defaults(func=cmd_keys_generate)
+    p.set_defaults(handler="keys generate")
 
     p = sub.add_parser("verify", help="walk a log's hash chain; --deep also checks every MAC")
     p.add_argument("url", nargs="?", help="store URL (file:///path, s3://bucket/prefix)")
@@ -519,26 +462,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-seq", type=int, default=1, metavar="N")
     p.add_argument("--to-seq", type=int, default=None, metavar="N")
     p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(handler="verify")
 
     p = sub.add_parser("ship", help="tail the configured sources into the delta log until SIGTERM")
     p.add_argument("--config", required=True, help="path of the YAML config")
-    p.set_defaults(func=cmd_ship)
+    p.set_defaults(handler="ship")
 
     p = sub.add_parser("apply", help="follow the delta log into the standby sinks until SIGTERM")
     p.add_argument("--config", required=True, help="path of the YAML config")
-    p.set_defaults(func=cmd_apply)
+    p.set_defaults(handler="apply")
 
     p = sub.add_parser("status", help="ship lag, durable head, applied seq, apply lag, RPO")
     p.add_argument("--config", required=True, help="path of the YAML config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(handler="status")
 
     p = sub.add_parser("failover", help="apply every durable segment, sync consumer-group "
                        "offsets, report and record the final RPO")
     p.add_argument("--config", required=True, help="path of the YAML config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_failover)
+    p.set_defaults(handler="failover")
 
     p = sub.add_parser("replay", help="rebuild topics or a model registry from the log up "
                        "to a time or seq; resumable, with progress")
@@ -547,38 +490,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-id", help="with --store: the log to replay")
     p.add_argument("--key", action="append", default=[], metavar="ID=REF",
                    help="with --store: a key (repeatable), e.g. k1=file:/etc/drstream/k1.key")
-    _add_replay_args(p)
-    p.add_argument("--rename", default="{topic}", metavar="TEMPLATE",
-                   help="target topic name, e.g. '{topic}.restored'")
+    _add_replay_args(p, connectors)
     p.add_argument("--name", default="replay",
                    help="names this replay's checkpoint: rerun with the same name to resume")
     p.add_argument("--dry-run", action="store_true", help="report what would be written")
-    p.set_defaults(func=cmd_replay)
+    p.set_defaults(handler="replay")
 
     p = sub.add_parser("drill", help="replay into scratch topics (or a scratch registry "
                        "with --target-mlflow), compare with the log, report RTO/RPO; exit 1 on "
                        "any mismatch")
     p.add_argument("--config", required=True, help="path of the YAML config")
-    _add_replay_args(p)
+    _add_replay_args(p, connectors)
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch topics (or the models in the scratch registry)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_drill)
+    p.set_defaults(handler="drill")
 
     p = sub.add_parser("prune", help="delete old segments no reader still needs")
     p.add_argument("--config", required=True, help="path of the YAML config")
     p.add_argument("--older-than", required=True, metavar="DURATION",
                    help="e.g. 7d, 12h: only segments written before now minus this")
     p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(handler="prune")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, connectors: Connectors | None = None) -> int:
+    """The command line; `connectors` default to the installed ones (entry points)."""
+    connectors = connectors if connectors is not None else installed()
+    args = build_parser(connectors).parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
-        code: int = args.func(args)
+        code: int = run_async(HANDLERS[args.handler](args, connectors))
     except ConfigError as e:
         print(f"drstream: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -2,8 +2,9 @@
 
 Every validation error names the field path and the bad value
 (`store.path: field required (got None)`), and all errors are reported at once.
-Store sections are validated by the config model that the store's connector
-registered under its type name (daemon.store.STORE_TYPES).
+Connector sections (store, sources, sinks) are validated by the config model that their
+connector registered under the section's `type` (daemon.plugins); the config keeps the
+connector registry it was validated with, so whatever it builds later uses the same one.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    InstanceOf,
+    PrivateAttr,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from daemon.blobs import BlobStore
 from daemon.errors import HIDDEN, MISSING, ConfigError, ConfigFieldError
+from daemon.plugins import ConnectorConfig, Connectors, Context, installed
 from daemon.secrets import SECRET_REF_HELP, is_secret_ref
-from daemon.sink import SINK_TYPES
-from daemon.source import SOURCE_TYPES, load_builtin_sources
-from daemon.store import STORE_TYPES, load_builtin_connectors
 
 LOG_ID_RE = r"^[A-Za-z0-9._-]{1,128}$"
 KEY_ID_RE = r"^[A-Za-z0-9._-]{1,64}$"
@@ -145,18 +148,33 @@ class ServiceConfig(Strict):
                                  description="/readyz fails when the main loop is idle this long")
 
 
+# A connector section, already validated by its connector's own model.
+Section = SerializeAsAny[InstanceOf[ConnectorConfig]]
+
+
 class Config(Strict):
     log_id: str = Field(pattern=LOG_ID_RE, description="name of this shipper's ordered log")
-    store: Any = Field(description="the log store; its keys depend on store.type")
+    store: Section = Field(description="the log store; its keys depend on store.type")
     keyring: KeyRingConfig
-    sources: list[Any] = Field(default_factory=list, description="what `ship` reads")
+    sources: list[Section] = Field(default_factory=list, description="what `ship` reads")
     ship: ShipConfig = Field(default_factory=lambda: ShipConfig.model_validate({}))
-    sinks: list[Any] = Field(default_factory=list, description="what `apply` writes")
+    sinks: list[Section] = Field(default_factory=list, description="what `apply` writes")
     apply: ApplyConfig = Field(default_factory=lambda: ApplyConfig.model_validate({}))
     service: ServiceConfig = Field(default_factory=lambda: ServiceConfig.model_validate({}))
     allowed_regions: list[str] | None = Field(
         None, description="data residency: every store and cluster must declare one of these")
     logging: LoggingConfig = LoggingConfig()
+    _connectors: Connectors = PrivateAttr(default_factory=installed)
+
+    @property
+    def connectors(self) -> Connectors:
+        """The connector registry this config was validated with."""
+        return self._connectors
+
+    def context(self, blobs: BlobStore | None = None) -> Context:
+        """What every source and sink of this config is built with."""
+        return Context(log_id=self.log_id, blobs=blobs,
+                       buffer_max_bytes=self.ship.buffer_max_bytes)
 
 
 def _fmt_loc(loc: tuple[int | str, ...]) -> str:
@@ -186,8 +204,8 @@ def _field_errors(e: ValidationError, prefix: str = "") -> list[ConfigFieldError
 
 
 def _validate_typed(
-    path: str, raw: Any, models: dict[str, type[BaseModel]]
-) -> tuple[BaseModel | None, list[ConfigFieldError]]:
+    path: str, raw: Any, models: dict[str, type[ConnectorConfig]]
+) -> tuple[ConnectorConfig | None, list[ConfigFieldError]]:
     """Validate a connector section by the model registered under its `type`."""
     if not isinstance(raw, dict):
         return None, [ConfigFieldError(path, raw, "must be a mapping with a 'type' key")]
@@ -201,21 +219,23 @@ def _validate_typed(
         return None, _field_errors(e, path)
 
 
-def _validate_connectors(data: dict[str, Any]) -> tuple[dict[str, Any], list[ConfigFieldError]]:
-    load_builtin_connectors()
-    load_builtin_sources()
+def _validate_connectors(data: dict[str, Any], connectors: Connectors
+                         ) -> tuple[dict[str, Any], list[ConfigFieldError]]:
     out: dict[str, Any] = {}
     errors: list[ConfigFieldError] = []
     if "store" in data:
-        stores = {name: t.config_model for name, t in STORE_TYPES.items()}
+        stores = {name: t.config_model for name, t in connectors.stores.items()}
         out["store"], errs = _validate_typed("store", data["store"], stores)
         errors += errs
-    for section, registry in (("sinks", SINK_TYPES), ("sources", SOURCE_TYPES)):
+    sections: tuple[tuple[str, dict[str, type[ConnectorConfig]]], ...] = (
+        ("sinks", {name: t.config_model for name, t in connectors.sinks.items()}),
+        ("sources", {name: t.config_model for name, t in connectors.sources.items()}),
+    )
+    for section, models in sections:
         raw_list = data.get(section, [])
         if not isinstance(raw_list, list):
             errors.append(ConfigFieldError(section, raw_list, "must be a list"))
             continue
-        models = {name: t.config_model for name, t in registry.items()}
         out[section] = []
         for i, raw in enumerate(raw_list):
             model, errs = _validate_typed(f"{section}[{i}]", raw, models)
@@ -224,13 +244,16 @@ def _validate_connectors(data: dict[str, Any]) -> tuple[dict[str, Any], list[Con
     return out, errors
 
 
-def parse_config(data: Any, source: str = "<config>") -> Config:
-    """Validate an already-parsed YAML document; raise ConfigError listing every problem."""
+def parse_config(data: Any, source: str = "<config>",
+                 connectors: Connectors | None = None) -> Config:
+    """Validate an already-parsed YAML document against the `connectors` registry (default:
+    the installed connectors); raise ConfigError listing every problem."""
     if not isinstance(data, dict):
         raise ConfigError(source, [ConfigFieldError("(top level)", data, "must be a mapping")])
-    connectors, errors = _validate_connectors(data)
+    registry = connectors if connectors is not None else installed()
+    sections, errors = _validate_connectors(data, registry)
     try:
-        config = Config.model_validate({**data, **connectors})
+        config = Config.model_validate({**data, **sections})
     except ValidationError as e:
         errors += [
             fe for fe in _field_errors(e)
@@ -242,6 +265,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     errors += _region_errors(config)
     if errors:
         raise ConfigError(source, errors)
+    config._connectors = registry
     return config
 
 
@@ -255,7 +279,7 @@ def _region_errors(config: Config) -> list[ConfigFieldError]:
     sections += [(f"sinks[{i}]", s) for i, s in enumerate(config.sinks)]
     errors = []
     for path, section in sections:
-        region = getattr(section, "region", None)
+        region = section.region
         if region not in allowed:
             reason = (f"region is not in allowed_regions {allowed}" if region is not None
                       else f"declares no region; allowed_regions {allowed} requires one")
@@ -263,7 +287,7 @@ def _region_errors(config: Config) -> list[ConfigFieldError]:
     return errors
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, connectors: Connectors | None = None) -> Config:
     path = Path(path)
     try:
         text = path.read_text()
@@ -279,4 +303,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(
             str(path), [ConfigFieldError(where, MISSING, f"YAML syntax: {problem}")]
         ) from e
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), connectors)

@@ -21,9 +21,9 @@ from daemon.errors import DrstreamError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
 from daemon.segment import read_manifest
-from daemon.sink import SINK_TYPES, Checkpoint
-from daemon.source import SOURCE_TYPES, SourceProbe
-from daemon.store import Store, load_builtin_connectors
+from daemon.sink import Checkpoint
+from daemon.source import SourceProbe
+from daemon.store import Store
 
 log = get_logger("drstream.ops")
 
@@ -55,11 +55,9 @@ async def read_head(log: DeltaLog, keyring: KeyRing) -> LogHead:
 
 async def probe_sources(config: Config, positions: dict[str, Any],
                         blobs: BlobStore | None = None) -> dict[str, SourceProbe]:
-    load_builtin_connectors()
     out = {}
     for s in config.sources:
-        src = SOURCE_TYPES[s.type].factory(s, log_id=config.log_id, blobs=blobs,
-                                           buffer_max_bytes=config.ship.buffer_max_bytes)
+        src = config.connectors.source(s, config.context(blobs))
         out[src.stream] = await src.probe(positions.get(src.stream, {}))
     return out
 
@@ -91,10 +89,9 @@ async def status(config: Config, store: Store, keyring: KeyRing) -> dict[str, An
 async def peek_checkpoints(config: Config,
                            blobs: BlobStore | None = None) -> dict[str, Checkpoint]:
     """Each configured sink's committed checkpoint, read without fencing a running apply."""
-    load_builtin_connectors()
     out = {}
     for s in config.sinks:
-        sink = SINK_TYPES[s.type].factory(s, log_id=config.log_id, blobs=blobs)
+        sink = config.connectors.sink(s, config.context(blobs))
         try:
             out[sink.name] = await sink.peek()
         finally:

@@ -21,7 +21,7 @@ from daemon.errors import ConfigError, ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
 from daemon.metrics import BYTES, DURABLE_HEAD, RECORDS, SEGMENTS, SHIP_LAG, Health
-from daemon.source import SOURCE_TYPES, Delivery, Source, load_builtin_sources
+from daemon.source import Delivery, Source
 from daemon.store import Store
 
 log = get_logger("drstream.ship")
@@ -82,6 +82,13 @@ def gate_group_offsets(
     return ready, waiting
 
 
+def _identities(config: Config) -> list[dict[str, Any]]:
+    """What names and points each source: changing it needs a restart."""
+    return [s.model_dump(include={"type", "name",
+                                  *config.connectors.sources[s.type].restart_fields})
+            for s in config.sources]
+
+
 class Shipper:
     def __init__(self, config: Config, store: Store, keyring: KeyRing) -> None:
         self.config = config
@@ -90,14 +97,9 @@ class Shipper:
             store, config.log_id, keyring, max_in_flight=self.ship.max_in_flight,
             zstd_level=self.ship.zstd_level, retry_deadline_s=self.ship.upload_retry_deadline_s,
         )
-        load_builtin_sources()
         self.blobs = BlobStore(store, config.log_id, keyring, zstd_level=self.ship.zstd_level)
-        self.sources: list[Source] = [
-            SOURCE_TYPES[s.type].factory(s, log_id=config.log_id,
-                                         buffer_max_bytes=self.ship.buffer_max_bytes,
-                                         blobs=self.blobs)
-            for s in config.sources
-        ]
+        ctx = config.context(self.blobs)
+        self.sources: list[Source] = [config.connectors.source(s, ctx) for s in config.sources]
         self.positions: dict[str, Any] = {}
         self.pending_groups: dict[str, dict[str, Any]] = {}
         self.last_append = time.monotonic()
@@ -149,9 +151,7 @@ class Shipper:
 
     def reload(self, config: Config) -> None:
         """Live changes: topic/group selection, intervals and limits, log level."""
-        if [s.model_dump(include={"type", "name", "bootstrap_servers"}) for s in config.sources] \
-                != [s.model_dump(include={"type", "name", "bootstrap_servers"})
-                    for s in self.config.sources]:
+        if _identities(config) != _identities(self.config):
             raise ConfigError(str(self.config.log_id), [ConfigFieldError(
                 "sources", "...", "adding, removing or re-pointing a source needs a restart")])
         for src, new in zip(self.sources, config.sources, strict=True):

@@ -21,7 +21,7 @@ from daemon.keyring import KeyRing
 from daemon.logging import configure_logging, get_logger
 from daemon.metrics import Health, MetricsServer
 from daemon.notify import Notifier
-from daemon.store import Store, open_store
+from daemon.store import Store
 
 log = get_logger("drstream.service")
 
@@ -66,7 +66,7 @@ class Service:
         try:
             if metrics is not None:
                 await metrics.start()
-            async with open_store(self.config.store) as store:
+            async with self.config.connectors.open_store(self.config.store) as store:
                 self.component = factory(self.config, store, keyring)
                 # the service's Health serves /readyz: it takes over the component's checks
                 self.health.checks.extend(self.component.health.checks)

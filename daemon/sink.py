@@ -1,4 +1,4 @@
-"""The Sink interface (what `apply` writes to) and the sink registry.
+"""The Sink interface (what `apply` writes to).
 
 A sink owns its checkpoint because exactly-once needs the checkpoint written atomically
 with the data (for Kafka: in the same transaction). `apply` hands every segment in order;
@@ -7,11 +7,8 @@ the sink skips what its checkpoint says is already applied.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from pydantic import BaseModel
 
 from daemon.codec import Body
 
@@ -65,17 +62,3 @@ class Sink(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class SinkType:
-    name: str
-    config_model: type[BaseModel]
-    factory: Callable[..., Sink]
-
-
-SINK_TYPES: dict[str, SinkType] = {}
-
-
-def register_sink(sink_type: SinkType) -> None:
-    SINK_TYPES[sink_type.name] = sink_type

@@ -1,20 +1,16 @@
-"""The Source interface (what `ship` reads from) and the source registry.
+"""The Source interface (what `ship` reads from).
 
 A source runs its client off the event loop and hands the pipeline `Delivery`s: records
 grouped by partition (or registry events), plus the source's FULL position map right after
-them. Factories are called `factory(config, log_id=, buffer_max_bytes=, blobs=)`; `blobs`
-is the log's BlobStore (artifact chunks, state snapshots), None where none is open.
+them. Its connector builds it from its config and the core's `Context` (daemon.plugins).
 The pipeline writes that map into each segment's manifest, which is what makes the log
 the shipper's checkpoint: segment durable => positions durable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-from pydantic import BaseModel
 
 from daemon.codec import EventBatch, KafkaBatch
 
@@ -64,26 +60,6 @@ class Source(Protocol):
     async def probe(self, positions: dict[str, Any]) -> SourceProbe:
         """Compare the live source with `positions` without joining or assigning anything."""
         ...
-
-
-@dataclass(frozen=True)
-class SourceType:
-    name: str
-    config_model: type[BaseModel]
-    factory: Callable[..., Source]
-
-
-SOURCE_TYPES: dict[str, SourceType] = {}
-
-
-def register_source(source_type: SourceType) -> None:
-    SOURCE_TYPES[source_type.name] = source_type
-
-
-def load_builtin_sources() -> None:
-    from daemon.store import load_builtin_connectors
-
-    load_builtin_connectors()
 
 
 @dataclass

@@ -1,18 +1,16 @@
-"""The object-store interface every log store implements, and the store registry.
+"""The object-store interface every log store implements.
 
 Keys are '/'-separated paths relative to the store's root (the store URL's prefix).
-Stores are async context managers; `open_store` builds one from its typed config.
+Stores are async context managers; the connector registry (daemon.plugins) builds one
+from its typed config.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
 
-from pydantic import BaseModel
-
-from daemon.errors import ConfigFieldError, DrstreamError
+from daemon.errors import StoreError
 
 
 @runtime_checkable
@@ -44,44 +42,40 @@ class Store(Protocol):
     async def __aexit__(self, *exc: object) -> None: ...
 
 
-@dataclass(frozen=True)
-class StoreType:
-    name: str
-    config_model: type[BaseModel]
-    factory: Callable[[Any], Store]
-    from_url: Callable[[str], BaseModel]
-    schemes: tuple[str, ...]
+# A key path segment may not start with this: the file store names its temp files so
+# (beside their final name, which link(2) needs), and every store accepts the same keys.
+RESERVED_PREFIX = ".drstmp-"
 
 
-STORE_TYPES: dict[str, StoreType] = {}
+def check_key(key: str) -> str:
+    """Reject keys that could escape the store root or that a file tree cannot hold.
+
+    Every store checks keys with this, so they all accept exactly the same keys.
+    """
+    reason = None
+    if not key:
+        reason = "is empty"
+    elif key.startswith("/"):
+        reason = "starts with '/'"
+    elif key.endswith("/"):
+        reason = "ends with '/'"
+    elif "\x00" in key:
+        reason = "contains a NUL byte"
+    elif ".." in key:
+        reason = "contains '..'"
+    else:
+        parts = key.split("/")
+        if any(p in ("", ".") for p in parts):
+            reason = "has an empty or '.' path segment"
+        elif any(p.startswith(RESERVED_PREFIX) for p in parts):
+            reason = f"has a segment starting with the reserved {RESERVED_PREFIX!r}"
+    if reason:
+        raise StoreError(f"invalid object key {key!r}: {reason}", key=key)
+    return key
 
 
-def register_store(store_type: StoreType) -> None:
-    STORE_TYPES[store_type.name] = store_type
-
-
-def load_builtin_connectors() -> None:
-    """Import the built-in connector packages so they register themselves."""
-    import connectors.file
-    import connectors.kafka
-    import connectors.mlflow
-    import connectors.s3  # noqa: F401
-
-
-def store_config_from_url(url: str) -> BaseModel:
-    load_builtin_connectors()
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    for st in STORE_TYPES.values():
-        if scheme in st.schemes:
-            return st.from_url(url)
-    valid = ", ".join(sorted(f"{s}://" for t in STORE_TYPES.values() for s in t.schemes))
-    raise ConfigFieldError("store", url, f"unknown store URL scheme; valid: {valid}")
-
-
-def open_store(config: BaseModel) -> Store:
-    load_builtin_connectors()
-    name = getattr(config, "type", None)
-    if not isinstance(name, str) or name not in STORE_TYPES:
-        valid = ", ".join(sorted(STORE_TYPES))
-        raise DrstreamError(f"unknown store type {name!r}; valid types: {valid}")
-    return STORE_TYPES[name].factory(config)
+def check_prefix(prefix: str) -> str:
+    """A list prefix is a key head: '' or anything a key could start with."""
+    if prefix.startswith("/") or ".." in prefix or "\x00" in prefix:
+        raise StoreError(f"invalid list prefix {prefix!r}", key=prefix)
+    return prefix

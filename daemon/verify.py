@@ -19,6 +19,7 @@ from daemon.codec import Body, EventBatch
 from daemon.deltalog import ZERO_DIGEST, DeltaLog, segments_prefix, seq_from_key
 from daemon.errors import ChainError, DrstreamError, SegmentAuthError, UnknownKeyError
 from daemon.keyring import KeyRing
+from daemon.plugins import Connectors, installed
 from daemon.segment import SegmentHeader, decode_segment, parse_header, segment_digest
 
 VERIFY_PREFETCH: Final = 8
@@ -150,14 +151,15 @@ def _check_link(report: Report, seq: int, header: SegmentHeader, prev: bytes | N
 _DEEP_KINDS: Final = ((UnknownKeyError, "key"), (SegmentAuthError, "auth"), (ChainError, "moved"))
 
 
-def _check_deep(report: Report, seq: int, data: bytes, keyring: KeyRing) -> None:
+def _check_deep(report: Report, seq: int, data: bytes, keyring: KeyRing,
+                connectors: Connectors) -> None:
     try:
         _, body = decode_segment(data, keyring, expect_log_id=report.log_id, expect_seq=seq)
     except DrstreamError as e:
         kind = next((k for cls, k in _DEEP_KINDS if isinstance(e, cls)), "format")
         report.problems.append(Problem(report.log_id, seq, kind, str(e)))
         return
-    for bid in blob_refs(body):
+    for bid in blob_refs(body, connectors):
         report.blob_refs.setdefault(bid, seq)
     m = body.manifest
     for stream, extra in m.extra.items():
@@ -174,20 +176,18 @@ def _check_deep(report: Report, seq: int, data: bytes, keyring: KeyRing) -> None
         report.max_record_ms = max(m.max_timestamp_ms, report.max_record_ms or m.max_timestamp_ms)
 
 
-def blob_refs(body: Body) -> set[str]:
-    """Blob ids a segment names: state snapshots in its positions, file chunks in its
-    registry events (docs/format.md, "Registry events")."""
-    refs = set()
-    for stream in body.manifest.positions.values():
-        if isinstance(stream, dict) and isinstance(stream.get("state_blob"), str):
-            refs.add(stream["state_blob"])
+def blob_refs(body: Body, connectors: Connectors) -> set[str]:
+    """Blob ids a segment names, through each stream's positions and events, as the kind
+    of each stream reads them (registry state snapshots, model file chunks)."""
+    events: dict[str, list[dict[str, Any]]] = {}
     for b in body.batches:
-        if not isinstance(b, EventBatch):
-            continue
-        for event in b.events:
-            for art in event.get("artifacts") or []:
-                if isinstance(art, dict):
-                    refs.update(c for c in art.get("chunks") or [] if isinstance(c, str))
+        if isinstance(b, EventBatch):
+            events.setdefault(b.stream, []).extend(b.events)
+    refs: set[str] = set()
+    for stream in sorted(set(body.manifest.positions) | set(events)):
+        kind = connectors.kind_of(stream)
+        if kind is not None:
+            refs |= kind.blob_refs(body.manifest.positions.get(stream), events.get(stream, []))
     return refs
 
 
@@ -225,7 +225,11 @@ async def verify_log(
     from_seq: int = 1,
     to_seq: int | None = None,
     progress: Progress | None = None,
+    connectors: Connectors | None = None,
 ) -> Report:
+    """Walk the log's chain (and with `deep` every MAC, record and named blob, reading
+    blob names as the `connectors`' stream kinds say; default: the installed ones)."""
+    connectors = connectors if connectors is not None else installed()
     if deep and keyring is None:
         raise DrstreamError("verify --deep needs the key ring (--config or --key)")
     report = Report(log_id=log.log_id, deep=deep)
@@ -249,7 +253,7 @@ async def verify_log(
             _check_link(report, seq, header, prev_digest)
             _account(report, seq, header, len(data))
             if deep and keyring is not None:
-                await asyncio.to_thread(_check_deep, report, seq, data, keyring)
+                await asyncio.to_thread(_check_deep, report, seq, data, keyring, connectors)
         prev_seq, prev_digest = seq, segment_digest(data)
         if progress is not None:
             progress(report)

@@ -1,16 +1,11 @@
 """The `file` store type: the embedded default log store (see store.py)."""
 
-from connectors.file.store import FileStore, FileStoreConfig, check_key, file_config_from_url
-from daemon.store import StoreType, register_store
+from connectors.file.store import FileStore, FileStoreConfig, file_config_from_url
+from daemon.plugins import Connector, StoreType
 
-register_store(
-    StoreType(
-        name="file",
-        config_model=FileStoreConfig,
-        factory=FileStore,
-        from_url=file_config_from_url,
-        schemes=("file",),
-    )
+CONNECTOR = Connector(
+    name="file",
+    store=StoreType("file", FileStoreConfig, FileStore, file_config_from_url, ("file",)),
 )
 
-__all__ = ["FileStore", "FileStoreConfig", "check_key", "file_config_from_url"]
+__all__ = ["CONNECTOR", "FileStore", "FileStoreConfig", "file_config_from_url"]

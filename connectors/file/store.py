@@ -18,55 +18,21 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 
 from daemon.errors import ConfigFieldError, StoreError
+from daemon.plugins import ConnectorConfig
+from daemon.store import RESERVED_PREFIX, check_key, check_prefix
 
-# Temp files live beside their final name (link needs the same filesystem); this
-# prefix marks them so listings skip them and no key can collide with one.
-TMP_PREFIX = ".drstmp-"
+# Temp files live beside their final name (link needs the same filesystem); keys never
+# have a path segment with this prefix (daemon.store.check_key), so no key collides.
+TMP_PREFIX = RESERVED_PREFIX
 
 # Disk full / quota: an operator can fix these without restarting us, so retry.
 _RETRIABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN}
 
 
-def check_key(key: str) -> str:
-    """Reject keys that could escape the store root or that a file tree cannot hold.
-
-    Shared by every store so they all accept exactly the same keys.
-    """
-    reason = None
-    if not key:
-        reason = "is empty"
-    elif key.startswith("/"):
-        reason = "starts with '/'"
-    elif key.endswith("/"):
-        reason = "ends with '/'"
-    elif "\x00" in key:
-        reason = "contains a NUL byte"
-    elif ".." in key:
-        reason = "contains '..'"
-    else:
-        parts = key.split("/")
-        if any(p in ("", ".") for p in parts):
-            reason = "has an empty or '.' path segment"
-        elif any(p.startswith(TMP_PREFIX) for p in parts):
-            reason = f"has a segment starting with the reserved {TMP_PREFIX!r}"
-    if reason:
-        raise StoreError(f"invalid object key {key!r}: {reason}", key=key)
-    return key
-
-
-def check_prefix(prefix: str) -> str:
-    """A list prefix is a key head: '' or anything a key could start with."""
-    if prefix.startswith("/") or ".." in prefix or "\x00" in prefix:
-        raise StoreError(f"invalid list prefix {prefix!r}", key=prefix)
-    return prefix
-
-
-class FileStoreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FileStoreConfig(ConnectorConfig):
     type: Literal["file"]
     path: str
     region: str | None = None  # where this disk is, for the allowed_regions guard

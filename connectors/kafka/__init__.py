@@ -1,12 +1,18 @@
-"""The `kafka` connector: the source that `ship` tails and the sink that `apply` writes."""
+"""The `kafka` connector: the source that `ship` tails, the sink that `apply` writes, and
+what replay and drill know of Kafka streams."""
 
 from connectors.kafka.config import KafkaSinkConfig, KafkaSourceConfig
+from connectors.kafka.replay import KafkaStreams
 from connectors.kafka.sink import KafkaSink
 from connectors.kafka.source import KafkaSource
-from daemon.sink import SinkType, register_sink
-from daemon.source import SourceType, register_source
+from daemon.plugins import Connector, SinkType, SourceType
 
-register_source(SourceType(name="kafka", config_model=KafkaSourceConfig, factory=KafkaSource))
-register_sink(SinkType(name="kafka", config_model=KafkaSinkConfig, factory=KafkaSink))
+CONNECTOR = Connector(
+    name="kafka",
+    source=SourceType("kafka", KafkaSourceConfig, KafkaSource,
+                      restart_fields=("bootstrap_servers",)),
+    sink=SinkType("kafka", KafkaSinkConfig, KafkaSink),
+    stream=KafkaStreams(),
+)
 
-__all__ = ["KafkaSink", "KafkaSinkConfig", "KafkaSource", "KafkaSourceConfig"]
+__all__ = ["CONNECTOR", "KafkaSink", "KafkaSinkConfig", "KafkaSource", "KafkaSourceConfig"]

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from daemon.plugins import ConnectorConfig
 from daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 DEFAULT_DISCOVERY_INTERVAL_S = 5.0
@@ -51,7 +52,7 @@ class Selection(BaseModel):
         return any(re.fullmatch(p, name) for p in self.include)
 
 
-class KafkaSourceConfig(BaseModel):
+class KafkaSourceConfig(ConnectorConfig):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["kafka"]
@@ -116,7 +117,7 @@ DEFAULT_CHECKPOINT_TOPIC = "drstream.checkpoints"
 DEFAULT_TOPIC_TEMPLATE = "{topic}"
 
 
-class KafkaSinkConfig(BaseModel):
+class KafkaSinkConfig(ConnectorConfig):
     """The standby cluster that `apply` writes to, one transaction per segment."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

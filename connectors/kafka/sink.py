@@ -40,6 +40,7 @@ from connectors.kafka.config import KafkaSinkConfig
 from daemon.codec import Body, KafkaBatch
 from daemon.errors import SinkError, SinkFencedError
 from daemon.logging import get_logger
+from daemon.plugins import Context
 from daemon.sink import AppliedSegment, Checkpoint
 
 log = get_logger("drstream.kafka.sink")
@@ -53,10 +54,10 @@ OffsetMap = dict[str, dict[str, list[int]]]
 
 
 class KafkaSink:
-    def __init__(self, config: KafkaSinkConfig, *, log_id: str, **_: object) -> None:
+    def __init__(self, config: KafkaSinkConfig, ctx: Context) -> None:
         self.config = config
         self.name = f"kafka:{config.name}"
-        self.log_id = log_id
+        self.log_id = log_id = ctx.log_id
         self.cluster = config.source.split(":", 1)[-1]
         self.txn_id = config.transactional_id or f"drstream-apply-{log_id}-{config.name}"
         self._ckpt_key = f"{log_id}/{config.name}".encode()

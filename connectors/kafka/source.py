@@ -32,6 +32,7 @@ from daemon.codec import KafkaBatch, KafkaRecord
 from daemon.errors import SourceError, SourceUnavailableError
 from daemon.logging import get_logger
 from daemon.metrics import REGISTRY
+from daemon.plugins import Context
 from daemon.source import Delivery, SourceProbe
 
 log = get_logger("drstream.kafka.source")
@@ -47,12 +48,11 @@ Positions = dict[str, dict[str, int]]  # topic -> partition (as str, JSON keys) 
 
 
 class KafkaSource:
-    def __init__(self, config: KafkaSourceConfig, *, log_id: str, buffer_max_bytes: int,
-                 **_: object) -> None:
+    def __init__(self, config: KafkaSourceConfig, ctx: Context) -> None:
         self.config = config
         self.stream = config.stream
-        self.group_id = config.group_id or f"drstream-{log_id}"
-        self.buffer_max_bytes = buffer_max_bytes
+        self.group_id = config.group_id or f"drstream-{ctx.log_id}"
+        self.buffer_max_bytes = ctx.buffer_max_bytes
         self._positions: Positions = {}
         self._delivered: Positions = {}
         self._buffered = 0

@@ -1,14 +1,18 @@
-"""The `mlflow` connector: the registry source that `ship` reconciles and the standby
-registry sink that `apply` writes (model registry replication, DESIGN.md section 5)."""
+"""The `mlflow` connector: the registry source that `ship` reconciles, the standby registry
+sink that `apply` writes, and what replay, drill and verify know of registry streams
+(model registry replication, DESIGN.md section 5)."""
 
 from connectors.mlflow.config import MlflowSinkConfig, MlflowSourceConfig
+from connectors.mlflow.replay import MlflowStreams
+from connectors.mlflow.sink import MlflowSink
 from connectors.mlflow.source import MlflowSource
-from daemon.source import SourceType, register_source
+from daemon.plugins import Connector, SinkType, SourceType
 
-register_source(SourceType(name="mlflow", config_model=MlflowSourceConfig, factory=MlflowSource))
-from connectors.mlflow.sink import MlflowSink  # noqa: E402
-from daemon.sink import SinkType, register_sink  # noqa: E402
+CONNECTOR = Connector(
+    name="mlflow",
+    source=SourceType("mlflow", MlflowSourceConfig, MlflowSource),
+    sink=SinkType("mlflow", MlflowSinkConfig, MlflowSink),
+    stream=MlflowStreams(),
+)
 
-register_sink(SinkType(name="mlflow", config_model=MlflowSinkConfig, factory=MlflowSink))
-
-__all__ = ["MlflowSinkConfig", "MlflowSource", "MlflowSourceConfig"]
+__all__ = ["CONNECTOR", "MlflowSink", "MlflowSinkConfig", "MlflowSource", "MlflowSourceConfig"]

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from daemon.blobs import MAX_CHUNK
+from daemon.plugins import ConnectorConfig
 from daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
@@ -83,7 +84,11 @@ class WebhookConfig(_Strict):
         return None if value is None else _http_url(value)
 
 
-class MlflowSourceConfig(_Strict):
+class _Section(ConnectorConfig):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MlflowSourceConfig(_Section):
     type: Literal["mlflow"]
     name: str = Field("primary", pattern=NAME_RE,
                       description="registry name; the stream is 'mlflow:<name>'")
@@ -108,7 +113,7 @@ class MlflowSourceConfig(_Strict):
         return f"mlflow:{self.name}"
 
 
-class MlflowSinkConfig(_Strict):
+class MlflowSinkConfig(_Section):
     type: Literal["mlflow"]
     name: str = Field("standby", pattern=NAME_RE, description="this registry's name")
     region: str | None = Field(None, description="where the registry runs (allowed_regions)")

@@ -226,6 +226,17 @@ async def read_state_blob(blobs: BlobStore, positions: Mapping[str, Any]
     return str(bid), load_state(await blobs.get(str(bid)))
 
 
+async def seed_events(blobs: BlobStore, positions: Mapping[str, Any]
+                      ) -> tuple[State, list[Event]] | None:
+    """For the first segment of a pruned log: the registry state its positions name and
+    the events that build it from nothing (the events before it are gone, the state after
+    it is not); None when the positions name no state."""
+    found = await read_state_blob(blobs, positions)
+    if found is None:
+        return None
+    return found[1], diff(empty_state(), found[1])
+
+
 def state_digest(state: State) -> str:
     """SHA-256 hex of the canonical JSON of `state`."""
     return hashlib.sha256(dump_state(state)).hexdigest()

@@ -48,15 +48,13 @@ from connectors.mlflow.events import (
     SOURCE_TAG,
     Event,
     EventError,
-    diff,
-    empty_state,
-    read_state_blob,
+    seed_events,
     validate_event,
 )
-from daemon.blobs import BlobStore
 from daemon.codec import Body, EventBatch
 from daemon.errors import DrstreamError, SinkError, SinkFencedError
 from daemon.logging import get_logger
+from daemon.plugins import Context
 from daemon.secrets import read_secret
 from daemon.sink import Checkpoint
 
@@ -116,12 +114,11 @@ def decode_checkpoint(raw: str, where: str) -> tuple[Checkpoint, dict[str, Any] 
 
 
 class MlflowSink:
-    def __init__(self, config: MlflowSinkConfig, *, log_id: str,
-                 blobs: BlobStore | None = None, **_: object) -> None:
+    def __init__(self, config: MlflowSinkConfig, ctx: Context) -> None:
         self.config = config
         self.name = f"mlflow:{config.name}"
-        self.log_id = log_id
-        self.blobs = blobs
+        self.log_id = log_id = ctx.log_id
+        self.blobs = ctx.blobs
         self.stream = config.source
         self.checkpoint_model = f"{CHECKPOINT_MODEL_PREFIX}{log_id}.{config.name}"
         self.experiment_name = f"drstream.{log_id}.{config.name}"
@@ -277,15 +274,15 @@ class MlflowSink:
             raise SinkError(f"{self.name}: segment {seq} starts a pruned log; rebuilding "
                             "the registry from its state blob needs the log's blob store")
         try:
-            found = await read_state_blob(self.blobs, positions)
+            found = await seed_events(self.blobs, positions)
         except EventError as e:
             raise SinkError(f"{self.name}: segment {seq}: state blob "
                             f"{positions['state_blob']}: {e}") from e
         assert found is not None
-        state = found[1]
+        state, events = found
         log.warning("registry_seeded_from_state", sink=self.name, seq=seq,
                     models=len(state["models"]))
-        return diff(empty_state(), state)
+        return events
 
     async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
         # Nothing applied yet and the log starts after seq 1 (pruned): seed from the state.

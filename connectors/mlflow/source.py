@@ -44,10 +44,11 @@ from connectors.mlflow.metrics import (
     SOURCE_UP,
 )
 from connectors.mlflow.webhook import WebhookReceiver
-from daemon.blobs import MAX_CHUNK, BlobStore
+from daemon.blobs import MAX_CHUNK
 from daemon.codec import EventBatch
 from daemon.errors import DrstreamError, SourceError
 from daemon.logging import get_logger
+from daemon.plugins import Context
 from daemon.secrets import read_secret
 from daemon.source import Delivery, SourceProbe
 
@@ -66,12 +67,11 @@ NARROWED_RETRY_S = 1.0
 
 
 class MlflowSource:
-    def __init__(self, config: MlflowSourceConfig, *, log_id: str,
-                 blobs: BlobStore | None = None, **_: object) -> None:
+    def __init__(self, config: MlflowSourceConfig, ctx: Context) -> None:
         self.config = config
         self.stream = config.stream
-        self.log_id = log_id
-        self.blobs = blobs
+        self.log_id = log_id = ctx.log_id
+        self.blobs = ctx.blobs
         self.webhook_name = f"drstream-{log_id}"
         self._state: State = empty_state()
         self._positions: dict[str, Any] = {}

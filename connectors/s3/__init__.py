@@ -5,18 +5,15 @@ from connectors.s3.store import (
     S3Store,
     S3StoreConfig,
     resolve_secret,
+    retain_days,
     s3_config_from_url,
 )
-from daemon.store import StoreType, register_store
+from daemon.plugins import Connector, StoreType
 
-register_store(
-    StoreType(
-        name="s3",
-        config_model=S3StoreConfig,
-        factory=S3Store,
-        from_url=s3_config_from_url,
-        schemes=("s3",),
-    )
+CONNECTOR = Connector(
+    name="s3",
+    store=StoreType("s3", S3StoreConfig, S3Store, s3_config_from_url, ("s3",), retain_days),
 )
 
-__all__ = ["ObjectLockConfig", "S3Store", "S3StoreConfig", "resolve_secret", "s3_config_from_url"]
+__all__ = ["CONNECTOR", "ObjectLockConfig", "S3Store", "S3StoreConfig", "resolve_secret",
+           "s3_config_from_url"]

@@ -35,10 +35,11 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from connectors.file.store import check_key, check_prefix
 from daemon.errors import ConfigFieldError, StoreError, StoreUnavailableError
 from daemon.logging import get_logger
+from daemon.plugins import ConnectorConfig
 from daemon.secrets import SECRET_REF_HELP, is_secret_ref, read_secret
+from daemon.store import check_key, check_prefix
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -80,9 +81,7 @@ class ObjectLockConfig(BaseModel):
     retain_days: int = Field(gt=0, le=36500)
 
 
-class S3StoreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class S3StoreConfig(ConnectorConfig):
     type: Literal["s3"]
     bucket: str
     prefix: str = ""
@@ -139,6 +138,11 @@ class S3StoreConfig(BaseModel):
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError("backoff_max_s must be >= backoff_base_s")
         return self
+
+
+def retain_days(config: S3StoreConfig) -> int | None:
+    """Days a written object stays under Object Lock (prune never tries to delete it)."""
+    return config.object_lock.retain_days if config.object_lock is not None else None
 
 
 def check_prefix_or_value_error(prefix: str) -> None:

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from connectors.file.store import TMP_PREFIX, FileStore, FileStoreConfig
 from connectors.s3.store import S3StoreConfig
 from daemon.errors import StoreError
-from daemon.store import Store, open_store, store_config_from_url
+from daemon.plugins import installed
+from daemon.store import Store
 
 MiB = 1024 * 1024
 
@@ -182,15 +183,15 @@ async def test_file_store_ignores_crash_leftovers(tmp_path: Path) -> None:
 
 
 def test_store_urls_and_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    file_cfg = store_config_from_url(f"file://{tmp_path}/st%20ore")
+    file_cfg = installed().store_config_from_url(f"file://{tmp_path}/st%20ore")
     assert file_cfg == FileStoreConfig(type="file", path=f"{tmp_path}/st ore")
-    assert isinstance(open_store(file_cfg), FileStore)
+    assert isinstance(installed().open_store(file_cfg), FileStore)
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    s3_cfg = store_config_from_url("s3://my-bucket/dr/prod/")
+    s3_cfg = installed().store_config_from_url("s3://my-bucket/dr/prod/")
     assert s3_cfg == S3StoreConfig(
         type="s3", bucket="my-bucket", prefix="dr/prod", endpoint_url="http://127.0.0.1:9",
         region="eu-west-1",
     )
-    assert open_store(s3_cfg).url == "s3://my-bucket/dr/prod"
+    assert installed().open_store(s3_cfg).url == "s3://my-bucket/dr/prod"

@@ -32,8 +32,9 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, Ne
 from daemon.codec import Body, KafkaRecord, Manifest
 from daemon.deltalog import DeltaLog, segments_prefix, seq_from_key
 from daemon.keyring import KeyRing, generate_key_file, load_key
+from daemon.plugins import installed
 from daemon.segment import SegmentHeader, decode_segment, read_manifest, segment_digest
-from daemon.store import STORE_TYPES, Store, load_builtin_connectors, open_store
+from daemon.store import Store
 from tests.infra.procs import RUN_DIR, Proc, start_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,13 +62,12 @@ def store_fields(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> d
 
 def store_model(fields: dict[str, Any]) -> Any:
     """The typed store config for raw `store:` fields (validated by the connector)."""
-    load_builtin_connectors()
-    return STORE_TYPES[fields["type"]].config_model.model_validate(fields)
+    return installed().stores[fields["type"]].config_model.model_validate(fields)
 
 
 @contextlib.asynccontextmanager
 async def _opened(fields: dict[str, Any]) -> Any:
-    async with open_store(store_model(fields)) as store:
+    async with installed().open_store(store_model(fields)) as store:
         yield store
 
 

@@ -25,8 +25,8 @@ from daemon.blobs import BlobStore
 from daemon.codec import Body, EventBatch, Manifest
 from daemon.errors import SinkError, SinkFencedError
 from daemon.keyring import KeyRing
+from daemon.plugins import Context, installed
 from daemon.sink import Checkpoint
-from daemon.store import open_store, store_config_from_url
 from tests.infra.mlflow import MlflowServer
 from tests.integration.mlflowlib import file_digests, registry_view
 
@@ -36,7 +36,9 @@ STREAM = "mlflow:primary"
 
 @pytest.fixture
 async def blobs(tmp_path: Path) -> AsyncIterator[BlobStore]:
-    async with open_store(store_config_from_url(f"file://{tmp_path / 'store'}")) as store:
+    registry = installed()
+    async with registry.open_store(registry.store_config_from_url(f"file://{tmp_path / 'store'}")) \
+            as store:
         yield BlobStore(store, "sinktest", KeyRing({"k1": os.urandom(32)}, "k1"))
 
 
@@ -55,7 +57,7 @@ def body(events: list[dict[str, Any]], stream: str = STREAM) -> Body:
 def make_sink(standby: MlflowServer, blobs: BlobStore | None, log_id: str,
               **kw: Any) -> MlflowSink:
     cfg = MlflowSinkConfig(type="mlflow", tracking_uri=standby.tracking_uri, **kw)
-    return MlflowSink(cfg, log_id=log_id, blobs=blobs)
+    return MlflowSink(cfg, Context(log_id=log_id, blobs=blobs))
 
 
 def digest(seq: int) -> bytes:

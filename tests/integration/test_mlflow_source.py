@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-import connectors.mlflow  # noqa: F401  (registers the source until daemon/store loads it)
 from connectors.file.store import FileStore, FileStoreConfig
 from connectors.mlflow.client import RegistryClient
 from connectors.mlflow.config import MlflowSourceConfig
@@ -24,6 +23,7 @@ from connectors.mlflow.metrics import SOURCE_UP
 from connectors.mlflow.source import MlflowSource
 from daemon.blobs import BlobStore
 from daemon.keyring import KeyRing
+from daemon.plugins import Context
 from daemon.source import Delivery
 from tests.infra.mlflow import MlflowServer
 from tests.integration.mlflowlib import RegistryProxy, log_run, log_version, registry_view
@@ -60,7 +60,7 @@ async def webhook_source(server: MlflowServer, name: str, blobs: BlobStore,
         "listen": "127.0.0.1:0", "secret": f"env:{SECRET_ENV}", **webhook})
     log_id = f"{LOG_ID}-{os.urandom(4).hex()}"
     await asyncio.to_thread(server.client().create_registered_model, name)
-    src = MlflowSource(cfg, log_id=log_id, blobs=blobs)
+    src = MlflowSource(cfg, Context(log_id=log_id, blobs=blobs))
     await src.start({})
     try:
         yield src, log_id
@@ -126,7 +126,7 @@ async def test_ships_state_events_and_artifacts(mlflow_primary: MlflowServer,
     await asyncio.to_thread(c.set_registered_model_alias, name, "champion", str(v1))
     await asyncio.to_thread(c.set_model_version_tag, name, str(v1), "drstream.source", "x")
 
-    src = MlflowSource(source_config(mlflow_primary, name), log_id=LOG_ID, blobs=blobs)
+    src = MlflowSource(source_config(mlflow_primary, name), Context(log_id=LOG_ID, blobs=blobs))
     await src.start({})
     try:
         d = await next_delivery(src)
@@ -171,7 +171,7 @@ async def test_ships_state_events_and_artifacts(mlflow_primary: MlflowServer,
         await src.close()
 
     # a restarted source resumes from the positions: nothing to ship, nothing re-read
-    src2 = MlflowSource(source_config(mlflow_primary, name), log_id=LOG_ID, blobs=blobs)
+    src2 = MlflowSource(source_config(mlflow_primary, name), Context(log_id=LOG_ID, blobs=blobs))
     await src2.start(src.positions())
     try:
         assert await src2.read(1.0) is None
@@ -190,7 +190,7 @@ async def test_unreachable_registry_is_reported_then_resumed(
     name = mlflow_model_name
     c = mlflow_primary.client()
     await asyncio.to_thread(c.create_registered_model, name)
-    src = MlflowSource(source_config(mlflow_primary, name), log_id=LOG_ID, blobs=blobs)
+    src = MlflowSource(source_config(mlflow_primary, name), Context(log_id=LOG_ID, blobs=blobs))
     await src.start({})
     try:
         first = await next_delivery(src)
@@ -280,8 +280,8 @@ async def test_artifact_capture_memory_is_bounded(
     await asyncio.to_thread(c.log_artifact, run.info.run_id, str(big), "model")
     await asyncio.to_thread(c.create_model_version, name, f"runs:/{run.info.run_id}/model",
                             run.info.run_id)
-    src = MlflowSource(source_config(mlflow_primary, name, chunk_bytes=chunk), log_id=LOG_ID,
-                       blobs=blobs)
+    src = MlflowSource(source_config(mlflow_primary, name, chunk_bytes=chunk),
+                       Context(log_id=LOG_ID, blobs=blobs))
     await src.start({})
     tracemalloc.start()
     try:
@@ -312,8 +312,8 @@ async def test_large_sync_ships_in_steps_without_moving_aliases_early(
     vs = [(await asyncio.to_thread(log_version, mlflow_primary, name, {"f": bytes([i]) * 10}))[0]
           for i in range(3)]
     await asyncio.to_thread(c.set_registered_model_alias, name, "prod", str(vs[1]))
-    src = MlflowSource(source_config(mlflow_primary, name, interval_s=60), log_id=LOG_ID,
-                       blobs=blobs)
+    src = MlflowSource(source_config(mlflow_primary, name, interval_s=60),
+                       Context(log_id=LOG_ID, blobs=blobs))
     await src.start({})
     try:
         steps = [events_of(await next_delivery(src, timeout=20)) for _ in range(3)]

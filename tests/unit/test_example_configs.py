@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from daemon.config import ApplyConfig, Config, LoggingConfig, ShipConfig, load_config
-from daemon.store import STORE_TYPES, load_builtin_connectors
+from daemon.plugins import installed
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -19,17 +19,16 @@ def test_example_validates(path: Path) -> None:
 
 
 def test_single_host_example_shows_every_key() -> None:
-    load_builtin_connectors()
     doc = yaml.safe_load((Path(__file__).parents[2] / "configs" / "single-host.yaml").read_text())
     assert set(doc) == set(Config.model_fields)
     assert set(doc["ship"]) == set(ShipConfig.model_fields)
     assert set(doc["apply"]) == set(ApplyConfig.model_fields)
     assert set(doc["logging"]) == set(LoggingConfig.model_fields)
-    assert set(doc["store"]) == set(STORE_TYPES["file"].config_model.model_fields)
+    assert set(doc["store"]) == set(installed().stores["file"].config_model.model_fields)
     from connectors.kafka.config import KafkaSinkConfig, KafkaSourceConfig
 
     assert set(doc["sources"][0]) == set(KafkaSourceConfig.model_fields)
     assert set(doc["sinks"][0]) == set(KafkaSinkConfig.model_fields)
     s3_path = Path(__file__).parents[2] / "configs" / "ship-primary-s3.yaml"
     s3 = yaml.safe_load(s3_path.read_text())
-    assert set(s3["store"]) == set(STORE_TYPES["s3"].config_model.model_fields)
+    assert set(s3["store"]) == set(installed().stores["s3"].config_model.model_fields)

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-import connectors.mlflow  # noqa: F401  (registers the source type)
 from connectors.mlflow.config import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_INTERVAL_S,

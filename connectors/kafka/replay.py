@@ -1,0 +1,208 @@
+"""What replay, drill and verify need to know about Kafka streams (`kafka:<cluster>`).
+
+A replay keeps the records of the stream's chosen topics (`--topics`, a full-match regex)
+with timestamps up to `--until`, and writes them through a Kafka sink of its own into the
+cluster `--target-bootstrap` names, under `--rename`d topics. A drill writes into scratch
+topics `<topic>.drill-<stamp>` and compares each partition's count and checksum with the
+records the log holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any
+
+from connectors.kafka.config import DEFAULT_TOPIC_TEMPLATE, KafkaSinkConfig
+from connectors.kafka.verify import delete_topics, partition_digests
+from daemon.blobs import BlobStore
+from daemon.codec import (
+    Body,
+    EventBatch,
+    KafkaBatch,
+    KafkaRecord,
+    make_manifest,
+    update_record_digest,
+)
+from daemon.errors import ConfigFieldError
+from daemon.plugins import ConnectorConfig, DrillCheck, ReplayOption, StreamFilter, StreamTraits
+
+if TYPE_CHECKING:
+    from daemon.replay import ReplayPlan
+
+TARGET = "--target-bootstrap"
+TOPICS = "--topics"
+RENAME = "--rename"
+_EMPTY = hashlib.sha256().hexdigest()
+_key, _value, _timestamp = attrgetter("key"), attrgetter("value"), attrgetter("timestamp")
+
+
+@dataclass
+class PartitionTally:
+    records: int = 0
+    bytes: int = 0
+    newest_ms: int | None = None
+    digest: Any = field(default_factory=hashlib.sha256)
+
+
+class KafkaFilter:
+    """Keeps the records of the plan's stream and topics up to its time; tallies them per
+    source partition (and, for drills, a checksum of each partition's records)."""
+
+    def __init__(self, plan: ReplayPlan) -> None:
+        self.plan = plan
+        topics = plan.option(TOPICS)
+        self.topic_re = re.compile(topics) if topics else None
+        self.tally: dict[tuple[str, int], PartitionTally] = {}
+
+    def keep_topic(self, topic: str) -> bool:
+        return self.topic_re is None or bool(self.topic_re.fullmatch(topic))
+
+    def __call__(self, seq: int, body: Body, created_at_ms: int) -> Body:
+        until = self.plan.until_ms
+        batches: list[KafkaBatch | EventBatch] = []
+        for b in body.batches:
+            if not isinstance(b, KafkaBatch) or b.stream != self.plan.stream:
+                continue
+            if not self.keep_topic(b.topic):
+                continue
+            records = b.records if until is None else [r for r in b.records if r.timestamp <= until]
+            if records:
+                batches.append(KafkaBatch(b.stream, b.topic, b.partition, records))
+                self._count(b.topic, b.partition, records)
+        extra = body.manifest.extra.get(self.plan.stream, {})
+        topics = {t: m for t, m in extra.get("topics", {}).items() if self.keep_topic(t)}
+        kept_extra = {self.plan.stream: {"topics": topics}} if topics else {}
+        manifest = make_manifest(body.manifest.positions, list(batches), extra=kept_extra)
+        return Body(manifest, list(batches))
+
+    def _count(self, topic: str, partition: int, records: list[KafkaRecord]) -> None:
+        # map/filter keep the per-record work in C: this runs for every record replayed
+        t = self.tally.get((topic, partition))
+        if t is None:
+            t = self.tally[(topic, partition)] = PartitionTally()
+        t.records += len(records)
+        t.bytes += sum(map(len, filter(None, map(_key, records))))
+        t.bytes += sum(map(len, filter(None, map(_value, records))))
+        newest = max(map(_timestamp, records), default=t.newest_ms)
+        if newest is not None:
+            t.newest_ms = newest if t.newest_ms is None else max(t.newest_ms, newest)
+        if self.plan.digests:
+            for r in records:
+                update_record_digest(t.digest, r.timestamp, r.key, r.value, r.headers)
+
+    @property
+    def count(self) -> int:
+        return sum(t.records for t in self.tally.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.bytes for t in self.tally.values())
+
+    @property
+    def newest_ms(self) -> int | None:
+        return max((v.newest_ms or 0 for v in self.tally.values()), default=0) or None
+
+    def target_topic(self, topic: str) -> str:
+        rename = self.plan.option(RENAME, DEFAULT_TOPIC_TEMPLATE)
+        assert rename is not None
+        return rename.format(topic=topic, cluster=self.plan.stream.split(":")[-1])
+
+    def lines(self, plan: ReplayPlan) -> list[str]:
+        return [f"  {self.target_topic(topic)}[{p}]: {t.records} records"
+                for (topic, p), t in sorted(self.tally.items())]
+
+
+class KafkaDrill:
+    """A drill into scratch topics `<topic>.drill-<stamp>` of one cluster."""
+
+    def __init__(self, plan: ReplayPlan, target: str, stamp: str) -> None:
+        self.target = target
+        self.suffix = f".drill-{stamp}"
+        options = {**plan.options, RENAME: "{topic}" + self.suffix, TARGET: target}
+        self.plan = dataclasses.replace(plan, name=f"drill-{stamp}", options=options,
+                                        digests=True)
+        self.report: dict[str, Any] = {"scratch_suffix": self.suffix}
+
+    async def __aenter__(self) -> KafkaDrill:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def _scratch(self, topic: str) -> str:
+        return topic + self.suffix
+
+    async def compare(self, filt: StreamFilter) -> DrillCheck:
+        assert isinstance(filt, KafkaFilter)
+        expected = {(self._scratch(t), p): (v.records, v.digest.hexdigest())
+                    for (t, p), v in filt.tally.items()}
+        actual = await asyncio.to_thread(partition_digests, self.target,
+                                         sorted({t for t, _ in expected}))
+        mismatches = [
+            {"topic": t, "partition": p, "log": expected.get((t, p)),
+             "target": actual.get((t, p))}
+            for (t, p) in sorted(set(expected) | set(actual))
+            if expected.get((t, p), (0, _EMPTY)) != actual.get((t, p), (0, _EMPTY))
+        ]
+        return DrillCheck({"partitions": len(expected)}, mismatches)
+
+    async def clean(self, filt: StreamFilter | None) -> dict[str, Any]:
+        if isinstance(filt, KafkaFilter):
+            scratch = sorted({self._scratch(t) for t, _ in filt.tally})
+            await asyncio.to_thread(delete_topics, self.target, scratch)
+        return {}
+
+    def lines(self, report: dict[str, Any]) -> list[str]:
+        if "error" in report:
+            return []
+        out = [f"  records                {report['records']} in {report['partitions']} "
+               f"partitions, through seq {report['applied_through_seq']}",
+               f"  RPO at the point       {report['rpo_at_point_s']}s",
+               f"  mismatches             {len(report['mismatches'])}"]
+        out += [f"    {m['topic']}[{m['partition']}]: log {m['log']} target {m['target']}"
+                for m in report["mismatches"][:10]]
+        return out
+
+
+class KafkaStreams:
+    """The stream kind of the `kafka` connector."""
+
+    traits = StreamTraits("kafka", "a Kafka stream", "records", TARGET, "Kafka cluster",
+                          "kafka:primary")
+    options: tuple[ReplayOption, ...] = (
+        ReplayOption(TARGET, "Kafka cluster to write to", "HOST:PORT", "writes a Kafka stream"),
+        ReplayOption(TOPICS, "only source topics fully matching this", "REGEX",
+                     "selects Kafka topics"),
+        ReplayOption(RENAME, "target topic name, e.g. '{topic}.restored'", "TEMPLATE",
+                     "renames Kafka topics", DEFAULT_TOPIC_TEMPLATE),
+    )
+
+    def blob_refs(self, positions: Any, events: Sequence[Mapping[str, Any]]) -> set[str]:
+        return set()
+
+    async def seed(self, blobs: BlobStore, positions: Any) -> list[dict[str, Any]] | None:
+        return None
+
+    async def filter(self, plan: ReplayPlan, blobs: BlobStore,
+                     first: Callable[[], Awaitable[tuple[int, Any] | None]]) -> KafkaFilter:
+        return KafkaFilter(plan)
+
+    def target(self, plan: ReplayPlan, sink_name: str) -> ConnectorConfig:
+        return KafkaSinkConfig.model_validate({
+            "type": "kafka", "name": sink_name, "bootstrap_servers": plan.option(TARGET),
+            "source": plan.stream, "topic_template": plan.option(RENAME, DEFAULT_TOPIC_TEMPLATE),
+            "sync_groups": False})
+
+    def drill(self, plan: ReplayPlan, log_id: str, sinks: Sequence[ConnectorConfig],
+              stamp: str) -> KafkaDrill:
+        target = plan.option(TARGET) or next(
+            (s.bootstrap_servers for s in sinks if isinstance(s, KafkaSinkConfig)), None)
+        if target is None:
+            raise ConfigFieldError(TARGET, None, "no Kafka sink in the config to drill against")
+        return KafkaDrill(plan, target, stamp)
