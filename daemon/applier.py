@@ -18,13 +18,21 @@ from dataclasses import dataclass
 from daemon.blobs import BlobStore
 from daemon.codec import Body
 from daemon.config import Config
-from daemon.deltalog import ZERO_DIGEST, DeltaLog
+from daemon.deltalog import DeltaLog
 from daemon.errors import ChainError, ConfigError, ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
 from daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
-from daemon.segment import SegmentHeader, decode_segment, parse_header, segment_digest
-from daemon.sink import AppliedSegment, Sink
+from daemon.records import AppliedSegment
+from daemon.segment import (
+    ZERO_DIGEST,
+    SegmentHeader,
+    chain_break,
+    decode_segment,
+    parse_header,
+    segment_digest,
+)
+from daemon.sink import Sink
 from daemon.store import Store
 
 log = get_logger("drstream.apply")
@@ -205,7 +213,7 @@ class Applier:
 
     async def _decode(self, seq: int, data: bytes, prev: bytes) -> AppliedSegment:
         header, _ = parse_header(data)
-        if header.prev_digest != prev:
+        if chain_break(seq, header, prev) is not None:
             raise ChainError("prev_digest does not match the segment applied before it",
                              log_id=self.log.log_id, seq=seq, key=self.log.key(seq))
         header, body, digest = await asyncio.to_thread(self._decode_sync, seq, data)

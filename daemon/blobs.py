@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import struct
 from typing import Final
 
 import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from daemon import envelope
 from daemon.errors import BlobError
-from daemon.keyring import KEY_SIZE, KeyRing
+from daemon.keyring import KeyRing
+from daemon.layout import blob_key
 from daemon.store import Store
 
 MAGIC: Final = b"DRB1"
@@ -45,14 +42,9 @@ def blob_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def blob_key(log_id: str, bid: str) -> str:
-    return f"blobs/{log_id}/{bid[:2]}/{bid}"
-
-
 def _derive(master: bytes, salt: bytes, log_id: str, bid: str) -> bytes:
-    raw = log_id.encode()
-    info = HKDF_INFO_PREFIX + bytes((len(raw),)) + raw + bid.encode("ascii")
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=info).derive(master)
+    return envelope.derive(master, salt, envelope.info(HKDF_INFO_PREFIX, log_id,
+                                                       bid.encode("ascii")))
 
 
 def encode_blob(data: bytes, keyring: KeyRing, log_id: str, zstd_level: int = 1) -> bytes:
@@ -60,11 +52,11 @@ def encode_blob(data: bytes, keyring: KeyRing, log_id: str, zstd_level: int = 1)
         raise BlobError(f"chunk of {len(data)} bytes is over the {MAX_CHUNK}-byte limit")
     bid = blob_id(data)
     key_id = keyring.active
-    salt, nonce = os.urandom(16), os.urandom(12)
+    salt, nonce = envelope.fresh_salt_and_nonce()
     header = _PRE_S.pack(MAGIC, VERSION, len(key_id)) + key_id.encode() + salt + nonce
     key = _derive(keyring.key(key_id), salt, log_id, bid)
     compressed = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(data)
-    return header + AESGCM(key).encrypt(nonce, compressed, header + bid.encode("ascii"))
+    return header + envelope.seal(key, nonce, compressed, header + bid.encode("ascii"))
 
 
 def decode_blob(raw: bytes, keyring: KeyRing, log_id: str, bid: str) -> bytes:
@@ -77,18 +69,18 @@ def decode_blob(raw: bytes, keyring: KeyRing, log_id: str, bid: str) -> bytes:
     pos = _PRE_S.size
     key_id = raw[pos:pos + klen].decode("ascii", "replace")
     pos += klen
-    salt, nonce = raw[pos:pos + 16], raw[pos + 16:pos + 28]
-    pos += 28
-    if len(raw) < pos + 16:
+    salt = raw[pos:pos + envelope.SALT_SIZE]
+    pos += envelope.SALT_SIZE
+    nonce = raw[pos:pos + envelope.NONCE_SIZE]
+    pos += envelope.NONCE_SIZE
+    if len(raw) < pos + envelope.TAG_SIZE:
         raise BlobError("truncated", key=where)
     if key_id not in keyring:
         raise BlobError(f"key id {key_id!r} is not in the key ring", key=where)
     key = _derive(keyring.key(key_id), salt, log_id, bid)
-    try:
-        compressed = AESGCM(key).decrypt(nonce, raw[pos:], raw[:pos] + bid.encode("ascii"))
-    except InvalidTag:
-        raise BlobError("authentication failed (tampered, moved, or wrong key)",
-                        key=where) from None
+    compressed = envelope.unseal(key, nonce, raw[pos:], raw[:pos] + bid.encode("ascii"))
+    if compressed is None:
+        raise BlobError("authentication failed (tampered, moved, or wrong key)", key=where)
     try:
         data = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=MAX_CHUNK)
     except zstandard.ZstdError as e:

@@ -7,6 +7,7 @@ config, 3 a runtime failure (store down, key missing).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -16,15 +17,23 @@ from typing import TYPE_CHECKING, Any
 
 from daemon import __version__
 from daemon.config import Config, load_config
-from daemon.errors import ConfigError, ConfigFieldError, DrstreamError
+from daemon.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    ConfigError,
+    ConfigFieldError,
+    DrstreamError,
+)
 from daemon.keyring import KeyRing, generate_key_file, load_key
+from daemon.layout import LOGS, after_log, log_id_of
 from daemon.logging import configure_logging
 from daemon.plugins import Connectors, installed
 
 if TYPE_CHECKING:
     from daemon.replay import ReplayPlan
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -165,36 +174,29 @@ async def _discover_logs(store: Any) -> list[str]:
     start_after = None
     while True:
         found = None
-        async for key in store.list("logs/", start_after=start_after, limit=1):
-            found = key.split("/")[1]
+        async for key in store.list(LOGS, start_after=start_after, limit=1):
+            found = log_id_of(key)
         if found is None:
             return ids
         ids.append(found)
-        start_after = f"logs/{found}0"  # '0' sorts right after '/', past all of its segments
+        start_after = after_log(found)
 
 
-async def _ship(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.pipeline import Shipper
-    from daemon.service import Service
-
-    config = load_config(args.config, connectors)
-    configure_logging(config.logging.level, config.logging.format)
-    if not config.sources:
-        raise ConfigError(args.config, [ConfigFieldError("sources", [], "ship needs a source")])
-    keyring = keyring_from_config(config)
-    return await Service("ship", args.config, config).run(keyring, Shipper)
-
-
-async def _apply(args: argparse.Namespace, connectors: Connectors) -> int:
+async def _serve(args: argparse.Namespace, connectors: Connectors, role: str) -> int:
+    """ship or apply as a service (daemon/service.py) until SIGTERM."""
     from daemon.applier import Applier
-    from daemon.service import Service
+    from daemon.pipeline import Shipper
+    from daemon.service import Factory, Service
 
     config = load_config(args.config, connectors)
     configure_logging(config.logging.level, config.logging.format)
-    if not config.sinks:
-        raise ConfigError(args.config, [ConfigFieldError("sinks", [], "apply needs a sink")])
+    section, factory, need = (("sources", Shipper, "ship needs a source") if role == "ship"
+                              else ("sinks", Applier, "apply needs a sink"))
+    if not getattr(config, section):
+        raise ConfigError(args.config, [ConfigFieldError(section, [], need)])
     keyring = keyring_from_config(config)
-    return await Service("apply", args.config, config).run(keyring, Applier)
+    component: Factory = factory
+    return await Service(role, args.config, config).run(keyring, component)
 
 
 async def _status(args: argparse.Namespace, connectors: Connectors) -> int:
@@ -423,7 +425,8 @@ def _add_replay_args(p: argparse.ArgumentParser, connectors: Connectors) -> None
 Handler = Callable[[argparse.Namespace, Connectors], Coroutine[Any, Any, int]]
 HANDLERS: dict[str, Handler] = {
     "validate": _validate, "keys generate": _keys_generate, "verify": _verify,
-    "ship": _ship, "apply": _apply, "status": _status, "failover": _failover,
+    "ship": functools.partial(_serve, role="ship"),
+    "apply": functools.partial(_serve, role="apply"), "status": _status, "failover": _failover,
     "replay": _replay, "drill": _drill, "prune": _prune,
 }
 

@@ -26,12 +26,20 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
 from operator import attrgetter
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, cast
 
 from daemon.errors import SegmentFormatError
+from daemon.records import (
+    Batch,
+    Body,
+    EventBatch,
+    KafkaBatch,
+    KafkaRecord,
+    Manifest,
+    ManifestKind,
+)
 
 __all__ = [
     "SECTION_EVENT_BATCH",
@@ -59,7 +67,6 @@ TIMESTAMP_LOG_APPEND_TIME: Final = 2
 SECTION_KAFKA_BATCH: Final = 1
 SECTION_EVENT_BATCH: Final = 2
 
-ManifestKind = Literal["data", "heartbeat"]
 _KINDS: Final = ("data", "heartbeat")
 _MANIFEST_FIELDS: Final = frozenset(
     ("kind", "record_count", "min_timestamp_ms", "max_timestamp_ms", "positions", "extra")
@@ -80,63 +87,6 @@ _PER_RECORD: Final = 8 + 8 + 4 + 4 + 4 + 1
 _PER_HEADER: Final = 4 + 4
 
 _get_timestamp = attrgetter("timestamp")
-
-
-@dataclass(slots=True)
-class KafkaRecord:
-    """One Kafka record as consumed: every field needed to reproduce it on another cluster."""
-
-    offset: int
-    timestamp: int  # milliseconds since the epoch; -1 when timestamp_type is 0
-    timestamp_type: int  # 0 none, 1 CreateTime, 2 LogAppendTime (confluent_kafka values)
-    key: bytes | None
-    value: bytes | None  # None is a tombstone
-    headers: list[tuple[str, bytes | None]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class KafkaBatch:
-    """Consecutive records of one partition, in offset order, from one source stream."""
-
-    stream: str  # e.g. "kafka:primary"
-    topic: str
-    partition: int
-    records: list[KafkaRecord]
-
-
-@dataclass(slots=True)
-class EventBatch:
-    """Registry events (small typed JSON documents: str keys, JSON-native values)."""
-
-    stream: str  # e.g. "mlflow:primary"
-    events: list[dict[str, Any]]
-
-
-Batch = KafkaBatch | EventBatch
-
-
-@dataclass(slots=True)
-class Manifest:
-    """What a segment says about the whole shipper: read first, without decoding records.
-
-    positions: the FULL position map of every stream the shipper tracks (not only the
-    streams present in this segment), e.g. {"kafka:primary": {"orders": {"0": 124}}}.
-    record_count: Kafka records plus events in the body.
-    min/max_timestamp_ms: bounds of the record timestamps (None when there are none).
-    """
-
-    positions: dict[str, Any]
-    record_count: int = 0
-    min_timestamp_ms: int | None = None
-    max_timestamp_ms: int | None = None
-    kind: ManifestKind = "data"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Body:
-    manifest: Manifest
-    batches: list[KafkaBatch | EventBatch] = field(default_factory=list)
 
 
 def make_manifest(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -28,15 +28,18 @@ from pydantic import (
 )
 
 from daemon.blobs import BlobStore
+from daemon.deltalog import DEFAULT_MAX_IN_FLIGHT, DEFAULT_ZSTD_LEVEL
 from daemon.errors import HIDDEN, MISSING, ConfigError, ConfigFieldError
+from daemon.keyring import KEY_ID_RE
+from daemon.layout import LOG_ID_PATTERN
+from daemon.logging import LogFormat, LogLevel
+from daemon.metrics import DEFAULT_STALL_AFTER_S
 from daemon.plugins import ConnectorConfig, Connectors, Context, installed
 from daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
-LOG_ID_RE = r"^[A-Za-z0-9._-]{1,128}$"
-KEY_ID_RE = r"^[A-Za-z0-9._-]{1,64}$"
+LOG_ID_FIELD = rf"^{LOG_ID_PATTERN}$"
+KEY_ID_FIELD = rf"^{KEY_ID_RE.pattern}$"
 
-LogLevel = Literal["debug", "info", "warning", "error"]
-LogFormat = Literal["auto", "json", "console"]
 DEFAULT_LOG_LEVEL: LogLevel = "info"
 DEFAULT_LOG_FORMAT: LogFormat = "auto"
 
@@ -56,7 +59,7 @@ SecretRef = Annotated[str, AfterValidator(_secret_ref)]
 
 
 class KeyRingConfig(Strict):
-    active: str = Field(pattern=KEY_ID_RE, description="key id used to encrypt new segments")
+    active: str = Field(pattern=KEY_ID_FIELD, description="key id used to encrypt new segments")
     keys: dict[str, SecretRef] = Field(description="key id -> secret reference of a 32-byte key")
 
     @field_validator("keys")
@@ -65,8 +68,8 @@ class KeyRingConfig(Strict):
         if not keys:
             raise ValueError("at least one key is required")
         for key_id in keys:
-            if not re.match(KEY_ID_RE, key_id):
-                raise ValueError(f"key id {key_id!r} must match {KEY_ID_RE}")
+            if not re.match(KEY_ID_FIELD, key_id):
+                raise ValueError(f"key id {key_id!r} must match {KEY_ID_FIELD}")
         return keys
 
     @model_validator(mode="after")
@@ -83,7 +86,6 @@ class LoggingConfig(Strict):
 
 DEFAULT_MAX_BYTES = 1 << 20
 DEFAULT_FLUSH_INTERVAL_S = 0.25
-DEFAULT_MAX_IN_FLIGHT = 4
 DEFAULT_HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_BUFFER_MAX_BYTES = 64 << 20
 DEFAULT_DRAIN_DEADLINE_S = 30.0
@@ -102,7 +104,7 @@ class ShipConfig(Strict):
                                   description="consumed but not yet encoded bytes before "
                                               "the source pauses its partitions")
     drain_deadline_s: float = Field(DEFAULT_DRAIN_DEADLINE_S, gt=0)
-    zstd_level: int = Field(1, ge=-7, le=22)
+    zstd_level: int = Field(DEFAULT_ZSTD_LEVEL, ge=-7, le=22)
     upload_retry_deadline_s: float | None = Field(
         None, gt=0, description="give up on a segment upload after this long (default: never)"
     )
@@ -133,7 +135,6 @@ class ApplyConfig(Strict):
 
 DEFAULT_SHIP_METRICS_LISTEN = "127.0.0.1:9464"
 DEFAULT_APPLY_METRICS_LISTEN = "127.0.0.1:9465"
-DEFAULT_STALL_AFTER_S = 60.0
 
 
 class ServiceConfig(Strict):
@@ -153,7 +154,7 @@ Section = SerializeAsAny[InstanceOf[ConnectorConfig]]
 
 
 class Config(Strict):
-    log_id: str = Field(pattern=LOG_ID_RE, description="name of this shipper's ordered log")
+    log_id: str = Field(pattern=LOG_ID_FIELD, description="name of this shipper's ordered log")
     store: Section = Field(description="the log store; its keys depend on store.type")
     keyring: KeyRingConfig
     sources: list[Section] = Field(default_factory=list, description="what `ship` reads")

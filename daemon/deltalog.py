@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Final
@@ -17,39 +17,30 @@ from typing import Final
 from daemon.codec import Body, Manifest
 from daemon.errors import DrstreamError, FencedError, SegmentFormatError, StoreError
 from daemon.keyring import KeyRing
+from daemon.layout import segment_key, segments_prefix, seq_from_key
 from daemon.logging import get_logger
 from daemon.metrics import BYTES, ERRORS, UPLOAD_SECONDS
-from daemon.segment import encode_segment, parse_header, read_manifest, segment_digest
+from daemon.retry import Backoff, retrying
+from daemon.segment import (
+    ZERO_DIGEST,
+    chain_break,
+    encode_segment,
+    parse_header,
+    read_manifest,
+    segment_digest,
+)
 from daemon.store import Store
 
-ZERO_DIGEST: Final = bytes(32)
 DEFAULT_MAX_IN_FLIGHT: Final = 4
 DEFAULT_ZSTD_LEVEL: Final = 1
-UPLOAD_RETRY_MIN_S: Final = 0.2
-UPLOAD_RETRY_MAX_S: Final = 10.0
+# a failed upload is retried with the same bytes after 0.1-0.2 s, doubling up to 5-10 s
+UPLOAD_BACKOFF: Final = Backoff(base_s=0.2, max_s=10.0)
 FOLLOW_POLL_MIN_S: Final = 0.05
 FOLLOW_POLL_MAX_S: Final = 2.0
 FOLLOW_FAST_WINDOW_S: Final = 1.0
 ORPHAN_WINDOW: Final = 256
 
 log = get_logger("drstream.deltalog")
-
-
-def segments_prefix(log_id: str) -> str:
-    return f"logs/{log_id}/"
-
-
-def segment_key(log_id: str, seq: int) -> str:
-    return f"logs/{log_id}/{seq:020d}.seg"
-
-
-def seq_from_key(key: str) -> int | None:
-    """The seq of a segment key, or None for any other object."""
-    name = key.rsplit("/", 1)[-1]
-    stem, dot, ext = name.partition(".")
-    if ext != "seg" or not dot or len(stem) != 20 or not stem.isdigit():
-        return None
-    return int(stem)
 
 
 class DeltaLog:
@@ -339,7 +330,7 @@ class LogWriter:
             data, prev = await self.log.fetch(head), await self.log.fetch(head - 1)
             if data is None or prev is None:
                 return head
-            if parse_header(data)[0].prev_digest == segment_digest(prev):
+            if chain_break(head, parse_header(data)[0], segment_digest(prev)) is None:
                 return head
             log.warning("stray_segment_deleted", log_id=self.log_id, seq=head)
             await self.log.store.delete(self.log.key(head))
@@ -382,21 +373,16 @@ class LogWriter:
                           error=str(e))
 
     async def _put_with_retries(self, seq: int, data: bytes) -> None:
+        """A failed upload is retried with the same bytes, until the retry deadline."""
         key = self.log.key(seq)
-        started, delay = time.monotonic(), UPLOAD_RETRY_MIN_S
-        while True:
-            try:
-                await self._put_once(key, data)
-                return
-            except StoreError as e:
-                elapsed = time.monotonic() - started
-                out_of_time = self.retry_deadline_s is not None and elapsed > self.retry_deadline_s
-                if not e.retriable or out_of_time:
-                    raise
-                log.warning("segment_upload_retry", log_id=self.log_id, seq=seq,
-                            error=str(e), retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, UPLOAD_RETRY_MAX_S)
+        backoff = dataclasses.replace(UPLOAD_BACKOFF, deadline_s=self.retry_deadline_s)
+
+        def on_retry(e: Exception, attempt: int, delay: float) -> None:
+            log.warning("segment_upload_retry", log_id=self.log_id, seq=seq,
+                        error=str(e), retry_in_s=round(delay, 2))
+
+        await retrying(lambda: self._put_once(key, data), backoff, on_retry=on_retry,
+                       retriable=lambda e: isinstance(e, StoreError) and e.retriable)
 
     async def _put_once(self, key: str, data: bytes) -> None:
         if await self.log.store.put_if_absent(key, data):

@@ -8,6 +8,10 @@ segment, a fenced writer). Library errors are wrapped at the connector edge with
 
 from __future__ import annotations
 
+# Exit codes of every drstream command: problems found (verify, drill), bad usage or
+# config (the message names the field and value), a runtime failure (names the object).
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
+
 
 class DrstreamError(Exception):
     retriable: bool = False

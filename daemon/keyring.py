@@ -5,11 +5,11 @@ the standard base64 (RFC 4648 section 4, with padding) of the 32 bytes, 44 chara
 optionally followed by a newline. Surrounding ASCII whitespace is ignored; anything else
 (another line, internal spaces, URL-safe alphabet, wrong length) is refused.
 
-Key references (config values, never the key itself):
+Key references (config values, never the key itself), resolved by daemon.secrets:
   file:/path        a key file; refused if group or other may read or write it (mode & 0o077)
   env:NAME          the base64 key in environment variable NAME
   credential:NAME   a systemd credential: the file $CREDENTIALS_DIRECTORY/NAME
-                    (LoadCredential=NAME:/path in the unit)
+                    (LoadCredential=NAME:/path in the unit), refused like a key file
 
 Key material never appears in a repr, str, log line or exception message: errors name the
 reference (path, variable), never the content.
@@ -28,15 +28,15 @@ import binascii
 import contextlib
 import os
 import re
-import stat
 import struct
 from collections.abc import Iterator, Mapping
 from typing import Final
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from daemon import envelope
+from daemon.envelope import KEY_SIZE
 from daemon.errors import KeyRingError
+from daemon.files import write_fsynced
+from daemon.secrets import SecretError, resolve
 
 __all__ = [
     "HKDF_INFO_PREFIX",
@@ -50,12 +50,9 @@ __all__ = [
     "load_key",
 ]
 
-KEY_SIZE: Final = 32
 KEY_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 HKDF_INFO_PREFIX: Final = b"drstream/segment/v1"
 _MAX_KEY_TEXT: Final = 4096  # a key line is 44 characters; anything this long is not a key
-_REF_SCHEMES: Final = ("file:", "env:", "credential:")
-_CREDENTIAL_NAME_RE: Final = re.compile(r"[A-Za-z0-9._@:-]{1,255}")
 _SEQ_S = struct.Struct(">Q")
 
 
@@ -136,18 +133,16 @@ def hkdf_info(log_id: str, seq: int) -> bytes:
         raise KeyRingError(f"log id must be 1..255 bytes for key derivation, got {len(raw)}")
     if not 0 <= seq < 2**64:
         raise KeyRingError(f"seq {seq} does not fit in 64 bits")
-    return HKDF_INFO_PREFIX + bytes((len(raw),)) + raw + _SEQ_S.pack(seq)
+    return envelope.info(HKDF_INFO_PREFIX, log_id, _SEQ_S.pack(seq))
 
 
 def derive_segment_key(master: bytes, salt: bytes, log_id: str, seq: int) -> bytes:
     """The AES-256 key of one segment: HKDF-SHA256(master, salt, hkdf_info(log_id, seq))."""
     if len(master) != KEY_SIZE:
         raise KeyRingError(f"master key must be {KEY_SIZE} bytes")
-    if len(salt) != 16:
+    if len(salt) != envelope.SALT_SIZE:
         raise KeyRingError(f"salt must be 16 bytes, got {len(salt)}")
-    return HKDF(
-        algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=hkdf_info(log_id, seq)
-    ).derive(master)
+    return envelope.derive(master, salt, hkdf_info(log_id, seq))
 
 
 def _parse_key_text(text: bytes, ref: str) -> bytes:
@@ -167,73 +162,14 @@ def _parse_key_text(text: bytes, ref: str) -> bytes:
     return key
 
 
-def _read_key_file(path: str, ref: str, *, check_mode: bool) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
-    except FileNotFoundError:
-        raise KeyRingError(f"key {ref}: file {path} does not exist") from None
-    except OSError as e:
-        raise KeyRingError(f"key {ref}: cannot open {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyRingError(f"key {ref}: {path} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if check_mode and mode & 0o077:
-            raise KeyRingError(
-                f"key file {path} has mode {mode:04o}: group and other must have no access "
-                f"(chmod 600 {path})"
-            )
-        chunks = []
-        size = 0
-        while True:
-            chunk = os.read(fd, _MAX_KEY_TEXT + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > _MAX_KEY_TEXT:
-                raise KeyRingError(f"key {ref}: {path} is too large to be a key file")
-    except OSError as e:
-        raise KeyRingError(f"key {ref}: cannot read {path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    return _parse_key_text(b"".join(chunks), ref)
-
-
 def load_key(ref: str) -> bytes:
-    """The 32-byte key named by `ref` (file:/path, env:NAME or credential:NAME)."""
-    if not isinstance(ref, str):
-        raise KeyRingError(f"key reference must be a string, got {type(ref).__name__}")
-    if ref.startswith("file:"):
-        path = ref[len("file:") :]
-        if not path:
-            raise KeyRingError(f"key reference {ref!r} names no file")
-        return _read_key_file(path, ref, check_mode=True)
-    if ref.startswith("env:"):
-        name = ref[len("env:") :]
-        if not name:
-            raise KeyRingError(f"key reference {ref!r} names no environment variable")
-        text = os.environ.get(name)
-        if text is None:
-            raise KeyRingError(f"key {ref}: environment variable {name} is not set")
-        return _parse_key_text(text.encode("utf-8", "surrogateescape"), ref)
-    if ref.startswith("credential:"):
-        name = ref[len("credential:") :]
-        if not _CREDENTIAL_NAME_RE.fullmatch(name) or name in (".", ".."):
-            raise KeyRingError(f"key reference {ref!r}: invalid credential name {name!r}")
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            raise KeyRingError(
-                f"key {ref}: environment variable CREDENTIALS_DIRECTORY is not set "
-                f"(systemd sets it when the unit has LoadCredential={name}:...)"
-            )
-        # systemd makes credential files readable by the service only; their mode is its.
-        return _read_key_file(os.path.join(directory, name), ref, check_mode=False)
-    raise KeyRingError(
-        f"unknown key reference {ref.split(':', 1)[0]!r}: valid forms are "
-        + ", ".join(f"{s}..." for s in _REF_SCHEMES)
-    )
+    """The 32-byte key named by `ref` (file:/path, env:NAME or credential:NAME; resolved
+    by daemon.secrets, which refuses files group or others may read)."""
+    try:
+        text = resolve(ref, max_bytes=_MAX_KEY_TEXT)
+    except SecretError as e:
+        raise KeyRingError(f"key {ref}: {e}") from None
+    return _parse_key_text(text, ref)
 
 
 def generate_key_file(path: str | os.PathLike[str]) -> None:
@@ -257,10 +193,7 @@ def generate_key_file(path: str | os.PathLike[str]) -> None:
     try:
         try:
             os.fchmod(fd, 0o600)  # the umask may only remove bits; make it exact
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            write_fsynced(fd, line)
         finally:
             os.close(fd)
         try:

@@ -12,6 +12,7 @@ from typing import Literal
 
 import structlog
 
+LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 
 

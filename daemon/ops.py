@@ -7,21 +7,19 @@ apply (status never fences anything); failover deliberately takes over the apply
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.applier import Applier
+from daemon.audit import store_report
 from daemon.blobs import BlobStore
 from daemon.config import Config
 from daemon.deltalog import DeltaLog
-from daemon.errors import DrstreamError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
+from daemon.records import Checkpoint
 from daemon.segment import read_manifest
-from daemon.sink import Checkpoint
 from daemon.source import SourceProbe
 from daemon.store import Store
 
@@ -130,12 +128,8 @@ async def failover(config: Config, store: Store, keyring: KeyRing) -> dict[str, 
     probes = await probe_sources(config, head.positions, applier.blobs)
     report = _failover_report(config, head, applied, groups, checkpoints, probes)
     report["drain_s"] = round(time.monotonic() - started, 3)
-    key = (f"audit/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-failover-"
-           f"{config.log_id}-{os.urandom(4).hex()}.json")
-    if not await store.put_if_absent(key, json.dumps(report, indent=2).encode()):
-        raise DrstreamError(f"audit object {key} already exists; report not stored")
-    report["audit_object"] = key
-    log.info("failover_done", applied_seq=applied, audit=key)
+    await store_report(store, config.log_id, report)
+    log.info("failover_done", applied_seq=applied, audit=report["audit_object"])
     return report
 
 

@@ -12,7 +12,6 @@ reports RTO, RPO and mismatches.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import time
@@ -22,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from daemon.applier import Applier
+from daemon.audit import store_report
 from daemon.blobs import BlobStore
 from daemon.codec import Body
 from daemon.config import Config
@@ -30,8 +30,8 @@ from daemon.errors import ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing
 from daemon.logging import get_logger
 from daemon.plugins import ConnectorConfig, Drill, StreamFilter
+from daemon.records import Checkpoint
 from daemon.segment import parse_header, read_manifest
-from daemon.sink import Checkpoint
 from daemon.store import Store
 
 log = get_logger("drstream.replay")
@@ -236,22 +236,13 @@ async def drill(config: Config, store: Store, keyring: KeyRing, d: Drill, keep: 
 
 async def _finish(store: Store, config: Config, doc: dict[str, Any],
                   lines: list[str]) -> DrillReport:
-    await store_report(store, config, doc)
+    await store_report(store, config.log_id, doc)
     return DrillReport(doc, lines)
 
 
 async def _segment_time(store: Store, log_id: str, seq: int) -> int | None:
     data = await DeltaLog(store, log_id).fetch(seq) if seq > 0 else None
     return None if data is None else parse_header(data)[0].created_at_ms
-
-
-async def store_report(store: Store, config: Config, report: dict[str, Any]) -> dict[str, Any]:
-    key = f"audit/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{report['action']}-" \
-          f"{config.log_id}-{os.urandom(4).hex()}.json"
-    if not await store.put_if_absent(key, json.dumps(report, indent=2, default=str).encode()):
-        raise DrstreamError(f"audit object {key} already exists; report not stored")
-    report["audit_object"] = key
-    return report
 
 
 def _now_ms() -> int:

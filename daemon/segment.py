@@ -17,19 +17,22 @@ SegmentAuthError, UnknownKeyError, ChainError), each naming the log and seq when
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import zstandard
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from daemon.codec import Body, Manifest, decode_body, decode_manifest, encode_body
+from daemon.envelope import (
+    NONCE_SIZE,
+    SALT_SIZE,
+    TAG_SIZE,
+    fresh_salt_and_nonce,
+    seal,
+    unseal,
+)
 from daemon.errors import (
     ChainError,
     KeyRingError,
@@ -39,6 +42,8 @@ from daemon.errors import (
     UnknownKeyError,
 )
 from daemon.keyring import KEY_ID_RE, KeyRing, derive_segment_key
+from daemon.layout import LOG_ID_RE, segment_key, with_prefix
+from daemon.records import SegmentHeader
 
 __all__ = [
     "DIGEST_SIZE",
@@ -52,6 +57,7 @@ __all__ = [
     "TAG_SIZE",
     "ZERO_DIGEST",
     "SegmentHeader",
+    "chain_break",
     "decode_segment",
     "decrypt_segment",
     "encode_segment",
@@ -63,12 +69,8 @@ __all__ = [
 
 MAGIC: Final = b"DRS1"
 FORMAT_VERSION: Final = 1
-LOG_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
-SALT_SIZE: Final = 16
-NONCE_SIZE: Final = 12
 DIGEST_SIZE: Final = 32
-TAG_SIZE: Final = 16
-ZERO_DIGEST: Final = bytes(DIGEST_SIZE)
+ZERO_DIGEST: Final = bytes(DIGEST_SIZE)  # the prev_digest of seq 1: nothing before it
 #: Largest decompressed body a reader accepts (and a writer produces): zstd bomb guard.
 MAX_BODY_SIZE: Final = 512 * 1024 * 1024
 _U64_MAX: Final = 2**64 - 1
@@ -81,29 +83,27 @@ _TAIL_S = struct.Struct(f">{SALT_SIZE}s{NONCE_SIZE}s{DIGEST_SIZE}sI")  # salt no
 MIN_HEADER_SIZE: Final = _PRE_S.size + 1 + _SEQ_TIME_KEYLEN_S.size + 1 + _TAIL_S.size
 
 
-@dataclass(frozen=True, slots=True)
-class SegmentHeader:
-    log_id: str
-    seq: int
-    created_at_ms: int
-    key_id: str
-    salt: bytes
-    nonce: bytes
-    prev_digest: bytes
-    body_len: int  # ciphertext length including the 16-byte GCM tag
-
-
 def segment_object_key(prefix: str, log_id: str, seq: int) -> str:
-    """`<prefix>/logs/<log_id>/<seq:020d>.seg` (no leading slash when prefix is empty)."""
+    """`<prefix>/logs/<log_id>/<seq:020d>.seg` (daemon.layout), the log id checked."""
     _check_log_id(log_id, seq)
-    tail = f"logs/{log_id}/{seq:020d}.seg"
-    prefix = prefix.strip("/")
-    return f"{prefix}/{tail}" if prefix else tail
+    return with_prefix(prefix, segment_key(log_id, seq))
 
 
 def segment_digest(data: bytes) -> bytes:
     """SHA-256 of a segment's full bytes: the prev_digest its successor must carry."""
     return hashlib.sha256(data).digest()
+
+
+def chain_break(seq: int, header: SegmentHeader, prev: bytes | None) -> str | None:
+    """The chain rule: why the segment found at `seq` does not link onto its predecessor,
+    None when it does. Seq 1 links to ZERO_DIGEST; seq n > 1 to segment_digest() of seq
+    n - 1, which is `prev` (None: not known, so nothing to check)."""
+    if seq == 1:
+        return None if header.prev_digest == ZERO_DIGEST else "first segment must link to zeros"
+    if prev is not None and header.prev_digest != prev:
+        return (f"prev_digest {header.prev_digest.hex()[:16]}… does not match segment "
+                f"{seq - 1} ({prev.hex()[:16]}…)")
+    return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -223,19 +223,11 @@ def encode_segment(
     body_len = len(compressed) + TAG_SIZE
     if body_len > _U32_MAX:  # pragma: no cover - impossible below MAX_BODY_SIZE
         raise SegmentFormatError("ciphertext exceeds 4 GiB", log_id=log_id, seq=seq)
-    header = SegmentHeader(
-        log_id=log_id,
-        seq=seq,
-        created_at_ms=created_at_ms,
-        key_id=key_id,
-        salt=os.urandom(SALT_SIZE),
-        nonce=os.urandom(NONCE_SIZE),
-        prev_digest=prev_digest,
-        body_len=body_len,
-    )
+    salt, nonce = fresh_salt_and_nonce()
+    header = SegmentHeader(log_id, seq, created_at_ms, key_id, salt, nonce, prev_digest, body_len)
     aad = _pack_header(header)
     seg_key = derive_segment_key(keyring.key(key_id), header.salt, log_id, seq)
-    return aad + AESGCM(seg_key).encrypt(header.nonce, compressed, aad)
+    return aad + seal(seg_key, header.nonce, compressed, aad)
 
 
 # --------------------------------------------------------------------------- decode
@@ -306,16 +298,7 @@ def _parse_header(
         raise fail(f"truncated: header says {pos + body_len} bytes, have {total}")
     if pos + body_len < total:
         raise fail(f"{total - pos - body_len} trailing bytes after the body")
-    header = SegmentHeader(
-        log_id=log_id,
-        seq=seq,
-        created_at_ms=created_at_ms,
-        key_id=key_id,
-        salt=salt,
-        nonce=nonce,
-        prev_digest=prev_digest,
-        body_len=body_len,
-    )
+    header = SegmentHeader(log_id, seq, created_at_ms, key_id, salt, nonce, prev_digest, body_len)
     return header, pos
 
 
@@ -350,12 +333,11 @@ def _open(
     except KeyRingError as e:  # pragma: no cover - ids and sizes were checked above
         raise SegmentFormatError(str(e), log_id=log_id, seq=seq) from e
     mv = memoryview(data)
-    try:
-        return header, AESGCM(seg_key).decrypt(header.nonce, mv[hlen:], mv[:hlen])
-    except InvalidTag:
-        raise SegmentAuthError(
-            "authentication failed: tampered or wrong key", log_id=log_id, seq=seq
-        ) from None
+    plaintext = unseal(seg_key, header.nonce, mv[hlen:], mv[:hlen])
+    if plaintext is None:
+        raise SegmentAuthError("authentication failed: tampered or wrong key", log_id=log_id,
+                               seq=seq)
+    return header, plaintext
 
 
 def _content_size(frame: bytes, log_id: str, seq: int) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from daemon.config import Config, load_config
-from daemon.errors import ConfigError
+from daemon.errors import EXIT_FAILURE, ConfigError
 from daemon.keyring import KeyRing
 from daemon.logging import configure_logging, get_logger
 from daemon.metrics import Health, MetricsServer
@@ -25,7 +25,6 @@ from daemon.store import Store
 
 log = get_logger("drstream.service")
 
-EXIT_FAILURE = 3
 TEST_HOOKS_ENV = "DRSTREAM_TEST_HOOKS"  # "1": SIGUSR2 blocks the event loop (watchdog tests)
 
 

@@ -7,31 +7,9 @@ the sink skips what its checkpoint says is already applied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from daemon.codec import Body
-
-
-@dataclass
-class Checkpoint:
-    seq: int = 0  # last applied segment (0: nothing yet)
-    digest: bytes = b""  # SHA-256 of that segment, so a rewritten log is noticed
-    created_at_ms: int = 0  # that segment's write time
-    max_record_ms: int | None = None  # newest record timestamp applied so far
-    positions: dict[str, Any] = field(default_factory=dict)  # the segment's manifest positions
-    offsets: dict[str, Any] = field(default_factory=dict)  # sink-specific (Kafka: src->tgt)
-
-
-@dataclass
-class AppliedSegment:
-    """A checked, decoded segment on its way to the sinks."""
-
-    seq: int
-    digest: bytes
-    created_at_ms: int
-    body: Body
-    nbytes: int  # stored size
+from daemon.records import Body, Checkpoint
 
 
 class Sink(Protocol):

@@ -16,11 +16,18 @@ from typing import Any, Final
 
 from daemon.blobs import BlobStore
 from daemon.codec import Body, EventBatch
-from daemon.deltalog import ZERO_DIGEST, DeltaLog, segments_prefix, seq_from_key
+from daemon.deltalog import DeltaLog
 from daemon.errors import ChainError, DrstreamError, SegmentAuthError, UnknownKeyError
 from daemon.keyring import KeyRing
+from daemon.layout import segments_prefix, seq_from_key
 from daemon.plugins import Connectors, installed
-from daemon.segment import SegmentHeader, decode_segment, parse_header, segment_digest
+from daemon.segment import (
+    SegmentHeader,
+    chain_break,
+    decode_segment,
+    parse_header,
+    segment_digest,
+)
 
 VERIFY_PREFETCH: Final = 8
 BLOB_CHECKS_IN_FLIGHT: Final = 8
@@ -136,16 +143,9 @@ def _check_header(report: Report, seq: int, data: bytes) -> SegmentHeader | None
 
 
 def _check_link(report: Report, seq: int, header: SegmentHeader, prev: bytes | None) -> None:
-    if seq == 1 and header.prev_digest != ZERO_DIGEST:
-        report.problems.append(
-            Problem(report.log_id, seq, "chain", "first segment must link to zeros")
-        )
-    elif prev is not None and header.prev_digest != prev:
-        report.problems.append(Problem(
-            report.log_id, seq, "chain",
-            f"prev_digest {header.prev_digest.hex()[:16]}… does not match segment {seq - 1} "
-            f"({prev.hex()[:16]}…)",
-        ))
+    why = chain_break(seq, header, prev)
+    if why is not None:
+        report.problems.append(Problem(report.log_id, seq, "chain", why))
 
 
 _DEEP_KINDS: Final = ((UnknownKeyError, "key"), (SegmentAuthError, "auth"), (ChainError, "moved"))

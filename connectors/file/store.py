@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import field_validator
 
 from daemon.errors import ConfigFieldError, StoreError
+from daemon.files import write_fsynced
 from daemon.plugins import ConnectorConfig
 from daemon.store import RESERVED_PREFIX, check_key, check_prefix
 
@@ -84,10 +85,7 @@ def _makedirs_durable(path: Path) -> None:
 def _write_fsynced(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        write_fsynced(fd, data)
     finally:
         os.close(fd)
 

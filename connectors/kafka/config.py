@@ -52,14 +52,30 @@ class Selection(BaseModel):
         return any(re.fullmatch(p, name) for p in self.include)
 
 
-class KafkaSourceConfig(ConnectorConfig):
+class _Cluster(ConnectorConfig):
+    """What the source and the sink config say alike: how to reach a cluster."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["kafka"]
-    name: str = Field("primary", pattern=r"^[A-Za-z0-9._-]{1,64}$",
-                      description="cluster name; the stream is 'kafka:<name>'")
     region: str | None = Field(None, description="where the cluster runs (allowed_regions)")
     bootstrap_servers: str = Field(min_length=1)
+    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+    properties: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="extra librdkafka properties (security, tuning)")
+    secret_properties: dict[str, str] = Field(
+        default_factory=dict, description="librdkafka properties whose values are secrets, "
+        "by reference (e.g. sasl.password: env:KAFKA_PASSWORD)")
+
+    @field_validator("secret_properties")
+    @classmethod
+    def _refs(cls, props: dict[str, str]) -> dict[str, str]:
+        return _check_secret_refs(props)
+
+
+class KafkaSourceConfig(_Cluster):
+    name: str = Field("primary", pattern=r"^[A-Za-z0-9._-]{1,64}$",
+                      description="cluster name; the stream is 'kafka:<name>'")
     topics: Selection
     groups: Selection = Selection()
     start_from: str = Field("earliest", description="earliest | latest | an RFC 3339 time, "
@@ -67,13 +83,7 @@ class KafkaSourceConfig(ConnectorConfig):
     group_id: str | None = Field(None, description="consumer group for visibility commits "
                                  "(default drstream-<log_id>); never read back")
     discovery_interval_s: float = Field(DEFAULT_DISCOVERY_INTERVAL_S, gt=0)
-    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
     consume_batch: int = Field(DEFAULT_CONSUME_BATCH, ge=1, le=100_000)
-    properties: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="extra librdkafka properties (security, tuning)")
-    secret_properties: dict[str, str] = Field(
-        default_factory=dict, description="librdkafka properties whose values are secrets, "
-        "by reference (e.g. sasl.password: env:KAFKA_PASSWORD)")
     skip_origins: list[str] = Field(
         default_factory=lambda: ["*"], description="records that drstream applied from these "
         "clusters (drstream.origin header) are not shipped back; '*' = any, [] = none")
@@ -95,11 +105,6 @@ class KafkaSourceConfig(ConnectorConfig):
                 raise ValueError("must be earliest, latest or an RFC 3339 time") from None
         return value
 
-    @field_validator("secret_properties")
-    @classmethod
-    def _refs(cls, props: dict[str, str]) -> dict[str, str]:
-        return _check_secret_refs(props)
-
     @property
     def stream(self) -> str:
         return f"kafka:{self.name}"
@@ -117,16 +122,11 @@ DEFAULT_CHECKPOINT_TOPIC = "drstream.checkpoints"
 DEFAULT_TOPIC_TEMPLATE = "{topic}"
 
 
-class KafkaSinkConfig(ConnectorConfig):
+class KafkaSinkConfig(_Cluster):
     """The standby cluster that `apply` writes to, one transaction per segment."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: Literal["kafka"]
     name: str = Field("standby", pattern=r"^[A-Za-z0-9._-]{1,64}$",
                       description="this cluster's name (origin header, checkpoints)")
-    region: str | None = Field(None, description="where the cluster runs (allowed_regions)")
-    bootstrap_servers: str = Field(min_length=1)
     source: str = Field("kafka:primary", description="the stream in the log to apply")
     topic_template: str = Field(DEFAULT_TOPIC_TEMPLATE,
                                 description="target topic name; {topic} and {cluster} expand")
@@ -137,9 +137,6 @@ class KafkaSinkConfig(ConnectorConfig):
     sync_groups: bool = Field(True, description="commit translated consumer-group offsets "
                               "for groups with no active members on this cluster")
     transaction_timeout_s: float = Field(60.0, gt=0)
-    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
-    properties: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    secret_properties: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("topic_template")
     @classmethod
@@ -149,11 +146,6 @@ class KafkaSinkConfig(ConnectorConfig):
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"only {{topic}} and {{cluster}} may appear: {e}") from None
         return value
-
-    @field_validator("secret_properties")
-    @classmethod
-    def _refs(cls, props: dict[str, str]) -> dict[str, str]:
-        return _check_secret_refs(props)
 
     def target_topic(self, topic: str, cluster: str) -> str:
         return self.topic_template.format(topic=topic, cluster=cluster)

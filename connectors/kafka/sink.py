@@ -41,7 +41,7 @@ from daemon.codec import Body, KafkaBatch
 from daemon.errors import SinkError, SinkFencedError
 from daemon.logging import get_logger
 from daemon.plugins import Context
-from daemon.sink import AppliedSegment, Checkpoint
+from daemon.records import AppliedSegment, Checkpoint
 
 log = get_logger("drstream.kafka.sink")
 T = TypeVar("T")

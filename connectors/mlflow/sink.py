@@ -55,8 +55,9 @@ from daemon.codec import Body, EventBatch
 from daemon.errors import DrstreamError, SinkError, SinkFencedError
 from daemon.logging import get_logger
 from daemon.plugins import Context
+from daemon.records import Checkpoint
+from daemon.retry import Backoff, retrying
 from daemon.secrets import read_secret
-from daemon.sink import Checkpoint
 
 log = get_logger("drstream.mlflow.sink")
 T = TypeVar("T")
@@ -74,8 +75,7 @@ NO_STAGE = "None"
 IDLE_CHECKPOINT_INTERVAL_S = 10.0
 # A registry that does not answer (restarting, 5xx) is retried this long per event
 # before apply gives up with a retriable error.
-RETRY_FOR_S = 120.0
-RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+RETRY = Backoff(base_s=0.2, max_s=5.0, deadline_s=120.0)
 PREFETCH_CHUNKS = 1  # blobs fetched ahead of the upload: memory <= (1 + this) chunks
 MAX_GAP_VERSIONS = 100_000  # sanity bound on placeholder versions for one gap
 VERIFY_CHUNK_BYTES = 1 << 20  # memory per file checked on the standby
@@ -146,20 +146,15 @@ class MlflowSink:
         return self._client
 
     async def _retrying(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        deadline = time.monotonic() + RETRY_FOR_S
-        attempt = 0
-        while True:
-            try:
-                return await fn()
-            except MlflowApiError as e:
-                if not e.retriable or time.monotonic() >= deadline:
-                    raise SinkError(f"{self._where()}: {what}: {e}",
-                                    retriable=e.retriable) from e
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                attempt += 1
-                log.warning("mlflow_sink_retry", sink=self.name, what=what, error=str(e),
-                            attempt=attempt, delay_s=delay)
-                await asyncio.sleep(delay)
+        def on_retry(e: Exception, attempt: int, delay: float) -> None:
+            log.warning("mlflow_sink_retry", sink=self.name, what=what, error=str(e),
+                        attempt=attempt, delay_s=round(delay, 2))
+
+        try:
+            return await retrying(fn, RETRY, on_retry=on_retry, retriable=lambda e: isinstance(
+                e, MlflowApiError) and e.retriable)
+        except MlflowApiError as e:
+            raise SinkError(f"{self._where()}: {what}: {e}", retriable=e.retriable) from e
 
     def checkpoint(self) -> Checkpoint:
         return self._cp

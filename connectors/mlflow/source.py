@@ -49,6 +49,7 @@ from daemon.codec import EventBatch
 from daemon.errors import DrstreamError, SourceError
 from daemon.logging import get_logger
 from daemon.plugins import Context
+from daemon.retry import Backoff
 from daemon.secrets import read_secret
 from daemon.source import Delivery, SourceProbe
 
@@ -231,8 +232,7 @@ class MlflowSource:
         return delivery
 
     def _backoff(self) -> float:
-        return float(min(RETRY_MIN_S * 2 ** (self._failures - 1), RETRY_MAX_S,
-                         self.config.interval_s))
+        return Backoff(RETRY_MIN_S, min(RETRY_MAX_S, self.config.interval_s)).step(self._failures)
 
     def _down(self, e: DrstreamError) -> None:
         self._failures += 1

@@ -4,7 +4,6 @@ from connectors.s3.store import (
     ObjectLockConfig,
     S3Store,
     S3StoreConfig,
-    resolve_secret,
     retain_days,
     s3_config_from_url,
 )

@@ -16,7 +16,6 @@ import datetime as dt
 import functools
 import hashlib
 import os
-import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from daemon.errors import ConfigFieldError, StoreError, StoreUnavailableError
 from daemon.logging import get_logger
 from daemon.plugins import ConnectorConfig
+from daemon.retry import Backoff, retrying
 from daemon.secrets import SECRET_REF_HELP, is_secret_ref, read_secret
 from daemon.store import check_key, check_prefix
 
@@ -63,15 +63,6 @@ _CREDENTIAL_CODES = frozenset({
     "InvalidClientTokenId",
 })
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-
-
-def resolve_secret(ref: str, field: str = "secret") -> str:
-    """`env:NAME` / `file:/path` / `credential:NAME` -> the secret text.
-
-    The implementation lives in daemon.secrets (the lead moved it there); a `file:`
-    whose mode lets group or others read it is refused with a ConfigFieldError.
-    """
-    return read_secret(ref, field)
 
 
 class ObjectLockConfig(BaseModel):
@@ -171,6 +162,10 @@ def s3_config_from_url(url: str) -> S3StoreConfig:
         raise ConfigFieldError("store", url, reason) from None
 
 
+class _Transient(Exception):
+    """An attempt that may succeed when tried again; its __cause__ is what failed."""
+
+
 def _no_expect_continue(params: dict[str, Any], **_: Any) -> None:
     # botocore asks for "Expect: 100-continue" on puts, and aiohttp waits for the 100
     # with no timeout at all: a server that accepts and never answers would hang us.
@@ -217,8 +212,8 @@ class S3Store:
         creds: dict[str, str] = {}
         if c.access_key_id and c.secret_access_key:
             creds = {
-                "aws_access_key_id": resolve_secret(c.access_key_id, "store.access_key_id"),
-                "aws_secret_access_key": resolve_secret(
+                "aws_access_key_id": read_secret(c.access_key_id, "store.access_key_id"),
+                "aws_secret_access_key": read_secret(
                     c.secret_access_key, "store.secret_access_key"
                 ),
             }
@@ -281,25 +276,20 @@ class S3Store:
 
     # -- retries and error mapping -----------------------------------------------
 
-    def _backoff(self, attempt: int) -> float:
-        # "Equal jitter": at least half the capped step (so backoff really grows), plus
-        # a random half so writers that failed together do not retry together.
-        step = min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0 ** (attempt - 1))
-        return step / 2 + random.uniform(0, step / 2)
-
     async def _retrying(
         self, op: str, key: str | None, call: Callable[[], Awaitable[T]]
     ) -> T:
-        attempts = self.config.max_attempts
-        last: BaseException | None = None
-        for attempt in range(1, attempts + 1):
+        """`call` under the store's back-off: throttling, 5xx and transport errors are
+        retried; what a retry cannot fix raises StoreError at once."""
+
+        async def attempt() -> T:
             try:
                 async with asyncio.timeout(self.config.request_timeout_s):
                     return await call()
             except ClientError as e:
                 if not _retriable(e):
                     raise self._client_error(op, key, e) from e
-                last = e
+                raise _Transient(e) from e
             except (NoCredentialsError, PartialCredentialsError) as e:
                 raise StoreError(
                     f"store {self.url}: no usable AWS credentials ({e}); set access_key_id/"
@@ -307,23 +297,27 @@ class S3Store:
                     key=key,
                 ) from e
             except _TRANSIENT_ERRORS as e:
-                last = e
+                raise _Transient(e) from e
             except BotoCoreError as e:  # e.g. bad parameters: retrying cannot help
                 raise StoreError(f"store {self.url}: {op} failed: {e}", key=key) from e
-            if attempt < attempts:
-                delay = self._backoff(attempt)
-                log.warning(
-                    "store_retry", store=self.url, op=op, key=key, attempt=attempt,
-                    delay_s=round(delay, 3), error=_describe(last),
-                )
-                await asyncio.sleep(delay)
-        what = f"{op} {key!r}" if key is not None else op
-        raise StoreUnavailableError(
-            f"store {self.url} at {self.endpoint} unavailable: {what} failed after "
-            f"{attempts} attempts; last error {_describe(last)}",
-            # explicit: StoreError.__init__'s retriable=False default overrides the class's
-            key=key, retriable=True,
-        ) from last
+
+        def on_retry(e: Exception, attempt: int, delay: float) -> None:
+            log.warning("store_retry", store=self.url, op=op, key=key, attempt=attempt,
+                        delay_s=round(delay, 3), error=_describe(e.__cause__))
+
+        c = self.config
+        backoff = Backoff(c.backoff_base_s, c.backoff_max_s, attempts=c.max_attempts)
+        try:
+            return await retrying(attempt, backoff, on_retry=on_retry,
+                                  retriable=lambda e: isinstance(e, _Transient))
+        except _Transient as e:
+            what = f"{op} {key!r}" if key is not None else op
+            raise StoreUnavailableError(
+                f"store {self.url} at {self.endpoint} unavailable: {what} failed after "
+                f"{c.max_attempts} attempts; last error {_describe(e.__cause__)}",
+                # explicit: StoreError.__init__'s retriable=False default overrides the class's
+                key=key, retriable=True,
+            ) from e.__cause__
 
     def _no_bucket_error(self, key: str | None) -> StoreError:
         return StoreError(

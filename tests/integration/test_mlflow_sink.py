@@ -26,7 +26,7 @@ from daemon.codec import Body, EventBatch, Manifest
 from daemon.errors import SinkError, SinkFencedError
 from daemon.keyring import KeyRing
 from daemon.plugins import Context, installed
-from daemon.sink import Checkpoint
+from daemon.records import Checkpoint
 from tests.infra.mlflow import MlflowServer
 from tests.integration.mlflowlib import file_digests, registry_view
 

@@ -212,7 +212,7 @@ def test_golden_vector_decodes() -> None:
 
 def test_golden_header_bytes_are_reproduced() -> None:
     randomness = iter([bytes(range(0x10, 0x20)), bytes(range(0x20, 0x2C))])
-    with mock.patch("daemon.segment.os.urandom", lambda n: next(randomness)):
+    with mock.patch("daemon.envelope.os.urandom", lambda n: next(randomness)):
         data = encode(
             seq=2,
             prev=b"\xaa" * 32,

@@ -1,0 +1,103 @@
+"""The data types a segment carries, in one place: the clear header, the manifest, the
+body's batches and records, and a sink's checkpoint of what it applied.
+
+Their bytes: docs/format.md (daemon/segment.py encodes the container, daemon/codec.py the
+body). Types only: no I/O, no encoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ManifestKind = Literal["data", "heartbeat"]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    log_id: str
+    seq: int
+    created_at_ms: int
+    key_id: str
+    salt: bytes
+    nonce: bytes
+    prev_digest: bytes
+    body_len: int  # ciphertext length including the 16-byte GCM tag
+
+
+@dataclass(slots=True)
+class KafkaRecord:
+    """One Kafka record as consumed: every field needed to reproduce it on another cluster."""
+
+    offset: int
+    timestamp: int  # milliseconds since the epoch; -1 when timestamp_type is 0
+    timestamp_type: int  # 0 none, 1 CreateTime, 2 LogAppendTime (confluent_kafka values)
+    key: bytes | None
+    value: bytes | None  # None is a tombstone
+    headers: list[tuple[str, bytes | None]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class KafkaBatch:
+    """Consecutive records of one partition, in offset order, from one source stream."""
+
+    stream: str  # e.g. "kafka:primary"
+    topic: str
+    partition: int
+    records: list[KafkaRecord]
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """Registry events (small typed JSON documents: str keys, JSON-native values)."""
+
+    stream: str  # e.g. "mlflow:primary"
+    events: list[dict[str, Any]]
+
+
+Batch = KafkaBatch | EventBatch
+
+
+@dataclass(slots=True)
+class Manifest:
+    """What a segment says about the whole shipper: read first, without decoding records.
+
+    positions: the FULL position map of every stream the shipper tracks (not only the
+    streams present in this segment), e.g. {"kafka:primary": {"orders": {"0": 124}}}.
+    record_count: Kafka records plus events in the body.
+    min/max_timestamp_ms: bounds of the record timestamps (None when there are none).
+    """
+
+    positions: dict[str, Any]
+    record_count: int = 0
+    min_timestamp_ms: int | None = None
+    max_timestamp_ms: int | None = None
+    kind: ManifestKind = "data"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Body:
+    manifest: Manifest
+    batches: list[KafkaBatch | EventBatch] = field(default_factory=list)
+
+
+@dataclass
+class Checkpoint:
+    seq: int = 0  # last applied segment (0: nothing yet)
+    digest: bytes = b""  # SHA-256 of that segment, so a rewritten log is noticed
+    created_at_ms: int = 0  # that segment's write time
+    max_record_ms: int | None = None  # newest record timestamp applied so far
+    positions: dict[str, Any] = field(default_factory=dict)  # the segment's manifest positions
+    offsets: dict[str, Any] = field(default_factory=dict)  # sink-specific (Kafka: src->tgt)
+
+
+@dataclass
+class AppliedSegment:
+    """A checked, decoded segment on its way to the sinks."""
+
+    seq: int
+    digest: bytes
+    created_at_ms: int
+    body: Body
+    nbytes: int  # stored size
