@@ -21,6 +21,7 @@ from daemon.config import Config
 from daemon.deltalog import DeltaLog
 from daemon.errors import ChainError, ConfigError, ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing
+from daemon.lifecycle import Starting
 from daemon.logging import get_logger
 from daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
 from daemon.records import AppliedSegment
@@ -80,7 +81,7 @@ class ApplyProgress:
     lag_s: float = 0.0  # segment write -> apply, for the last segment applied
 
 
-class Applier:
+class Applier(Starting):
     def __init__(self, config: Config, store: Store, keyring: KeyRing) -> None:
         self.config = config
         self.keyring = keyring
@@ -95,9 +96,13 @@ class Applier:
         self.health = Health()
         self._prev_digest = ZERO_DIGEST
         self._next_group_sync = 0.0
+        self._after = 0
 
     async def start(self) -> int:
-        """Start every sink; returns the seq to resume after (the lowest checkpoint)."""
+        """Start every sink; returns the seq to resume after (the lowest checkpoint).
+        Idempotent: a second call returns the same seq."""
+        if self.ready.is_set():
+            return self._after
         checkpoints = [await sink.start() for sink in self.sinks]
         lowest = min(checkpoints, key=lambda cp: cp.seq)
         if lowest.seq > 0:
@@ -112,7 +117,7 @@ class Applier:
             after = lowest.seq
         else:
             after = await self._start_of_pruned_log()
-        self.progress.applied_seq = after
+        self.progress.applied_seq = self._after = after
         self.progress.segment_created_ms = lowest.created_at_ms
         self.ready.set()
         log.info("apply_started", log_id=self.log.log_id, after_seq=after,
@@ -266,5 +271,6 @@ class Applier:
         return {sink.name: await sink.sync_groups(force=True) for sink in self.sinks}
 
     async def close(self) -> None:
+        """Close every sink (idempotent)."""
         for sink in self.sinks:
             await sink.close()

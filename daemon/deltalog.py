@@ -18,6 +18,7 @@ from daemon.codec import Body, Manifest
 from daemon.errors import DrstreamError, FencedError, SegmentFormatError, StoreError
 from daemon.keyring import KeyRing
 from daemon.layout import segment_key, segments_prefix, seq_from_key
+from daemon.lifecycle import Starting
 from daemon.logging import get_logger
 from daemon.metrics import BYTES, ERRORS, UPLOAD_SECONDS
 from daemon.retry import Backoff, retrying
@@ -164,7 +165,7 @@ async def _sleep_or_stop(delay: float, stop: asyncio.Event | None) -> None:
         await asyncio.wait_for(stop.wait(), delay)
 
 
-class LogWriter:
+class LogWriter(Starting):
     """Appends segments to one log; the single writer of that log_id.
 
     `append` assigns the next seq, encodes (in a thread) and starts the upload; at most
@@ -200,6 +201,7 @@ class LogWriter:
         self.durable_seq = 0
         self.failure: BaseException | None = None
         self.opened = False
+        self._head_manifest: Manifest | None = None
 
     @property
     def log_id(self) -> str:
@@ -209,20 +211,27 @@ class LogWriter:
     def next_seq(self) -> int:
         return self._next_seq
 
+    async def start(self) -> Manifest | None:
+        """open(); `async with writer:` opens it and closes it on the way out."""
+        return await self.open()
+
     async def open(self) -> Manifest | None:
-        """Find the head and return its manifest: the positions to resume from.
+        """Find the head and return its manifest: the positions to resume from
+        (idempotent: a second call returns the same manifest).
 
         Orphans left behind a hole by a crash are deleted: their records come after the
         head's positions and will be read from the source again.
         """
+        if self.opened:
+            return self._head_manifest
         head, orphans = await self.log.locate_head()
         for seq in orphans:
             log.warning("orphan_segment_deleted", log_id=self.log_id, seq=seq, durable_head=head)
             await self.log.store.delete(self.log.key(seq))
         head = await self._drop_stray_tail(head)
-        self.opened = True
         if head is None:
             self._next_seq, self._prev_digest, self.durable_seq = 1, ZERO_DIGEST, 0
+            self.opened = True
             return None
         data = await self.log.fetch(head)
         if data is None:
@@ -232,6 +241,7 @@ class LogWriter:
             read_manifest, data, self.keyring, expect_log_id=self.log_id, expect_seq=head
         )
         self._next_seq, self._prev_digest, self.durable_seq = head + 1, segment_digest(data), head
+        self._head_manifest, self.opened = manifest, True
         log.info("log_opened", log_id=self.log_id, head_seq=head)
         return manifest
 
@@ -276,16 +286,11 @@ class LogWriter:
         self._raise_if_failed()
 
     async def close(self) -> None:
+        """Cancel uploads still running (flush() first to wait for them); idempotent."""
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def __aenter__(self) -> LogWriter:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:

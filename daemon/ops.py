@@ -89,11 +89,8 @@ async def peek_checkpoints(config: Config,
     """Each configured sink's committed checkpoint, read without fencing a running apply."""
     out = {}
     for s in config.sinks:
-        sink = config.connectors.sink(s, config.context(blobs))
-        try:
+        async with config.connectors.sink(s, config.context(blobs)) as sink:
             out[sink.name] = await sink.peek()
-        finally:
-            await sink.close()
     return out
 
 
@@ -118,13 +115,10 @@ async def failover(config: Config, store: Store, keyring: KeyRing) -> dict[str, 
     log_ = DeltaLog(store, config.log_id)
     head = await read_head(log_, keyring)
     started = time.monotonic()
-    applier = Applier(config, store, keyring)
-    try:
+    async with Applier(config, store, keyring) as applier:
         applied = await applier.run(asyncio.Event(), until_seq=head.seq or 0)
         groups = await applier.sync_groups_now()
         checkpoints = {s.name: s.checkpoint() for s in applier.sinks}
-    finally:
-        await applier.close()
     probes = await probe_sources(config, head.positions, applier.blobs)
     report = _failover_report(config, head, applied, groups, checkpoints, probes)
     report["drain_s"] = round(time.monotonic() - started, 3)

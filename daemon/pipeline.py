@@ -19,6 +19,7 @@ from daemon.config import Config
 from daemon.deltalog import LogWriter
 from daemon.errors import ConfigError, ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing
+from daemon.lifecycle import Starting
 from daemon.logging import get_logger
 from daemon.metrics import BYTES, DURABLE_HEAD, RECORDS, SEGMENTS, SHIP_LAG, Health
 from daemon.source import Delivery, Source
@@ -89,7 +90,7 @@ def _identities(config: Config) -> list[dict[str, Any]]:
             for s in config.sources]
 
 
-class Shipper:
+class Shipper(Starting):
     def __init__(self, config: Config, store: Store, keyring: KeyRing) -> None:
         self.config = config
         self.ship = config.ship
@@ -115,7 +116,9 @@ class Shipper:
         self._commit_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Open the log, resume every source at the head's positions."""
+        """Open the log, resume every source at the head's positions (idempotent)."""
+        if self.ready.is_set():
+            return
         manifest = await self.writer.open()
         self.positions = dict(manifest.positions) if manifest else {}
         for src in self.sources:
@@ -263,7 +266,10 @@ class Shipper:
                 await src.durable(positions.get(src.stream, {}))
 
     async def close(self) -> None:
-        """Everything is closed by the drain at the end of run(); nothing else is held."""
+        """Close the sources and the writer (idempotent); run() drains before it does."""
+        for src in self.sources:
+            await src.close()
+        await self.writer.close()
 
     async def _drain(self) -> None:
         """Stop intake has happened; flush what is open and wait for uploads, bounded."""
@@ -282,7 +288,5 @@ class Shipper:
                 f"segments after {self.writer.durable_seq} were not stored (their records "
                 "will be shipped again on restart)") from None
         finally:
-            for src in self.sources:
-                await src.close()
-            await self.writer.close()
+            await self.close()
         log.info("ship_stopped", durable_seq=self.writer.durable_seq)

@@ -28,6 +28,7 @@ from daemon.config import Config
 from daemon.deltalog import DeltaLog
 from daemon.errors import ConfigFieldError, DrstreamError
 from daemon.keyring import KeyRing
+from daemon.lifecycle import Closing
 from daemon.logging import get_logger
 from daemon.plugins import ConnectorConfig, Drill, StreamFilter
 from daemon.records import Checkpoint
@@ -77,7 +78,7 @@ class ReplayPlan:
         return default if value is None else value
 
 
-class DryRunSink:
+class DryRunSink(Closing):
     """Counts what a replay would write; writes nothing, keeps no checkpoint."""
 
     name = "dry-run"

@@ -29,6 +29,8 @@ TEST_HOOKS_ENV = "DRSTREAM_TEST_HOOKS"  # "1": SIGUSR2 blocks the event loop (wa
 
 
 class Component(Protocol):
+    """What a service runs (the shipper or the applier, daemon.lifecycle)."""
+
     ready: asyncio.Event
     health: Health
 

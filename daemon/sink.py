@@ -16,7 +16,8 @@ class Sink(Protocol):
     name: str
 
     async def start(self) -> Checkpoint:
-        """Connect, fence older instances, and return the last committed checkpoint."""
+        """Connect, fence older instances, and return the last committed checkpoint
+        (idempotent: a second call returns the checkpoint held)."""
         ...
 
     async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
@@ -39,4 +40,10 @@ class Sink(Protocol):
         group again, not only those that changed (failover's final sync)."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release connections and threads (idempotent; daemon.lifecycle)."""
+        ...
+
+    async def __aenter__(self) -> Sink: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...

@@ -32,7 +32,8 @@ class Source(Protocol):
     stream: str  # stream name in manifests, e.g. "kafka:primary"
 
     async def start(self, positions: dict[str, Any] | None) -> None:
-        """Connect and assign, resuming at `positions` (None: the configured start)."""
+        """Connect and assign, resuming at `positions` (None: the configured start);
+        idempotent."""
         ...
 
     async def read(self, timeout_s: float) -> Delivery | None:
@@ -51,7 +52,13 @@ class Source(Protocol):
         """Positions are durable in the log (for visibility commits only)."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Stop and release everything (idempotent; daemon.lifecycle)."""
+        ...
+
+    async def __aenter__(self) -> Source: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
 
     def reconfigure(self, config: Any) -> None:
         """Take a reloaded config of the same source (selection, intervals)."""

@@ -1,8 +1,8 @@
 """The object-store interface every log store implements.
 
 Keys are '/'-separated paths relative to the store's root (the store URL's prefix).
-Stores are async context managers; the connector registry (daemon.plugins) builds one
-from its typed config.
+Stores follow the one lifecycle of daemon.lifecycle (idempotent start and close, `async
+with` does both); the connector registry (daemon.plugins) builds one from its config.
 """
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ class Store(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove `key`; absent keys are not an error."""
+        ...
+
+    async def start(self) -> object:
+        """Connect (idempotent); `async with store:` starts and closes it."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections (idempotent)."""
         ...
 
     async def __aenter__(self) -> Store: ...

@@ -22,6 +22,7 @@ from pydantic import field_validator
 
 from daemon.errors import ConfigFieldError, StoreError
 from daemon.files import write_fsynced
+from daemon.lifecycle import Starting
 from daemon.plugins import ConnectorConfig
 from daemon.store import RESERVED_PREFIX, check_key, check_prefix
 
@@ -111,23 +112,26 @@ def _scan_sorted(directory: Path) -> list[tuple[str, str, bool]]:
     return out
 
 
-class FileStore:
+class FileStore(Starting):
     """A Store over a local (or mounted) directory."""
 
     def __init__(self, config: FileStoreConfig) -> None:
         self.config = config
         self.root = Path(config.path).expanduser().absolute()
         self.url = self.root.as_uri()
+        self._started = False
 
     def __repr__(self) -> str:
         return f"FileStore({self.url})"
 
-    async def __aenter__(self) -> FileStore:
-        await asyncio.to_thread(self._open_root)
-        return self
+    async def start(self) -> None:
+        """Create the root directory (durably) unless it exists."""
+        if not self._started:
+            await asyncio.to_thread(self._open_root)
+            self._started = True
 
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+    async def close(self) -> None:
+        self._started = False  # nothing is held open between calls
 
     def _open_root(self) -> None:
         try:

@@ -39,6 +39,7 @@ from connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER, client_
 from connectors.kafka.config import KafkaSinkConfig
 from daemon.codec import Body, KafkaBatch
 from daemon.errors import SinkError, SinkFencedError
+from daemon.lifecycle import Closing
 from daemon.logging import get_logger
 from daemon.plugins import Context
 from daemon.records import AppliedSegment, Checkpoint
@@ -53,7 +54,7 @@ EMPTY_GROUP_STATES = {"EMPTY", "DEAD", "UNKNOWN"}
 OffsetMap = dict[str, dict[str, list[int]]]
 
 
-class KafkaSink:
+class KafkaSink(Closing):
     def __init__(self, config: KafkaSinkConfig, ctx: Context) -> None:
         self.config = config
         self.name = f"kafka:{config.name}"
@@ -70,6 +71,7 @@ class KafkaSink:
         self._producer: Producer | None = None
         self._admin: AdminClient | None = None
         self._reader: Consumer | None = None
+        self._closed = False
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -91,7 +93,8 @@ class KafkaSink:
     # -- start: reach the cluster, fence older instances, read the checkpoint ----------
 
     async def start(self) -> Checkpoint:
-        await self._call(self._start_sync)
+        if self._producer is None:
+            await self._call(self._start_sync)
         return self._cp
 
     def _start_sync(self) -> None:
@@ -501,6 +504,10 @@ class KafkaSink:
         raise SinkError(f"offset translation: no record readable at {topic}[{partition}]@{at}")
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
         def close_sync() -> None:
             if self._reader is not None:
                 self._reader.close()

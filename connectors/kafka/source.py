@@ -30,6 +30,7 @@ from connectors.kafka.common import ORIGIN_HEADER, client_config
 from connectors.kafka.config import ALWAYS_EXCLUDED, KafkaSourceConfig
 from daemon.codec import KafkaBatch, KafkaRecord
 from daemon.errors import SourceError, SourceUnavailableError
+from daemon.lifecycle import Closing
 from daemon.logging import get_logger
 from daemon.metrics import REGISTRY
 from daemon.plugins import Context
@@ -47,7 +48,7 @@ POLL_TIMEOUT_S = 0.1
 Positions = dict[str, dict[str, int]]  # topic -> partition (as str, JSON keys) -> next offset
 
 
-class KafkaSource:
+class KafkaSource(Closing):
     def __init__(self, config: KafkaSourceConfig, ctx: Context) -> None:
         self.config = config
         self.stream = config.stream
@@ -75,6 +76,8 @@ class KafkaSource:
     # -- event-loop side ---------------------------------------------------------------
 
     async def start(self, positions: dict[str, Any] | None) -> None:
+        if self._thread is not None:
+            return
         self._loop = asyncio.get_running_loop()
         self._positions = {t: {p: int(o) for p, o in parts.items()}
                            for t, parts in (positions or {}).items()}

@@ -53,6 +53,7 @@ from connectors.mlflow.events import (
 )
 from daemon.codec import Body, EventBatch
 from daemon.errors import DrstreamError, SinkError, SinkFencedError
+from daemon.lifecycle import Closing
 from daemon.logging import get_logger
 from daemon.plugins import Context
 from daemon.records import Checkpoint
@@ -113,7 +114,7 @@ def decode_checkpoint(raw: str, where: str) -> tuple[Checkpoint, dict[str, Any] 
     return cp, partial
 
 
-class MlflowSink:
+class MlflowSink(Closing):
     def __init__(self, config: MlflowSinkConfig, ctx: Context) -> None:
         self.config = config
         self.name = f"mlflow:{config.name}"
@@ -128,6 +129,7 @@ class MlflowSink:
         self._persisted_seq = 0
         self._persisted_at = 0.0
         self._run: tuple[str, str] | None = None  # (run id, artifact root path)
+        self._started = False
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- plumbing ------------------------------------------------------------------------
@@ -231,6 +233,9 @@ class MlflowSink:
         return cp
 
     async def start(self) -> Checkpoint:
+        if self._started:
+            return self._cp
+        self._started = True
         await self._take_ownership()
         self._cp, self._partial = await self._retrying("read checkpoint", self._read_checkpoint)
         self._persisted_seq = self._cp.seq

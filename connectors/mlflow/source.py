@@ -47,6 +47,7 @@ from connectors.mlflow.webhook import WebhookReceiver
 from daemon.blobs import MAX_CHUNK
 from daemon.codec import EventBatch
 from daemon.errors import DrstreamError, SourceError
+from daemon.lifecycle import Closing
 from daemon.logging import get_logger
 from daemon.plugins import Context
 from daemon.retry import Backoff
@@ -67,7 +68,7 @@ CAPTURE_BUDGET_BYTES = 2 << 30
 NARROWED_RETRY_S = 1.0
 
 
-class MlflowSource:
+class MlflowSource(Closing):
     def __init__(self, config: MlflowSourceConfig, ctx: Context) -> None:
         self.config = config
         self.stream = config.stream
@@ -120,6 +121,8 @@ class MlflowSource:
         return found[1]
 
     async def start(self, positions: dict[str, Any] | None) -> None:
+        if self._client is not None:
+            return
         if self.blobs is None:
             raise SourceError(f"{self.stream}: the mlflow source needs a blob store")
         self._positions = dict(positions or {})

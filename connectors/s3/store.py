@@ -35,6 +35,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from daemon.errors import ConfigFieldError, StoreError, StoreUnavailableError
+from daemon.lifecycle import Starting
 from daemon.logging import get_logger
 from daemon.plugins import ConnectorConfig
 from daemon.retry import Backoff, retrying
@@ -190,7 +191,7 @@ def _describe(e: BaseException | None) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-class S3Store:
+class S3Store(Starting):
     """A Store over one bucket and key prefix of an S3 API endpoint."""
 
     def __init__(self, config: S3StoreConfig) -> None:
@@ -207,7 +208,10 @@ class S3Store:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def __aenter__(self) -> S3Store:
+    async def start(self) -> None:
+        """Connect and check the bucket (a second call while open does nothing)."""
+        if self._client is not None:
+            return
         c = self.config
         creds: dict[str, str] = {}
         if c.access_key_id and c.secret_access_key:
@@ -238,9 +242,8 @@ class S3Store:
             await stack.aclose()
             self._client, self._stack = None, None
             raise
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def close(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
