@@ -10,12 +10,11 @@ import argparse
 import functools
 import json
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from daemon import __version__
+from daemon import __version__, render
 from daemon.config import Config, load_config
 from daemon.errors import (
     EXIT_FAILURE,
@@ -29,11 +28,9 @@ from daemon.errors import (
 from daemon.keyring import KeyRing, generate_key_file, load_key
 from daemon.layout import LOGS, after_log, log_id_of
 from daemon.logging import configure_logging
+from daemon.plan import ReplayPlan, parse_duration_s, parse_time_ms
 from daemon.plugins import Connectors, installed
-
-if TYPE_CHECKING:
-    from daemon.replay import ReplayPlan
-
+from daemon.store import Store
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -44,6 +41,8 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def keyring_from_config(config: Config) -> KeyRing:
+    """Every key of the config's key ring; a key that cannot be loaded is a config error
+    naming its field."""
     keys = {}
     for key_id, ref in config.keyring.keys.items():
         try:
@@ -57,13 +56,22 @@ def keyring_from_config(config: Config) -> KeyRing:
 
 def keyring_from_args(specs: list[str]) -> KeyRing:
     """`--key ID=REF` (repeatable; the first is active)."""
-    keys: dict[str, bytes] = {}
+    refs: dict[str, str] = {}
     for spec in specs:
         key_id, sep, ref = spec.partition("=")
         if not sep:
             raise ConfigError("--key", [ConfigFieldError("--key", spec, "expected ID=REF")])
-        keys[key_id] = load_key(ref)
-    return KeyRing(keys, next(iter(keys)))
+        refs[key_id] = ref
+    return KeyRing.from_refs(refs, next(iter(refs)))
+
+
+def _emit(lines: list[str]) -> None:
+    for line in lines:
+        print(line)
+
+
+def _emit_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, default=str))
 
 
 async def _validate(args: argparse.Namespace, connectors: Connectors) -> int:
@@ -81,52 +89,6 @@ async def _keys_generate(args: argparse.Namespace, connectors: Connectors) -> in
     print("reference it in the config as:")
     print(f"  keyring:\n    active: {args.id}\n    keys:\n      {args.id}: file:{path.resolve()}")
     return EXIT_OK
-
-
-def _progress_printer(total_hint: Callable[[], int | None]) -> Callable[[Any], None]:
-    last = [time.monotonic()]  # nothing for the first interval: short runs stay quiet
-    interactive = sys.stderr.isatty()
-
-    def show(report: Any) -> None:
-        now = time.monotonic()
-        if now - last[0] < (0.5 if interactive else 10.0):
-            return
-        last[0] = now
-        total = total_hint()
-        of = f"/{total}" if total else ""
-        end = "\r" if interactive else "\n"
-        print(f"verify {report.log_id}: {report.segments}{of} segments, "
-              f"{report.stored_bytes / 2**20:.1f} MiB, {len(report.problems)} problems",
-              end=end, file=sys.stderr, flush=True)
-
-    return show
-
-
-def _print_report(report: Any) -> None:
-    status = "OK" if report.ok else "FAILED"
-    print(f"log {report.log_id}: {status}")
-    print(f"  segments   {report.segments} (seq {report.first_seq}..{report.last_seq}), "
-          f"{report.stored_bytes / 2**20:.2f} MiB stored")
-    if report.first_created_ms is not None:
-        print(f"  written    {_iso(report.first_created_ms)} .. {_iso(report.last_created_ms)}")
-    print(f"  key ids    {', '.join(sorted(report.key_ids)) or '-'}")
-    if report.deep:
-        print(f"  records    {report.records} ({report.heartbeats} heartbeat segments)")
-        if report.min_record_ms is not None:
-            print(f"  record ts  {_iso(report.min_record_ms)} .. {_iso(report.max_record_ms)}")
-        for g in report.source_gaps:
-            print(f"  SOURCE GAP {g['stream']} {g['topic']}[{g['partition']}] offsets "
-                  f"{g['first']}..{g['end'] - 1} were deleted on the source before they were "
-                  f"shipped (recorded in seq {g['seq']})")
-        if report.blobs_checked:
-            print(f"  blobs      {report.blobs_checked} named by segments, each fetched and "
-                  "authenticated")
-    for problem in report.problems:
-        print(f"  PROBLEM    {problem}")
-
-
-def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
 async def _verify(args: argparse.Namespace, connectors: Connectors) -> int:
@@ -152,23 +114,18 @@ async def _verify(args: argparse.Namespace, connectors: Connectors) -> int:
         if not log_ids:
             print(f"no logs under {store.url}", file=sys.stderr)
             return EXIT_PROBLEMS
-        reports = []
-        for log_id in log_ids:
-            report = await verify_log(
-                DeltaLog(store, log_id), keyring=keyring, deep=args.deep,
-                from_seq=args.from_seq, to_seq=args.to_seq,
-                progress=_progress_printer(lambda: None), connectors=connectors,
-            )
-            reports.append(report)
+        reports = [await verify_log(DeltaLog(store, log_id), keyring=keyring, deep=args.deep,
+                                    from_seq=args.from_seq, to_seq=args.to_seq,
+                                    progress=render.verify_progress(), connectors=connectors)
+                   for log_id in log_ids]
     if args.json:
         print(json.dumps([r.to_json() for r in reports], indent=2))
     else:
-        for report in reports:
-            _print_report(report)
+        _emit([line for r in reports for line in render.verify(r)])
     return EXIT_OK if all(r.ok for r in reports) else EXIT_PROBLEMS
 
 
-async def _discover_logs(store: Any) -> list[str]:
+async def _discover_logs(store: Store) -> list[str]:
     """Log ids under logs/, one LIST call per log (skip past each log's keys)."""
     ids: list[str] = []
     start_after = None
@@ -200,43 +157,21 @@ async def _serve(args: argparse.Namespace, connectors: Connectors, role: str) ->
 
 
 async def _status(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.ops import status
+    from daemon.status import status
 
     config = load_config(args.config, connectors)
     keyring = keyring_from_config(config)
     async with connectors.open_store(config.store) as store:
         report = await status(config, store, keyring)
     if args.json:
-        print(json.dumps(report, indent=2))
+        _emit_json(report.to_json())
     else:
-        _print_status(report)
+        _emit(render.status(report))
     return EXIT_OK
 
 
-def _age(ms: int | None) -> str:
-    return "-" if ms is None else f"{_iso(ms)} ({(time.time() * 1000 - ms) / 1000:.1f}s ago)"
-
-
-def _print_status(r: dict[str, Any]) -> None:
-    print(f"log {r['log_id']} at {r['store']}")
-    print(f"  durable head   seq {r['durable_head_seq']}, written {_age(r['head_written_at_ms'])}")
-    for stream, s in r["streams"].items():
-        if s["reachable"]:
-            rpo = "unknown (pending changes carry no time)" if s["rpo_s"] is None \
-                else f"{s['rpo_s']:.2f}s"
-            print(f"  {stream:<14} pending {s['pending_records']} records, "
-                  f"ship lag / RPO {rpo}")
-        else:
-            print(f"  {stream:<14} UNREACHABLE ({s['error']}); RPO <= "
-                  f"{s['rpo_s_upper_bound']}s (last heartbeat)")
-    for sink, s in r["sinks"].items():
-        lag = "-" if s["apply_lag_s"] is None else f"{s['apply_lag_s']:.2f}s"
-        print(f"  {sink:<14} applied seq {s['applied_seq']}, "
-              f"{s['apply_lag_segments']} segments behind, apply lag {lag}")
-
-
 async def _failover(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.ops import failover
+    from daemon.status import failover
 
     config = load_config(args.config, connectors)
     configure_logging(config.logging.level, config.logging.format)
@@ -244,21 +179,9 @@ async def _failover(args: argparse.Namespace, connectors: Connectors) -> int:
     async with connectors.open_store(config.store) as store:
         report = await failover(config, store, keyring)
     if args.json:
-        print(json.dumps(report, indent=2))
+        _emit_json(report.to_json())
     else:
-        print(f"failover of log {report['log_id']}: applied through seq "
-              f"{report['applied_seq']} (durable head {report['durable_head_seq']}) "
-              f"in {report['drain_s']}s")
-        for stream, s in report["streams"].items():
-            if s["primary"] == "reachable":
-                print(f"  {stream}: RPO {s['rpo_s']:.3f}s, "
-                      f"{s['records_not_replicated']} records not replicated")
-            else:
-                print(f"  {stream}: primary unreachable; last heartbeat "
-                      f"{_age(s['last_heartbeat_ms'])}; RPO <= {s['rpo_s_upper_bound']}s")
-        for sink, groups in report["groups_committed"].items():
-            print(f"  {sink}: group offsets committed for {sorted(groups) or 'no groups'}")
-        print(f"  audit record: {report['audit_object']}")
+        _emit(render.failover(report))
     return EXIT_OK
 
 
@@ -288,8 +211,6 @@ def _plan(args: argparse.Namespace, connectors: Connectors) -> ReplayPlan:
     """The replay plan of the command line: the stream (by default that of the kind whose
     target option is given), and the options of its kind; another kind's options are
     usage errors."""
-    from daemon.replay import ReplayPlan, parse_time_ms
-
     given = {opt.flag: getattr(args, _dest(opt.flag)) for _, opt in connectors.stream_options()}
     stream = args.stream or _default_stream(connectors, given)
     kind = connectors.stream(stream)
@@ -320,20 +241,6 @@ def _default_stream(connectors: Connectors, given: dict[str, str | None]) -> str
     return chosen.traits.default_stream
 
 
-def _replay_progress(unit: str = "records") -> Callable[[int, int, int, int, float], None]:
-    interactive = sys.stderr.isatty()
-
-    def show(seq: int, end: int, records: int, nbytes: int, elapsed: float) -> None:
-        pct = 100.0 * seq / end if end else 100.0
-        rate = nbytes / elapsed / 2**20 if elapsed > 0 else 0.0
-        eta = elapsed * (end - seq) / seq if seq else 0.0
-        print(f"replay seq {seq}/{end} ({pct:.0f}%), {records} {unit}, "
-              f"{nbytes / 2**20:.1f} MiB, {rate:.1f} MiB/s, ETA {eta:.0f}s",
-              end="\r" if interactive else "\n", file=sys.stderr, flush=True)
-
-    return show
-
-
 async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
     from daemon.replay import replay
 
@@ -346,19 +253,15 @@ async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
             f"name the {kind.traits.target_noun} to write to, or use --dry-run")])
     keyring = keyring_from_config(config)
     async with connectors.open_store(config.store) as store:
-        result = await replay(config, store, keyring, plan, _replay_progress(kind.traits.unit))
+        result = await replay(config, store, keyring, plan,
+                              render.replay_progress(kind.traits.unit))
     print(file=sys.stderr)
-    verb = "would write" if plan.dry_run else "wrote"
-    print(f"replay of log {config.log_id} ({plan.stream}) through seq {result.through_seq}: "
-          f"{verb} {result.records} {kind.traits.unit} ({result.bytes / 2**20:.2f} MiB) in "
-          f"{result.seconds:.1f}s")
-    for line in result.filter.lines(plan):
-        print(line)
+    _emit(render.replay(config.log_id, plan, kind, result))
     return EXIT_OK
 
 
 async def _drill(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.replay import drill, drill_stamp
+    from daemon.drill import drill, drill_stamp
 
     config = load_config(args.config, connectors)
     plan = _plan(args, connectors)
@@ -370,38 +273,23 @@ async def _drill(args: argparse.Namespace, connectors: Connectors) -> int:
         raise ConfigError(args.config, [e]) from None
     async with connectors.open_store(config.store) as store:
         report = await drill(config, store, keyring, scratch, args.keep,
-                             _replay_progress(kind.traits.unit))
+                             render.replay_progress(kind.traits.unit))
     print(file=sys.stderr)
     if args.json:
-        print(json.dumps(report.doc, indent=2, default=str))
+        _emit_json(report.doc)
     else:
-        _print_drill(report.doc, report.lines)
+        _emit(render.drill(report))
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
-def _print_drill(r: dict[str, Any], lines: list[str]) -> None:
-    print(f"drill of log {r['log_id']} into {r['target']}: {'PASSED' if r['ok'] else 'FAILED'}")
-    print(f"  RTO (time to rebuild)  {r['rto_s']}s")
-    if "error" in r:
-        print(f"  error                  {r['error']}")
-    for line in lines:
-        print(line)
-    print(f"  report                 {r['audit_object']}")
-
-
 async def _prune(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.replay import parse_duration_s, prune
+    from daemon.prune import prune
 
     config = load_config(args.config, connectors)
     older = parse_duration_s(args.older_than)
     async with connectors.open_store(config.store) as store:
-        r = await prune(config, store, older, dry_run=args.dry_run)
-    verb = "would delete" if args.dry_run else "deleted"
-    span = f"seq {r.deleted[0]}..{r.deleted[-1]}" if r.deleted else "nothing"
-    print(f"prune of log {config.log_id}: {verb} {len(r.deleted)} segments ({span}); "
-          f"kept from seq {r.deleted[-1] + 1 if r.deleted else r.first_seq}: {r.kept_reason}")
-    if r.locked:
-        print(f"  under Object Lock, not deleted: seq {r.locked[0]} and later")
+        result = await prune(config, store, older, dry_run=args.dry_run)
+    _emit(render.prune(config.log_id, result, args.dry_run))
     return EXIT_OK
 
 

@@ -29,7 +29,7 @@ from daemon.store import Store
 
 if TYPE_CHECKING:
     from daemon.blobs import BlobStore
-    from daemon.replay import ReplayPlan
+    from daemon.plan import ReplayPlan
 
 ENTRY_POINT_GROUP = "drstream.connectors"
 

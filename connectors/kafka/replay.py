@@ -33,7 +33,7 @@ from daemon.errors import ConfigFieldError
 from daemon.plugins import ConnectorConfig, DrillCheck, ReplayOption, StreamFilter, StreamTraits
 
 if TYPE_CHECKING:
-    from daemon.replay import ReplayPlan
+    from daemon.plan import ReplayPlan
 
 TARGET = "--target-bootstrap"
 TOPICS = "--topics"

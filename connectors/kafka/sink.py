@@ -20,23 +20,17 @@ from typing import Any, TypeVar
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import (  # type: ignore[attr-defined]
-    AdminClient,
-    AlterConfigOpType,
-    ConfigEntry,
-    ConfigResource,
-    NewPartitions,
-    NewTopic,
-)
+from confluent_kafka.admin import AdminClient
 
+from connectors.kafka.admin import ADMIN_TIMEOUT_S, TopicAdmin
 from connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER, client_config
 from connectors.kafka.config import KafkaSinkConfig
+from connectors.kafka.groups import GroupSync
 from daemon.codec import Body, KafkaBatch
 from daemon.errors import SinkError, SinkFencedError
 from daemon.lifecycle import Closing
@@ -46,9 +40,6 @@ from daemon.records import AppliedSegment, Checkpoint
 
 log = get_logger("drstream.kafka.sink")
 T = TypeVar("T")
-
-ADMIN_TIMEOUT_S = 30.0
-EMPTY_GROUP_STATES = {"EMPTY", "DEAD", "UNKNOWN"}
 
 # src topic -> partition (str) -> [source next offset, target next offset]
 OffsetMap = dict[str, dict[str, list[int]]]
@@ -65,11 +56,9 @@ class KafkaSink(Closing):
         self._origin = self.cluster.encode()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-sink-{config.name}")
         self._cp = Checkpoint()
-        self._partitions: dict[str, int] = {}  # target topic -> known partition count
-        self._configs_applied: dict[str, dict[str, str]] = {}
-        self._groups_committed: dict[str, Any] = {}
         self._producer: Producer | None = None
-        self._admin: AdminClient | None = None
+        self._topics: TopicAdmin | None = None
+        self._groups: GroupSync | None = None
         self._reader: Consumer | None = None
         self._closed = False
 
@@ -99,16 +88,18 @@ class KafkaSink(Closing):
 
     def _start_sync(self) -> None:
         conf = client_config(self.config)
-        self._admin = AdminClient(conf)
+        admin = AdminClient(conf)
+        self._topics = TopicAdmin(admin, self.name, self.config.replication_factor,
+                                  self._target)
+        self._groups = GroupSync(admin, self.name, self._target, self._consumer)
         try:
-            md = self._admin.list_topics(timeout=self.config.connect_timeout_s)
+            self._topics.refresh(self.config.connect_timeout_s)
         except KafkaException as e:
             raise SinkError(
                 f"cannot reach standby Kafka cluster {self.config.name!r} at "
                 f"{self.config.bootstrap_servers} within {self.config.connect_timeout_s:g}s: "
                 f"{e.args[0] if e.args else e}", retriable=True) from e
-        self._partitions = {n: len(t.partitions) for n, t in md.topics.items() if t.error is None}
-        self._ensure_checkpoint_topic()
+        self._topics.ensure_checkpoint_topic(self.config.checkpoint_topic)
         self._producer = Producer({
             **conf,
             "transactional.id": self.txn_id,
@@ -126,25 +117,6 @@ class KafkaSink(Closing):
             raise SinkError(f"{self.name}: init_transactions failed: {e}", retriable=True) from e
         self._cp = self._read_checkpoint()
         log.info("sink_started", sink=self.name, applied_seq=self._cp.seq, txn_id=self.txn_id)
-
-    def _ensure_checkpoint_topic(self) -> None:
-        topic = self.config.checkpoint_topic
-        if topic in self._partitions:
-            return
-        new = NewTopic(topic, 1, self.config.replication_factor,
-                       config={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"})
-        self._create_topics([new])
-
-    def _create_topics(self, topics: list[Any]) -> None:
-        assert self._admin is not None
-        for name, fut in self._admin.create_topics(topics).items():
-            try:
-                fut.result(ADMIN_TIMEOUT_S)
-            except KafkaException as e:
-                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise SinkError(f"{self.name}: cannot create topic {name!r}: {e}") from e
-        for t in topics:
-            self._partitions[t.topic] = t.num_partitions
 
     def _read_checkpoint(self) -> Checkpoint:
         consumer = self._consumer()
@@ -199,14 +171,16 @@ class KafkaSink(Closing):
         groups = {g: {t: dict(parts) for t, parts in topics.items()}
                   for g, topics in self._cp.offsets.get("groups", {}).items()}
         work = []
+        admin = self._topics
+        assert admin is not None
         for seg in segments:
             extra = seg.body.manifest.extra.get(self.config.source, {})
             if extra.get("topics"):
-                self._ensure_topics(extra["topics"])
+                admin.ensure_topics(extra["topics"])
             batches = [b for b in seg.body.batches if isinstance(b, KafkaBatch)
                        and b.stream == self.config.source and b.records]
             for b in batches:
-                self._ensure_partition(self._target(b.topic), b.partition)
+                admin.ensure_partition(self._target(b.topic), b.partition)
             # A segment carries only the group offsets that became ready (gate_group_offsets:
             # per partition), so merge partition by partition; a per-group update would drop
             # the partitions an earlier segment brought.
@@ -297,7 +271,7 @@ class KafkaSink(Closing):
             except BufferError:
                 p.poll(0.05)
             except KafkaException as e:
-                # Partitions just added (_grow) are unknown to the producer's cached
+                # Partitions just added (admin.py) are unknown to the producer's cached
                 # metadata until it is refreshed: produce() fails at once without this.
                 if e.args[0].code() != KafkaError._UNKNOWN_PARTITION or \
                         time.monotonic() >= deadline:
@@ -340,168 +314,21 @@ class KafkaSink(Closing):
         raise SinkError(f"{self.name}: segment {seq}: transaction aborted: {e}",
                         retriable=True) from e
 
-    # -- topics: same names (or templated), partition counts and topic configs ----------
-
-    def _ensure_topics(self, topics: dict[str, Any]) -> None:
-        assert self._admin is not None
-        create, grow = [], []
-        for src, meta in topics.items():
-            name, count = self._target(src), int(meta.get("partitions", 1))
-            configs = {k: str(v) for k, v in meta.get("configs", {}).items()}
-            have = self._partitions.get(name)
-            if have is None:
-                create.append(NewTopic(name, count, self.config.replication_factor,
-                                       config=configs))
-                self._configs_applied[name] = configs
-            elif have < count:
-                grow.append(NewPartitions(name, count))
-            if have is not None and self._configs_applied.get(name) != configs:
-                self._alter_configs(name, configs)
-        if create:
-            self._create_topics(create)
-            log.info("topics_created", sink=self.name, topics=[t.topic for t in create])
-        if grow:
-            self._grow(grow)
-
-    def _grow(self, grow: list[Any]) -> None:
-        assert self._admin is not None
-        for name, fut in self._admin.create_partitions(grow).items():
-            try:
-                fut.result(ADMIN_TIMEOUT_S)
-            except KafkaException as e:
-                if e.args[0].code() != KafkaError.INVALID_PARTITIONS:
-                    raise SinkError(f"{self.name}: cannot add partitions to {name}: {e}") from e
-        for g in grow:
-            self._partitions[g.topic] = g.new_total_count
-        log.info("partitions_added", sink=self.name, topics=[g.topic for g in grow])
-
-    def _alter_configs(self, name: str, configs: dict[str, str]) -> None:
-        """Make the standby topic's own configs equal the primary's: set what differs and
-        delete overrides the primary no longer has (the standby is a mirror)."""
-        assert self._admin is not None
-        current = self._topic_overrides(name)
-        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
-                   for k, v in configs.items() if current.get(k) != v]
-        entries += [ConfigEntry(k, None, incremental_operation=AlterConfigOpType.DELETE)
-                    for k in current if k not in configs]
-        if entries:
-            res = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
-            for fut in self._admin.incremental_alter_configs([res]).values():
-                try:
-                    fut.result(ADMIN_TIMEOUT_S)
-                except KafkaException as e:
-                    raise SinkError(f"{self.name}: cannot set configs of {name}: {e}") from e
-        self._configs_applied[name] = configs
-
-    def _topic_overrides(self, name: str) -> dict[str, str]:
-        assert self._admin is not None
-        res = ConfigResource(ConfigResource.Type.TOPIC, name)
-        try:
-            entries = self._admin.describe_configs([res])[res].result(ADMIN_TIMEOUT_S)
-        except KafkaException as e:
-            raise SinkError(f"{self.name}: cannot read configs of {name}: {e}") from e
-        return {k: e.value for k, e in entries.items()
-                if e.source == 1 and e.value is not None}  # DYNAMIC_TOPIC_CONFIG
-
-    def _ensure_partition(self, topic: str, partition: int) -> None:
-        """A batch for a partition the standby lacks (no metadata seen): create/grow."""
-        have = self._partitions.get(topic)
-        if have is None:
-            self._create_topics([NewTopic(topic, partition + 1, self.config.replication_factor)])
-        elif partition >= have:
-            self._grow([NewPartitions(topic, partition + 1)])
-
-    # -- consumer-group offsets ----------------------------------------------------------
+    # -- consumer-group offsets (groups.py) ---------------------------------------------
 
     async def sync_groups(self, force: bool = False) -> dict[str, Any]:
-        if not self.config.sync_groups:
+        if not self.config.sync_groups or self._groups is None:
             return {}
+        groups = self._groups
         if force:
-            self._groups_committed.clear()
-        result: dict[str, Any] = await self._call(self._sync_groups_sync)
+            groups.forget()
+        result: dict[str, Any] = await self._call(groups.sync, self._cp.offsets)
         return result
 
-    def _sync_groups_sync(self) -> dict[str, Any]:
-        assert self._admin is not None
-        wanted = self._cp.offsets.get("groups", {})
-        committed: dict[str, Any] = {}
-        for group, topics in wanted.items():
-            if self._groups_committed.get(group) == topics:
-                continue
-            if not self._group_is_empty(group):
-                log.info("group_sync_skipped_active", sink=self.name, group=group)
-                continue
-            tps = [TopicPartition(self._target(t), int(p), self.translate(t, int(p), int(o)))
-                   for t, parts in topics.items() for p, o in parts.items()]
-            req = [ConsumerGroupTopicPartitions(group, tps)]
-            try:
-                self._admin.alter_consumer_group_offsets(req)[group].result(ADMIN_TIMEOUT_S)
-            except KafkaException as e:
-                log.warning("group_sync_failed", sink=self.name, group=group, error=str(e))
-                continue
-            self._groups_committed[group] = topics
-            committed[group] = {tp.topic: {} for tp in tps}
-            for tp in tps:
-                committed[group][tp.topic][str(tp.partition)] = tp.offset
-        if committed:
-            log.info("groups_synced", sink=self.name, groups=sorted(committed))
-        return committed
-
-    def _group_is_empty(self, group: str) -> bool:
-        assert self._admin is not None
-        try:
-            desc = self._admin.describe_consumer_groups([group])[group].result(ADMIN_TIMEOUT_S)
-        except KafkaException:
-            return True  # unknown group: nothing active
-        state = getattr(desc.state, "name", str(desc.state)).upper()
-        return state in EMPTY_GROUP_STATES or not desc.members
-
     def translate(self, topic: str, partition: int, offset: int) -> int:
-        """Target offset at which a consumer resumes to read exactly what it would have
-        read next on the primary: the first replicated record with source offset >= offset."""
-        entry = self._cp.offsets.get("map", {}).get(topic, {}).get(str(partition))
-        if entry is None:
-            return 0
-        src_next, tgt_next = entry
-        if offset >= src_next:
-            return int(tgt_next)
-        return self._search(self._target(topic), partition, offset, int(tgt_next))
-
-    def _search(self, topic: str, partition: int, offset: int, hi: int) -> int:
-        consumer = self._consumer()
-        low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                timeout=ADMIN_TIMEOUT_S)
-        lo = int(low)
-        try:
-            while lo < hi:
-                mid = (lo + hi) // 2
-                found = self._record_at(consumer, topic, partition, mid, hi)
-                if found is None or found[1] >= offset:
-                    hi = mid
-                else:
-                    lo = found[0] + 1
-        finally:
-            consumer.unassign()
-        return lo
-
-    @staticmethod
-    def _record_at(consumer: Consumer, topic: str, partition: int, at: int,
-                   hi: int) -> tuple[int, int] | None:
-        """(target offset, source offset) of the first record at or after `at`, below hi."""
-        consumer.assign([TopicPartition(topic, partition, at)])
-        deadline = time.monotonic() + ADMIN_TIMEOUT_S
-        while time.monotonic() < deadline:
-            for m in consumer.consume(1, 1.0):
-                if m.error() is not None:
-                    continue
-                found = int(m.offset() or 0)
-                if found >= hi:
-                    return None
-                for name, value in m.headers() or []:  # type: ignore[str-unpack]
-                    if name == SOURCE_OFFSET_HEADER and value is not None:
-                        return found, int(value)
-                return found, -1  # not replicated by us: written on the standby
-        raise SinkError(f"offset translation: no record readable at {topic}[{partition}]@{at}")
+        """The standby offset a consumer of `topic` at primary `offset` resumes at."""
+        assert self._groups is not None
+        return int(self._groups.translate(self._cp.offsets, topic, partition, offset))
 
     async def close(self) -> None:
         if self._closed:

@@ -40,7 +40,7 @@ from daemon.plugins import ConnectorConfig, DrillCheck, ReplayOption, StreamFilt
 from daemon.secrets import read_secret
 
 if TYPE_CHECKING:
-    from daemon.replay import ReplayPlan
+    from daemon.plan import ReplayPlan
 
 log = get_logger("drstream.replay")
 

@@ -1,4 +1,4 @@
-"""Operator views and actions over a running pair: `status` and `failover`.
+"""`status` and `failover`: operator views and actions over a running pair.
 
 Both read the log head and the sinks' checkpoints without disturbing a running ship or
 apply (status never fences anything); failover deliberately takes over the apply role.
@@ -7,6 +7,7 @@ apply (status never fences anything); failover deliberately takes over the apply
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from daemon.segment import read_manifest
 from daemon.source import SourceProbe
 from daemon.store import Store
 
-log = get_logger("drstream.ops")
+log = get_logger("drstream.status")
 
 
 def now_ms() -> int:
@@ -60,21 +61,59 @@ async def probe_sources(config: Config, positions: dict[str, Any],
     return out
 
 
-async def status(config: Config, store: Store, keyring: KeyRing) -> dict[str, Any]:
+@dataclass
+class StatusReport:
+    """`drstream status`: the log head, each stream's ship lag and RPO, each sink's apply
+    lag (its JSON is `to_json()`, field for field)."""
+
+    log_id: str
+    store: str
+    durable_head_seq: int | None
+    head_written_at_ms: int | None
+    head_age_s: float | None
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FailoverReport:
+    """`drstream failover`: what was applied, the group offsets committed, each stream's
+    RPO; stored under audit/ (`audit_object`)."""
+
+    log_id: str
+    at_ms: int
+    durable_head_seq: int | None
+    applied_seq: int
+    newest_applied_record_ms: int | None
+    sinks: dict[str, dict[str, Any]]
+    groups_committed: dict[str, Any]
+    streams: dict[str, dict[str, Any]]
+    drain_s: float = 0.0
+    audit_object: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {"action": "failover", **dataclasses.asdict(self)}
+        if not self.audit_object:
+            del doc["audit_object"]
+        return doc
+
+
+async def status(config: Config, store: Store, keyring: KeyRing) -> StatusReport:
     """Per stream: ship lag and RPO estimate; per sink: applied seq and apply lag."""
     head = await read_head(DeltaLog(store, config.log_id), keyring)
     now = now_ms()
-    report: dict[str, Any] = {
-        "log_id": config.log_id, "store": store.url, "durable_head_seq": head.seq,
-        "head_written_at_ms": head.created_at_ms,
-        "head_age_s": None if head.created_at_ms is None else (now - head.created_at_ms) / 1000,
-        "streams": {}, "sinks": {},
-    }
+    report = StatusReport(
+        log_id=config.log_id, store=store.url, durable_head_seq=head.seq,
+        head_written_at_ms=head.created_at_ms,
+        head_age_s=None if head.created_at_ms is None else (now - head.created_at_ms) / 1000)
     blobs = BlobStore(store, config.log_id, keyring)
     for stream, probe in (await probe_sources(config, head.positions, blobs)).items():
-        report["streams"][stream] = _stream_status(probe, head, now)
+        report.streams[stream] = _stream_status(probe, head, now)
     for name, cp in (await peek_checkpoints(config, blobs)).items():
-        report["sinks"][name] = {
+        report.sinks[name] = {
             "applied_seq": cp.seq,
             "apply_lag_segments": None if head.seq is None else head.seq - cp.seq,
             "apply_lag_s": None if head.created_at_ms is None or not cp.created_at_ms
@@ -110,7 +149,7 @@ def _stream_status(probe: SourceProbe, head: LogHead, now: int) -> dict[str, Any
             "ship_lag_s": rpo, "rpo_s": rpo, "newest_record_ms": probe.newest_record_ms}
 
 
-async def failover(config: Config, store: Store, keyring: KeyRing) -> dict[str, Any]:
+async def failover(config: Config, store: Store, keyring: KeyRing) -> FailoverReport:
     """Apply every durable segment, sync group offsets a last time, report the RPO."""
     log_ = DeltaLog(store, config.log_id)
     head = await read_head(log_, keyring)
@@ -121,14 +160,16 @@ async def failover(config: Config, store: Store, keyring: KeyRing) -> dict[str, 
         checkpoints = {s.name: s.checkpoint() for s in applier.sinks}
     probes = await probe_sources(config, head.positions, applier.blobs)
     report = _failover_report(config, head, applied, groups, checkpoints, probes)
-    report["drain_s"] = round(time.monotonic() - started, 3)
-    await store_report(store, config.log_id, report)
-    log.info("failover_done", applied_seq=applied, audit=report["audit_object"])
+    report.drain_s = round(time.monotonic() - started, 3)
+    report.audit_object = (await store_report(store, config.log_id,
+                                              report.to_json()))["audit_object"]
+    log.info("failover_done", applied_seq=applied, audit=report.audit_object)
     return report
 
 
 def _failover_report(config: Config, head: LogHead, applied: int, groups: dict[str, Any],
-                     checkpoints: dict[str, Any], probes: dict[str, SourceProbe]) -> dict[str, Any]:
+                     checkpoints: dict[str, Any], probes: dict[str, SourceProbe]
+                     ) -> FailoverReport:
     newest_applied = max((cp.max_record_ms or 0 for cp in checkpoints.values()), default=0)
     streams: dict[str, Any] = {}
     for stream, probe in probes.items():
@@ -146,12 +187,10 @@ def _failover_report(config: Config, head: LogHead, applied: int, groups: dict[s
                 "rpo_s_upper_bound": None if head.created_at_ms is None
                 else max(0.0, (now_ms() - head.created_at_ms) / 1000),
             }
-    return {
-        "action": "failover", "log_id": config.log_id, "at_ms": now_ms(),
-        "durable_head_seq": head.seq, "applied_seq": applied,
-        "newest_applied_record_ms": newest_applied or None,
-        "sinks": {name: {"applied_seq": cp.seq, "positions": cp.positions}
-                  for name, cp in checkpoints.items()},
-        "groups_committed": groups, "streams": streams,
-    }
+    return FailoverReport(
+        log_id=config.log_id, at_ms=now_ms(), durable_head_seq=head.seq, applied_seq=applied,
+        newest_applied_record_ms=newest_applied or None,
+        sinks={name: {"applied_seq": cp.seq, "positions": cp.positions}
+               for name, cp in checkpoints.items()},
+        groups_committed=groups, streams=streams)
 

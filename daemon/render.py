@@ -1,0 +1,146 @@
+"""What the commands print for a person: one renderer per typed report, each returning
+its lines (the CLI prints them; `--json` prints the report's JSON instead)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from daemon.drill import DrillReport
+from daemon.plan import ReplayPlan
+from daemon.plugins import StreamKind
+from daemon.prune import PruneResult
+from daemon.replay import Progress, ReplayResult
+from daemon.status import FailoverReport, StatusReport
+from daemon.verify import Report
+
+
+def iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def age(ms: int | None) -> str:
+    return "-" if ms is None else f"{iso(ms)} ({(time.time() * 1000 - ms) / 1000:.1f}s ago)"
+
+
+def verify(report: Report) -> list[str]:
+    out = [f"log {report.log_id}: {'OK' if report.ok else 'FAILED'}",
+           f"  segments   {report.segments} (seq {report.first_seq}..{report.last_seq}), "
+           f"{report.stored_bytes / 2**20:.2f} MiB stored"]
+    if report.first_created_ms is not None and report.last_created_ms is not None:
+        out.append(f"  written    {iso(report.first_created_ms)} .. "
+                   f"{iso(report.last_created_ms)}")
+    out.append(f"  key ids    {', '.join(sorted(report.key_ids)) or '-'}")
+    if report.deep:
+        out.append(f"  records    {report.records} ({report.heartbeats} heartbeat segments)")
+        if report.min_record_ms is not None and report.max_record_ms is not None:
+            out.append(f"  record ts  {iso(report.min_record_ms)} .. "
+                       f"{iso(report.max_record_ms)}")
+        out += [f"  SOURCE GAP {g['stream']} {g['topic']}[{g['partition']}] offsets "
+                f"{g['first']}..{g['end'] - 1} were deleted on the source before they were "
+                f"shipped (recorded in seq {g['seq']})" for g in report.source_gaps]
+        if report.blobs_checked:
+            out.append(f"  blobs      {report.blobs_checked} named by segments, each fetched "
+                       "and authenticated")
+    out += [f"  PROBLEM    {problem}" for problem in report.problems]
+    return out
+
+
+def status(r: StatusReport) -> list[str]:
+    out = [f"log {r.log_id} at {r.store}",
+           f"  durable head   seq {r.durable_head_seq}, written {age(r.head_written_at_ms)}"]
+    out += [_stream_status(stream, s) for stream, s in r.streams.items()]
+    for sink, s in r.sinks.items():
+        lag = "-" if s["apply_lag_s"] is None else f"{s['apply_lag_s']:.2f}s"
+        out.append(f"  {sink:<14} applied seq {s['applied_seq']}, "
+                   f"{s['apply_lag_segments']} segments behind, apply lag {lag}")
+    return out
+
+
+def _stream_status(stream: str, s: dict[str, Any]) -> str:
+    if not s["reachable"]:
+        return (f"  {stream:<14} UNREACHABLE ({s['error']}); RPO <= "
+                f"{s['rpo_s_upper_bound']}s (last heartbeat)")
+    rpo = "unknown (pending changes carry no time)" if s["rpo_s"] is None \
+        else f"{s['rpo_s']:.2f}s"
+    return f"  {stream:<14} pending {s['pending_records']} records, ship lag / RPO {rpo}"
+
+
+def failover(r: FailoverReport) -> list[str]:
+    out = [f"failover of log {r.log_id}: applied through seq {r.applied_seq} (durable head "
+           f"{r.durable_head_seq}) in {r.drain_s}s"]
+    for stream, s in r.streams.items():
+        if s["primary"] == "reachable":
+            out.append(f"  {stream}: RPO {s['rpo_s']:.3f}s, "
+                       f"{s['records_not_replicated']} records not replicated")
+        else:
+            out.append(f"  {stream}: primary unreachable; last heartbeat "
+                       f"{age(s['last_heartbeat_ms'])}; RPO <= {s['rpo_s_upper_bound']}s")
+    for sink, groups in r.groups_committed.items():
+        out.append(f"  {sink}: group offsets committed for {sorted(groups) or 'no groups'}")
+    out.append(f"  audit record: {r.audit_object}")
+    return out
+
+
+def replay(log_id: str, plan: ReplayPlan, kind: StreamKind, r: ReplayResult) -> list[str]:
+    verb = "would write" if plan.dry_run else "wrote"
+    return [f"replay of log {log_id} ({plan.stream}) through seq {r.through_seq}: {verb} "
+            f"{r.records} {kind.traits.unit} ({r.bytes / 2**20:.2f} MiB) in {r.seconds:.1f}s",
+            *r.filter.lines(plan)]
+
+
+def drill(report: DrillReport) -> list[str]:
+    r = report.doc
+    out = [f"drill of log {r['log_id']} into {r['target']}: "
+           f"{'PASSED' if r['ok'] else 'FAILED'}",
+           f"  RTO (time to rebuild)  {r['rto_s']}s"]
+    if "error" in r:
+        out.append(f"  error                  {r['error']}")
+    return [*out, *report.lines, f"  report                 {r['audit_object']}"]
+
+
+def prune(log_id: str, r: PruneResult, dry_run: bool) -> list[str]:
+    verb = "would delete" if dry_run else "deleted"
+    span = f"seq {r.deleted[0]}..{r.deleted[-1]}" if r.deleted else "nothing"
+    out = [f"prune of log {log_id}: {verb} {len(r.deleted)} segments ({span}); kept from seq "
+           f"{r.deleted[-1] + 1 if r.deleted else r.first_seq}: {r.kept_reason}"]
+    if r.locked:
+        out.append(f"  under Object Lock, not deleted: seq {r.locked[0]} and later")
+    return out
+
+
+def _throttled(interval: Callable[[bool], float]) -> Callable[[str], None]:
+    """Print progress lines to stderr at most every interval(interactive) seconds,
+    overwriting the line on a terminal; nothing for the first interval."""
+    last = [time.monotonic()]
+    interactive = sys.stderr.isatty()
+
+    def show(line: str) -> None:
+        now = time.monotonic()
+        if now - last[0] < interval(interactive):
+            return
+        last[0] = now
+        print(line, end="\r" if interactive else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+def verify_progress() -> Callable[[Report], None]:
+    show = _throttled(lambda interactive: 0.5 if interactive else 10.0)
+    return lambda r: show(f"verify {r.log_id}: {r.segments} segments, "
+                          f"{r.stored_bytes / 2**20:.1f} MiB, {len(r.problems)} problems")
+
+
+def replay_progress(unit: str) -> Progress:
+    show = _throttled(lambda _: 0.0)
+
+    def line(seq: int, end: int, records: int, nbytes: int, elapsed: float) -> None:
+        pct = 100.0 * seq / end if end else 100.0
+        rate = nbytes / elapsed / 2**20 if elapsed > 0 else 0.0
+        eta = elapsed * (end - seq) / seq if seq else 0.0
+        show(f"replay seq {seq}/{end} ({pct:.0f}%), {records} {unit}, "
+             f"{nbytes / 2**20:.1f} MiB, {rate:.1f} MiB/s, ETA {eta:.0f}s")
+
+    return line
