@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test lint unit bench-codec bench-lag bench-restore services-down clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q -e '.[test]'
@@ -27,7 +27,11 @@ unit: install
 
 lint: install
 	$(VENV)/bin/ruff check daemon connectors tests benchmarks
-	$(VENV)/bin/mypy
+	@# mypy finds modules by folder: show it daemon/ and connectors/ under their installed names
+	mkdir -p $(VENV)/typecheck/drstream
+	ln -sfn $(CURDIR)/daemon $(VENV)/typecheck/drstream/daemon
+	ln -sfn $(CURDIR)/connectors $(VENV)/typecheck/drstream/connectors
+	MYPYPATH=$(VENV)/typecheck $(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
 bench-codec: install

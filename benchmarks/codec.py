@@ -41,9 +41,9 @@ import cryptography
 import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from daemon.codec import Body, EventBatch, KafkaBatch, KafkaRecord, make_manifest
-from daemon.keyring import KeyRing
-from daemon.segment import ZERO_DIGEST, decode_segment, encode_segment, segment_digest
+from drstream.daemon.codec import Body, EventBatch, KafkaBatch, KafkaRecord, make_manifest
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.segment import ZERO_DIGEST, decode_segment, encode_segment, segment_digest
 
 SEGMENT_BYTES = 1 << 20
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "codec.json"

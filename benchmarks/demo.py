@@ -46,12 +46,12 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from daemon.cli import keyring_from_config
-from daemon.config import Config, load_config
-from daemon.deltalog import DeltaLog
-from daemon.keyring import KeyRing, generate_key_file
-from daemon.segment import read_manifest
-from daemon.store import Store
+from drstream.daemon.cli import keyring_from_config
+from drstream.daemon.config import Config, load_config
+from drstream.daemon.deltalog import DeltaLog
+from drstream.daemon.keyring import KeyRing, generate_key_file
+from drstream.daemon.segment import read_manifest
+from drstream.daemon.store import Store
 from tests.infra.kafka import KafkaCluster, start_clusters
 from tests.infra.procs import Proc, start_process
 
@@ -120,7 +120,7 @@ def create_topics(bootstrap: str) -> None:
 def start_drstream(command: str, config: Path, work: Path) -> Proc:
     return start_process(
         f"drstream-{command}-demo",
-        [sys.executable, "-m", "daemon.cli", command, "--config", str(config)],
+        [sys.executable, "-m", "drstream.daemon.cli", command, "--config", str(config)],
         work / f"{command}.log", env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT)
 
 

@@ -469,8 +469,8 @@ def daemon_main(argv: list[str]) -> int:
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-    from connectors.file.store import FileStore
-    from connectors.s3.store import S3Store
+    from drstream.connectors.file.store import FileStore
+    from drstream.connectors.s3.store import S3Store
 
     events: list[tuple[int, str, str, int]] = []
     record = events.append
@@ -523,7 +523,7 @@ def daemon_main(argv: list[str]) -> int:
 
     thread = threading.Thread(target=flusher, name="bench-ops-flusher", daemon=True)
     thread.start()
-    from daemon.cli import main as cli_main
+    from drstream.daemon.cli import main as cli_main
 
     sampler = None
     if args.profile_out is not None:
@@ -659,7 +659,7 @@ class Drstream(Replicator):
     system = "drstream"
 
     def __init__(self, env: Env, case: dict[str, Any], topic: str, workdir: Path) -> None:
-        from daemon.keyring import generate_key_file
+        from drstream.daemon.keyring import generate_key_file
         from tests.infra.procs import free_port
 
         self.env, self.case, self.topic, self.workdir = env, case, topic, workdir
@@ -697,7 +697,7 @@ class Drstream(Replicator):
 
         self.config_path = workdir / "drstream.yaml"
         self.config_path.write_text(yaml.safe_dump(self.raw_config, sort_keys=False))
-        from daemon.config import load_config
+        from drstream.daemon.config import load_config
 
         self.config = load_config(self.config_path)  # a bad config fails here
         self.procs: dict[str, Any] = {}
@@ -776,9 +776,9 @@ class Drstream(Replicator):
         source positions of its manifest (read from the store after the run)."""
         import asyncio
 
-        from daemon.cli import keyring_from_config
-        from daemon.deltalog import DeltaLog
-        from daemon.segment import read_manifest
+        from drstream.daemon.cli import keyring_from_config
+        from drstream.daemon.deltalog import DeltaLog
+        from drstream.daemon.segment import read_manifest
 
         puts: dict[int, tuple[int, int]] = {}
         for t, op, key, n in read_ops(self.ops_path("ship")):

@@ -61,7 +61,7 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.ship import LOG_ID, STREAM, LogReader, ShipperProc, wait_shipped, write_config
-from connectors.kafka.config import DEFAULT_CHECKPOINT_TOPIC
+from drstream.connectors.kafka.config import DEFAULT_CHECKPOINT_TOPIC
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "restore"
@@ -188,7 +188,7 @@ class CheckpointWatch:
         self.seq = 0
 
     def poll(self, timeout: float) -> int:
-        from connectors.kafka.sink import _decode_checkpoint
+        from drstream.connectors.kafka.sink import _decode_checkpoint
 
         for m in self.consumer.consume(1000, timeout):
             if m.error() is None and m.value():
@@ -207,7 +207,7 @@ def run_apply(workdir: Path, standby: Any, prepared: dict[str, Any],
     log_path = workdir / "apply.log"
     t0 = time.monotonic()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "apply", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "drstream.daemon.cli", "apply", "--config",
                                  str(config)], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
     sampler = ProcSampler(proc.pid).start()
@@ -245,7 +245,7 @@ def run_apply(workdir: Path, standby: Any, prepared: dict[str, Any],
 def run_replay(workdir: Path, store_url: str, env: dict[str, str], standby: Any, label: str,
                prepared: dict[str, Any], parallel: int) -> dict[str, Any]:
     rename = f"{{topic}}.r-{label}"
-    argv = [sys.executable, "-m", "daemon.cli", "replay", "--store", store_url,
+    argv = [sys.executable, "-m", "drstream.daemon.cli", "replay", "--store", store_url,
             "--log-id", LOG_ID, "--key", f"k1=file:{workdir / 'k1.key'}",
             "--target-bootstrap", standby.bootstrap_servers, "--rename", rename,
             "--name", f"bench-{label}", "--parallel", str(parallel)]
@@ -290,7 +290,7 @@ def s3_copy(workdir: Path) -> tuple[Any, str, dict[str, str]]:
 
 
 def check_targets(primary: Any, standby: Any, topics: list[str]) -> dict[str, Any]:
-    from connectors.kafka.verify import partition_digests
+    from drstream.connectors.kafka.verify import partition_digests
 
     progress("checking every target topic against the primary", force=True)
     want = {p: v for (_, p), v in partition_digests(primary.bootstrap_servers, [TOPIC]).items()}

@@ -107,8 +107,8 @@ progress = Progress(5.0)
 
 def write_config(workdir: Path, bootstrap: str, topic_regex: str, ship: dict[str, Any],
                  properties: dict[str, Any] | None = None) -> Path:
-    from daemon.config import load_config
-    from daemon.keyring import generate_key_file
+    from drstream.daemon.config import load_config
+    from drstream.daemon.keyring import generate_key_file
 
     key = workdir / "k1.key"
     generate_key_file(key)
@@ -122,7 +122,7 @@ def write_config(workdir: Path, bootstrap: str, topic_regex: str, ship: dict[str
         "ship": ship,
         "logging": {"level": "info", "format": "json"},
     }
-    from daemon.config import Config
+    from drstream.daemon.config import Config
 
     if "service" in Config.model_fields:
         # Metrics/health stay on, as in production, but on a free port: the default port
@@ -141,7 +141,7 @@ class ShipperProc:
 
     def __init__(self, config: Path, log_path: Path, profile: str = "none",
                  profile_out: Path | None = None) -> None:
-        cli = ["-m", "daemon.cli", "ship", "--config", str(config)]
+        cli = ["-m", "drstream.daemon.cli", "ship", "--config", str(config)]
         if profile == "cprofile":
             argv = [sys.executable, "-m", "cProfile", "-o", str(profile_out), *cli]
         elif profile in ("stacks", "cpu"):
@@ -218,10 +218,10 @@ class LogReader:
     """Reads the shipper's log in the file store: durable head, manifests, segments."""
 
     def __init__(self, workdir: Path) -> None:
-        from connectors.file.store import FileStore, FileStoreConfig
-        from daemon.config import load_config
-        from daemon.deltalog import DeltaLog
-        from daemon.keyring import KeyRing, load_key
+        from drstream.connectors.file.store import FileStore, FileStoreConfig
+        from drstream.daemon.config import load_config
+        from drstream.daemon.deltalog import DeltaLog
+        from drstream.daemon.keyring import KeyRing, load_key
 
         config = load_config(workdir / "drstream.yaml")
         self.keyring = KeyRing({k: load_key(ref) for k, ref in config.keyring.keys.items()},
@@ -244,7 +244,7 @@ class LogReader:
         return self._loop.run_until_complete(self.log.head_seq())
 
     def shipped(self, seq: int, topic: str) -> dict[int, int]:
-        from daemon.segment import read_manifest
+        from drstream.daemon.segment import read_manifest
 
         _, manifest = read_manifest(self.path(seq).read_bytes(), self.keyring,
                                     expect_log_id=LOG_ID, expect_seq=seq)
@@ -252,7 +252,7 @@ class LogReader:
         return {int(p): int(o) for p, o in parts.items()}
 
     def decode(self, seq: int) -> tuple[Any, Any, int]:
-        from daemon.segment import decode_segment
+        from drstream.daemon.segment import decode_segment
 
         data = self.path(seq).read_bytes()
         header, body = decode_segment(data, self.keyring, expect_log_id=LOG_ID, expect_seq=seq)
@@ -1011,7 +1011,7 @@ def stacks_main(argv: list[str]) -> int:
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-    from daemon.cli import main as cli_main
+    from drstream.daemon.cli import main as cli_main
 
     sampler = StackSampler().start()
     try:
@@ -1056,7 +1056,7 @@ def cpu_profile_main(argv: list[str]) -> int:
                 profiles.append((group(self.name), prof))
 
     threading.Thread.run = profiled_run  # type: ignore[method-assign]
-    from daemon.cli import main as cli_main
+    from drstream.daemon.cli import main as cli_main
 
     main_prof = cProfile.Profile(time.thread_time)
     main_prof.enable()

@@ -15,17 +15,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from daemon.blobs import BlobStore
-from daemon.codec import Body
-from daemon.config import Config
-from daemon.deltalog import DeltaLog
-from daemon.errors import ChainError, ConfigError, ConfigFieldError, DrstreamError
-from daemon.keyring import KeyRing
-from daemon.lifecycle import Starting
-from daemon.logging import get_logger
-from daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
-from daemon.records import AppliedSegment
-from daemon.segment import (
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.codec import Body
+from drstream.daemon.config import Config
+from drstream.daemon.deltalog import DeltaLog
+from drstream.daemon.errors import ChainError, ConfigError, ConfigFieldError, DrstreamError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.lifecycle import Starting
+from drstream.daemon.logging import get_logger
+from drstream.daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
+from drstream.daemon.records import AppliedSegment
+from drstream.daemon.segment import (
     ZERO_DIGEST,
     SegmentHeader,
     chain_break,
@@ -33,8 +33,8 @@ from daemon.segment import (
     parse_header,
     segment_digest,
 )
-from daemon.sink import Sink
-from daemon.store import Store
+from drstream.daemon.sink import Sink
+from drstream.daemon.store import Store
 
 log = get_logger("drstream.apply")
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon.errors import DrstreamError
-from daemon.layout import audit_key
-from daemon.store import Store
+from drstream.daemon.errors import DrstreamError
+from drstream.daemon.layout import audit_key
+from drstream.daemon.store import Store
 
 
 async def store_report(store: Store, log_id: str, report: dict[str, Any]) -> dict[str, Any]:

@@ -24,11 +24,11 @@ from typing import Final
 
 import zstandard
 
-from daemon import envelope
-from daemon.errors import BlobError
-from daemon.keyring import KeyRing
-from daemon.layout import blob_key
-from daemon.store import Store
+from drstream.daemon import envelope
+from drstream.daemon.errors import BlobError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.layout import blob_key
+from drstream.daemon.store import Store
 
 MAGIC: Final = b"DRB1"
 VERSION: Final = 1

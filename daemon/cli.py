@@ -14,9 +14,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, render
-from daemon.config import Config, load_config
-from daemon.errors import (
+from drstream.daemon import __version__, render
+from drstream.daemon.config import Config, load_config
+from drstream.daemon.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_PROBLEMS,
@@ -25,12 +25,12 @@ from daemon.errors import (
     ConfigFieldError,
     DrstreamError,
 )
-from daemon.keyring import KeyRing, generate_key_file, load_key
-from daemon.layout import LOGS, after_log, log_id_of
-from daemon.logging import configure_logging
-from daemon.plan import ReplayPlan, parse_duration_s, parse_time_ms
-from daemon.plugins import Connectors, installed
-from daemon.store import Store
+from drstream.daemon.keyring import KeyRing, generate_key_file, load_key
+from drstream.daemon.layout import LOGS, after_log, log_id_of
+from drstream.daemon.logging import configure_logging
+from drstream.daemon.plan import ReplayPlan, parse_duration_s, parse_time_ms
+from drstream.daemon.plugins import Connectors, installed
+from drstream.daemon.store import Store
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -92,8 +92,8 @@ async def _keys_generate(args: argparse.Namespace, connectors: Connectors) -> in
 
 
 async def _verify(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.deltalog import DeltaLog
-    from daemon.verify import verify_log
+    from drstream.daemon.deltalog import DeltaLog
+    from drstream.daemon.verify import verify_log
 
     config = load_config(args.config, connectors) if args.config else None
     if args.url:
@@ -141,9 +141,9 @@ async def _discover_logs(store: Store) -> list[str]:
 
 async def _serve(args: argparse.Namespace, connectors: Connectors, role: str) -> int:
     """ship or apply as a service (daemon/service.py) until SIGTERM."""
-    from daemon.applier import Applier
-    from daemon.pipeline import Shipper
-    from daemon.service import Factory, Service
+    from drstream.daemon.applier import Applier
+    from drstream.daemon.pipeline import Shipper
+    from drstream.daemon.service import Factory, Service
 
     config = load_config(args.config, connectors)
     configure_logging(config.logging.level, config.logging.format)
@@ -157,7 +157,7 @@ async def _serve(args: argparse.Namespace, connectors: Connectors, role: str) ->
 
 
 async def _status(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.status import status
+    from drstream.daemon.status import status
 
     config = load_config(args.config, connectors)
     keyring = keyring_from_config(config)
@@ -171,7 +171,7 @@ async def _status(args: argparse.Namespace, connectors: Connectors) -> int:
 
 
 async def _failover(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.status import failover
+    from drstream.daemon.status import failover
 
     config = load_config(args.config, connectors)
     configure_logging(config.logging.level, config.logging.format)
@@ -187,7 +187,7 @@ async def _failover(args: argparse.Namespace, connectors: Connectors) -> int:
 
 def _log_config(args: argparse.Namespace, connectors: Connectors) -> Config:
     """--config, or --store URL + --log-id + --key (replaying a log without its config)."""
-    from daemon.config import parse_config
+    from drstream.daemon.config import parse_config
 
     if args.config:
         return load_config(args.config, connectors)
@@ -242,7 +242,7 @@ def _default_stream(connectors: Connectors, given: dict[str, str | None]) -> str
 
 
 async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.replay import replay
+    from drstream.daemon.replay import replay
 
     config = _log_config(args, connectors)
     plan = _plan(args, connectors)
@@ -261,7 +261,7 @@ async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
 
 
 async def _drill(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.drill import drill, drill_stamp
+    from drstream.daemon.drill import drill, drill_stamp
 
     config = load_config(args.config, connectors)
     plan = _plan(args, connectors)
@@ -283,7 +283,7 @@ async def _drill(args: argparse.Namespace, connectors: Connectors) -> int:
 
 
 async def _prune(args: argparse.Namespace, connectors: Connectors) -> int:
-    from daemon.prune import prune
+    from drstream.daemon.prune import prune
 
     config = load_config(args.config, connectors)
     older = parse_duration_s(args.older_than)

@@ -30,8 +30,8 @@ from itertools import accumulate, chain, repeat
 from operator import attrgetter
 from typing import Any, Final, cast
 
-from daemon.errors import SegmentFormatError
-from daemon.records import (
+from drstream.daemon.errors import SegmentFormatError
+from drstream.daemon.records import (
     Batch,
     Body,
     EventBatch,

@@ -27,15 +27,15 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.blobs import BlobStore
-from daemon.deltalog import DEFAULT_MAX_IN_FLIGHT, DEFAULT_ZSTD_LEVEL
-from daemon.errors import HIDDEN, MISSING, ConfigError, ConfigFieldError
-from daemon.keyring import KEY_ID_RE
-from daemon.layout import LOG_ID_PATTERN
-from daemon.logging import LogFormat, LogLevel
-from daemon.metrics import DEFAULT_STALL_AFTER_S
-from daemon.plugins import ConnectorConfig, Connectors, Context, installed
-from daemon.secrets import SECRET_REF_HELP, is_secret_ref
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.deltalog import DEFAULT_MAX_IN_FLIGHT, DEFAULT_ZSTD_LEVEL
+from drstream.daemon.errors import HIDDEN, MISSING, ConfigError, ConfigFieldError
+from drstream.daemon.keyring import KEY_ID_RE
+from drstream.daemon.layout import LOG_ID_PATTERN
+from drstream.daemon.logging import LogFormat, LogLevel
+from drstream.daemon.metrics import DEFAULT_STALL_AFTER_S
+from drstream.daemon.plugins import ConnectorConfig, Connectors, Context, installed
+from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 LOG_ID_FIELD = rf"^{LOG_ID_PATTERN}$"
 KEY_ID_FIELD = rf"^{KEY_ID_RE.pattern}$"

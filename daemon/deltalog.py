@@ -14,15 +14,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
-from daemon.codec import Body, Manifest
-from daemon.errors import DrstreamError, FencedError, SegmentFormatError, StoreError
-from daemon.keyring import KeyRing
-from daemon.layout import segment_key, segments_prefix, seq_from_key
-from daemon.lifecycle import Starting
-from daemon.logging import get_logger
-from daemon.metrics import BYTES, ERRORS, UPLOAD_SECONDS
-from daemon.retry import Backoff, retrying
-from daemon.segment import (
+from drstream.daemon.codec import Body, Manifest
+from drstream.daemon.errors import DrstreamError, FencedError, SegmentFormatError, StoreError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.layout import segment_key, segments_prefix, seq_from_key
+from drstream.daemon.lifecycle import Starting
+from drstream.daemon.logging import get_logger
+from drstream.daemon.metrics import BYTES, ERRORS, UPLOAD_SECONDS
+from drstream.daemon.retry import Backoff, retrying
+from drstream.daemon.segment import (
     ZERO_DIGEST,
     chain_break,
     encode_segment,
@@ -30,7 +30,7 @@ from daemon.segment import (
     read_manifest,
     segment_digest,
 )
-from daemon.store import Store
+from drstream.daemon.store import Store
 
 DEFAULT_MAX_IN_FLIGHT: Final = 4
 DEFAULT_ZSTD_LEVEL: Final = 1

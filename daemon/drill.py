@@ -10,15 +10,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.audit import store_report
-from daemon.config import Config
-from daemon.deltalog import DeltaLog
-from daemon.errors import DrstreamError
-from daemon.keyring import KeyRing
-from daemon.plugins import Drill, StreamFilter
-from daemon.replay import Progress, replay
-from daemon.segment import parse_header
-from daemon.store import Store
+from drstream.daemon.audit import store_report
+from drstream.daemon.config import Config
+from drstream.daemon.deltalog import DeltaLog
+from drstream.daemon.errors import DrstreamError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.plugins import Drill, StreamFilter
+from drstream.daemon.replay import Progress, replay
+from drstream.daemon.segment import parse_header
+from drstream.daemon.store import Store
 
 
 @dataclass

@@ -32,11 +32,11 @@ import struct
 from collections.abc import Iterator, Mapping
 from typing import Final
 
-from daemon import envelope
-from daemon.envelope import KEY_SIZE
-from daemon.errors import KeyRingError
-from daemon.files import write_fsynced
-from daemon.secrets import SecretError, resolve
+from drstream.daemon import envelope
+from drstream.daemon.envelope import KEY_SIZE
+from drstream.daemon.errors import KeyRingError
+from drstream.daemon.files import write_fsynced
+from drstream.daemon.secrets import SecretError, resolve
 
 __all__ = [
     "HKDF_INFO_PREFIX",

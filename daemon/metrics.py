@@ -22,8 +22,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from daemon.errors import DrstreamError
-from daemon.logging import get_logger
+from drstream.daemon.errors import DrstreamError
+from drstream.daemon.logging import get_logger
 
 log = get_logger("drstream.metrics")
 

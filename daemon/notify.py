@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from daemon.logging import get_logger
+from drstream.daemon.logging import get_logger
 
 log = get_logger("drstream.notify")
 

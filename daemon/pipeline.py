@@ -13,17 +13,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.blobs import BlobStore
-from daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
-from daemon.config import Config
-from daemon.deltalog import LogWriter
-from daemon.errors import ConfigError, ConfigFieldError, DrstreamError
-from daemon.keyring import KeyRing
-from daemon.lifecycle import Starting
-from daemon.logging import get_logger
-from daemon.metrics import BYTES, DURABLE_HEAD, RECORDS, SEGMENTS, SHIP_LAG, Health
-from daemon.source import Delivery, Source
-from daemon.store import Store
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
+from drstream.daemon.config import Config
+from drstream.daemon.deltalog import LogWriter
+from drstream.daemon.errors import ConfigError, ConfigFieldError, DrstreamError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.lifecycle import Starting
+from drstream.daemon.logging import get_logger
+from drstream.daemon.metrics import BYTES, DURABLE_HEAD, RECORDS, SEGMENTS, SHIP_LAG, Health
+from drstream.daemon.source import Delivery, Source
+from drstream.daemon.store import Store
 
 log = get_logger("drstream.ship")
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from daemon.errors import ConfigFieldError
+from drstream.daemon.errors import ConfigFieldError
 
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from daemon.codec import Body
-from daemon.errors import ConfigFieldError, DrstreamError
-from daemon.sink import Sink
-from daemon.source import Source
-from daemon.store import Store
+from drstream.daemon.codec import Body
+from drstream.daemon.errors import ConfigFieldError, DrstreamError
+from drstream.daemon.sink import Sink
+from drstream.daemon.source import Source
+from drstream.daemon.store import Store
 
 if TYPE_CHECKING:
-    from daemon.blobs import BlobStore
-    from daemon.plan import ReplayPlan
+    from drstream.daemon.blobs import BlobStore
+    from drstream.daemon.plan import ReplayPlan
 
 ENTRY_POINT_GROUP = "drstream.connectors"
 

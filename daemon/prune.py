@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from daemon.config import Config
-from daemon.deltalog import DeltaLog
-from daemon.logging import get_logger
-from daemon.segment import parse_header
-from daemon.status import peek_checkpoints
-from daemon.store import Store
+from drstream.daemon.config import Config
+from drstream.daemon.deltalog import DeltaLog
+from drstream.daemon.logging import get_logger
+from drstream.daemon.segment import parse_header
+from drstream.daemon.status import peek_checkpoints
+from drstream.daemon.store import Store
 
 log = get_logger("drstream.prune")
 

@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from daemon.drill import DrillReport
-from daemon.plan import ReplayPlan
-from daemon.plugins import StreamKind
-from daemon.prune import PruneResult
-from daemon.replay import Progress, ReplayResult
-from daemon.status import FailoverReport, StatusReport
-from daemon.verify import Report
+from drstream.daemon.drill import DrillReport
+from drstream.daemon.plan import ReplayPlan
+from drstream.daemon.plugins import StreamKind
+from drstream.daemon.prune import PruneResult
+from drstream.daemon.replay import Progress, ReplayResult
+from drstream.daemon.status import FailoverReport, StatusReport
+from drstream.daemon.verify import Report
 
 
 def iso(ms: int) -> str:

@@ -15,19 +15,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.applier import Applier
-from daemon.blobs import BlobStore
-from daemon.codec import Body
-from daemon.config import Config
-from daemon.deltalog import DeltaLog
-from daemon.errors import DrstreamError
-from daemon.keyring import KeyRing
-from daemon.lifecycle import Closing
-from daemon.plan import ReplayPlan
-from daemon.plugins import ConnectorConfig, StreamFilter
-from daemon.records import Checkpoint
-from daemon.segment import read_manifest
-from daemon.store import Store
+from drstream.daemon.applier import Applier
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.codec import Body
+from drstream.daemon.config import Config
+from drstream.daemon.deltalog import DeltaLog
+from drstream.daemon.errors import DrstreamError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.lifecycle import Closing
+from drstream.daemon.plan import ReplayPlan
+from drstream.daemon.plugins import ConnectorConfig, StreamFilter
+from drstream.daemon.records import Checkpoint
+from drstream.daemon.segment import read_manifest
+from drstream.daemon.store import Store
 
 REPLAY_POLL_MAX_S = 0.2  # a replay reads a log that is already there: probe often
 

@@ -21,7 +21,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from daemon.errors import ConfigFieldError, DrstreamError
+from drstream.daemon.errors import ConfigFieldError, DrstreamError
 
 CREDENTIAL_NAME: Final = r"[A-Za-z0-9._@:-]{1,255}"
 SECRET_REF_RE = re.compile(

@@ -24,8 +24,8 @@ from typing import Final, TypeVar
 
 import zstandard
 
-from daemon.codec import Body, Manifest, decode_body, decode_manifest, encode_body
-from daemon.envelope import (
+from drstream.daemon.codec import Body, Manifest, decode_body, decode_manifest, encode_body
+from drstream.daemon.envelope import (
     NONCE_SIZE,
     SALT_SIZE,
     TAG_SIZE,
@@ -33,7 +33,7 @@ from daemon.envelope import (
     seal,
     unseal,
 )
-from daemon.errors import (
+from drstream.daemon.errors import (
     ChainError,
     KeyRingError,
     SegmentAuthError,
@@ -41,9 +41,9 @@ from daemon.errors import (
     SegmentFormatError,
     UnknownKeyError,
 )
-from daemon.keyring import KEY_ID_RE, KeyRing, derive_segment_key
-from daemon.layout import LOG_ID_RE, segment_key, with_prefix
-from daemon.records import SegmentHeader
+from drstream.daemon.keyring import KEY_ID_RE, KeyRing, derive_segment_key
+from drstream.daemon.layout import LOG_ID_RE, segment_key, with_prefix
+from drstream.daemon.records import SegmentHeader
 
 __all__ = [
     "DIGEST_SIZE",

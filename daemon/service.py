@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from daemon.config import Config, load_config
-from daemon.errors import EXIT_FAILURE, ConfigError
-from daemon.keyring import KeyRing
-from daemon.logging import configure_logging, get_logger
-from daemon.metrics import Health, MetricsServer
-from daemon.notify import Notifier
-from daemon.store import Store
+from drstream.daemon.config import Config, load_config
+from drstream.daemon.errors import EXIT_FAILURE, ConfigError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.logging import configure_logging, get_logger
+from drstream.daemon.metrics import Health, MetricsServer
+from drstream.daemon.notify import Notifier
+from drstream.daemon.store import Store
 
 log = get_logger("drstream.service")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from daemon.records import Body, Checkpoint
+from drstream.daemon.records import Body, Checkpoint
 
 
 class Sink(Protocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from daemon.codec import EventBatch, KafkaBatch
+from drstream.daemon.codec import EventBatch, KafkaBatch
 
 
 @dataclass

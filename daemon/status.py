@@ -12,17 +12,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.applier import Applier
-from daemon.audit import store_report
-from daemon.blobs import BlobStore
-from daemon.config import Config
-from daemon.deltalog import DeltaLog
-from daemon.keyring import KeyRing
-from daemon.logging import get_logger
-from daemon.records import Checkpoint
-from daemon.segment import read_manifest
-from daemon.source import SourceProbe
-from daemon.store import Store
+from drstream.daemon.applier import Applier
+from drstream.daemon.audit import store_report
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.config import Config
+from drstream.daemon.deltalog import DeltaLog
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.logging import get_logger
+from drstream.daemon.records import Checkpoint
+from drstream.daemon.segment import read_manifest
+from drstream.daemon.source import SourceProbe
+from drstream.daemon.store import Store
 
 log = get_logger("drstream.status")
 

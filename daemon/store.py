@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from daemon.errors import StoreError
+from drstream.daemon.errors import StoreError
 
 
 @runtime_checkable

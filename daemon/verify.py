@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from daemon.blobs import BlobStore
-from daemon.codec import Body, EventBatch
-from daemon.deltalog import DeltaLog
-from daemon.errors import ChainError, DrstreamError, SegmentAuthError, UnknownKeyError
-from daemon.keyring import KeyRing
-from daemon.layout import segments_prefix, seq_from_key
-from daemon.plugins import Connectors, installed
-from daemon.segment import (
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.codec import Body, EventBatch
+from drstream.daemon.deltalog import DeltaLog
+from drstream.daemon.errors import ChainError, DrstreamError, SegmentAuthError, UnknownKeyError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.layout import segments_prefix, seq_from_key
+from drstream.daemon.plugins import Connectors, installed
+from drstream.daemon.segment import (
     SegmentHeader,
     chain_break,
     decode_segment,

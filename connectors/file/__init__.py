@@ -1,7 +1,7 @@
 """The `file` store type: the embedded default log store (see store.py)."""
 
-from connectors.file.store import FileStore, FileStoreConfig, file_config_from_url
-from daemon.plugins import Connector, StoreType
+from drstream.connectors.file.store import FileStore, FileStoreConfig, file_config_from_url
+from drstream.daemon.plugins import Connector, StoreType
 
 CONNECTOR = Connector(
     name="file",

@@ -20,11 +20,11 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import field_validator
 
-from daemon.errors import ConfigFieldError, StoreError
-from daemon.files import write_fsynced
-from daemon.lifecycle import Starting
-from daemon.plugins import ConnectorConfig
-from daemon.store import RESERVED_PREFIX, check_key, check_prefix
+from drstream.daemon.errors import ConfigFieldError, StoreError
+from drstream.daemon.files import write_fsynced
+from drstream.daemon.lifecycle import Starting
+from drstream.daemon.plugins import ConnectorConfig
+from drstream.daemon.store import RESERVED_PREFIX, check_key, check_prefix
 
 # Temp files live beside their final name (link needs the same filesystem); keys never
 # have a path segment with this prefix (daemon.store.check_key), so no key collides.

@@ -1,11 +1,11 @@
 """The `kafka` connector: the source that `ship` tails, the sink that `apply` writes, and
 what replay and drill know of Kafka streams."""
 
-from connectors.kafka.config import KafkaSinkConfig, KafkaSourceConfig
-from connectors.kafka.replay import KafkaStreams
-from connectors.kafka.sink import KafkaSink
-from connectors.kafka.source import KafkaSource
-from daemon.plugins import Connector, SinkType, SourceType
+from drstream.connectors.kafka.config import KafkaSinkConfig, KafkaSourceConfig
+from drstream.connectors.kafka.replay import KafkaStreams
+from drstream.connectors.kafka.sink import KafkaSink
+from drstream.connectors.kafka.source import KafkaSource
+from drstream.daemon.plugins import Connector, SinkType, SourceType
 
 CONNECTOR = Connector(
     name="kafka",

@@ -17,8 +17,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     NewTopic,
 )
 
-from daemon.errors import SinkError
-from daemon.logging import get_logger
+from drstream.daemon.errors import SinkError
+from drstream.daemon.logging import get_logger
 
 log = get_logger("drstream.kafka.sink")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from daemon.secrets import read_secret
+from drstream.daemon.secrets import read_secret
 
 # Applied records carry where they came from, so a reverse flow never loops them back and
 # group offsets can be translated exactly (by binary search over the standby partition).

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from daemon.plugins import ConnectorConfig
-from daemon.secrets import SECRET_REF_HELP, is_secret_ref
+from drstream.daemon.plugins import ConnectorConfig
+from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 DEFAULT_DISCOVERY_INTERVAL_S = 5.0
 DEFAULT_CONNECT_TIMEOUT_S = 15.0

@@ -20,10 +20,10 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from connectors.kafka.admin import ADMIN_TIMEOUT_S
-from connectors.kafka.common import SOURCE_OFFSET_HEADER
-from daemon.errors import SinkError
-from daemon.logging import get_logger
+from drstream.connectors.kafka.admin import ADMIN_TIMEOUT_S
+from drstream.connectors.kafka.common import SOURCE_OFFSET_HEADER
+from drstream.daemon.errors import SinkError
+from drstream.daemon.logging import get_logger
 
 log = get_logger("drstream.kafka.sink")
 

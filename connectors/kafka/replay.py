@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
-from connectors.kafka.config import DEFAULT_TOPIC_TEMPLATE, KafkaSinkConfig
-from connectors.kafka.verify import delete_topics, partition_digests
-from daemon.blobs import BlobStore
-from daemon.codec import (
+from drstream.connectors.kafka.config import DEFAULT_TOPIC_TEMPLATE, KafkaSinkConfig
+from drstream.connectors.kafka.verify import delete_topics, partition_digests
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.codec import (
     Body,
     EventBatch,
     KafkaBatch,
@@ -29,11 +29,17 @@ from daemon.codec import (
     make_manifest,
     update_record_digest,
 )
-from daemon.errors import ConfigFieldError
-from daemon.plugins import ConnectorConfig, DrillCheck, ReplayOption, StreamFilter, StreamTraits
+from drstream.daemon.errors import ConfigFieldError
+from drstream.daemon.plugins import (
+    ConnectorConfig,
+    DrillCheck,
+    ReplayOption,
+    StreamFilter,
+    StreamTraits,
+)
 
 if TYPE_CHECKING:
-    from daemon.plan import ReplayPlan
+    from drstream.daemon.plan import ReplayPlan
 
 TARGET = "--target-bootstrap"
 TOPICS = "--topics"

@@ -27,16 +27,16 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from connectors.kafka.admin import ADMIN_TIMEOUT_S, TopicAdmin
-from connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER, client_config
-from connectors.kafka.config import KafkaSinkConfig
-from connectors.kafka.groups import GroupSync
-from daemon.codec import Body, KafkaBatch
-from daemon.errors import SinkError, SinkFencedError
-from daemon.lifecycle import Closing
-from daemon.logging import get_logger
-from daemon.plugins import Context
-from daemon.records import AppliedSegment, Checkpoint
+from drstream.connectors.kafka.admin import ADMIN_TIMEOUT_S, TopicAdmin
+from drstream.connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER, client_config
+from drstream.connectors.kafka.config import KafkaSinkConfig
+from drstream.connectors.kafka.groups import GroupSync
+from drstream.daemon.codec import Body, KafkaBatch
+from drstream.daemon.errors import SinkError, SinkFencedError
+from drstream.daemon.lifecycle import Closing
+from drstream.daemon.logging import get_logger
+from drstream.daemon.plugins import Context
+from drstream.daemon.records import AppliedSegment, Checkpoint
 
 log = get_logger("drstream.kafka.sink")
 T = TypeVar("T")

@@ -26,15 +26,15 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 from prometheus_client import Counter
 
-from connectors.kafka.common import ORIGIN_HEADER, client_config
-from connectors.kafka.config import ALWAYS_EXCLUDED, KafkaSourceConfig
-from daemon.codec import KafkaBatch, KafkaRecord
-from daemon.errors import SourceError, SourceUnavailableError
-from daemon.lifecycle import Closing
-from daemon.logging import get_logger
-from daemon.metrics import REGISTRY
-from daemon.plugins import Context
-from daemon.source import Delivery, SourceProbe
+from drstream.connectors.kafka.common import ORIGIN_HEADER, client_config
+from drstream.connectors.kafka.config import ALWAYS_EXCLUDED, KafkaSourceConfig
+from drstream.daemon.codec import KafkaBatch, KafkaRecord
+from drstream.daemon.errors import SourceError, SourceUnavailableError
+from drstream.daemon.lifecycle import Closing
+from drstream.daemon.logging import get_logger
+from drstream.daemon.metrics import REGISTRY
+from drstream.daemon.plugins import Context
+from drstream.daemon.source import Delivery, SourceProbe
 
 log = get_logger("drstream.kafka.source")
 LOST_OFFSETS = Counter(

@@ -9,9 +9,9 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER
-from daemon.codec import update_record_digest
-from daemon.errors import SinkError
+from drstream.connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER
+from drstream.daemon.codec import update_record_digest
+from drstream.daemon.errors import SinkError
 
 READ_TIMEOUT_S = 120.0
 DRSTREAM_HEADERS = (ORIGIN_HEADER, SOURCE_OFFSET_HEADER)

@@ -2,11 +2,11 @@
 sink that `apply` writes, and what replay, drill and verify know of registry streams
 (model registry replication, DESIGN.md section 5)."""
 
-from connectors.mlflow.config import MlflowSinkConfig, MlflowSourceConfig
-from connectors.mlflow.replay import MlflowStreams
-from connectors.mlflow.sink import MlflowSink
-from connectors.mlflow.source import MlflowSource
-from daemon.plugins import Connector, SinkType, SourceType
+from drstream.connectors.mlflow.config import MlflowSinkConfig, MlflowSourceConfig
+from drstream.connectors.mlflow.replay import MlflowStreams
+from drstream.connectors.mlflow.sink import MlflowSink
+from drstream.connectors.mlflow.source import MlflowSource
+from drstream.daemon.plugins import Connector, SinkType, SourceType
 
 CONNECTOR = Connector(
     name="mlflow",

@@ -25,9 +25,13 @@ from urllib.parse import quote, urlparse
 
 import aiohttp
 
-from connectors.mlflow.config import DEFAULT_CHUNK_BYTES, DEFAULT_REQUEST_TIMEOUT_S, ModelSelection
-from connectors.mlflow.events import is_internal_model, public_tags
-from daemon.errors import DrstreamError
+from drstream.connectors.mlflow.config import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    ModelSelection,
+)
+from drstream.connectors.mlflow.events import is_internal_model, public_tags
+from drstream.daemon.errors import DrstreamError
 
 API = "/api/2.0/mlflow"
 ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"

@@ -9,9 +9,9 @@ from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from daemon.blobs import MAX_CHUNK
-from daemon.plugins import ConnectorConfig
-from daemon.secrets import SECRET_REF_HELP, is_secret_ref
+from drstream.daemon.blobs import MAX_CHUNK
+from drstream.daemon.plugins import ConnectorConfig
+from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
 DEFAULT_INTERVAL_S = 30.0

@@ -35,10 +35,10 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from daemon.errors import DrstreamError
+from drstream.daemon.errors import DrstreamError
 
 if TYPE_CHECKING:
-    from daemon.blobs import BlobStore
+    from drstream.daemon.blobs import BlobStore
 
 State = dict[str, Any]
 Event = dict[str, Any]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from daemon.metrics import REGISTRY
+from drstream.daemon.metrics import REGISTRY
 
 SOURCE_UP = Gauge("drstream_source_up", "1 when the source answered its last read, 0 while "
                   "it is unreachable", ["stream"], registry=REGISTRY)

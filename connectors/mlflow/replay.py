@@ -22,25 +22,31 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from connectors.mlflow.client import RegistryClient
-from connectors.mlflow.config import MlflowSinkConfig
-from connectors.mlflow.events import (
+from drstream.connectors.mlflow.client import RegistryClient
+from drstream.connectors.mlflow.config import MlflowSinkConfig
+from drstream.connectors.mlflow.events import (
     CHECKPOINT_MODEL_PREFIX,
     EventError,
     apply_event,
     seed_events,
     validate_event,
 )
-from connectors.mlflow.verify import compare_registry, delete_replica, replicated_models
-from daemon.blobs import BlobStore
-from daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
-from daemon.errors import ConfigFieldError, DrstreamError
-from daemon.logging import get_logger
-from daemon.plugins import ConnectorConfig, DrillCheck, ReplayOption, StreamFilter, StreamTraits
-from daemon.secrets import read_secret
+from drstream.connectors.mlflow.verify import compare_registry, delete_replica, replicated_models
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
+from drstream.daemon.errors import ConfigFieldError, DrstreamError
+from drstream.daemon.logging import get_logger
+from drstream.daemon.plugins import (
+    ConnectorConfig,
+    DrillCheck,
+    ReplayOption,
+    StreamFilter,
+    StreamTraits,
+)
+from drstream.daemon.secrets import read_secret
 
 if TYPE_CHECKING:
-    from daemon.plan import ReplayPlan
+    from drstream.daemon.plan import ReplayPlan
 
 log = get_logger("drstream.replay")
 

@@ -41,9 +41,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from connectors.mlflow.client import MlflowApiError, RegistryClient, sha256_of, tags_of
-from connectors.mlflow.config import MlflowSinkConfig
-from connectors.mlflow.events import (
+from drstream.connectors.mlflow.client import MlflowApiError, RegistryClient, sha256_of, tags_of
+from drstream.connectors.mlflow.config import MlflowSinkConfig
+from drstream.connectors.mlflow.events import (
     CHECKPOINT_MODEL_PREFIX,
     SOURCE_TAG,
     Event,
@@ -51,14 +51,14 @@ from connectors.mlflow.events import (
     seed_events,
     validate_event,
 )
-from daemon.codec import Body, EventBatch
-from daemon.errors import DrstreamError, SinkError, SinkFencedError
-from daemon.lifecycle import Closing
-from daemon.logging import get_logger
-from daemon.plugins import Context
-from daemon.records import Checkpoint
-from daemon.retry import Backoff, retrying
-from daemon.secrets import read_secret
+from drstream.daemon.codec import Body, EventBatch
+from drstream.daemon.errors import DrstreamError, SinkError, SinkFencedError
+from drstream.daemon.lifecycle import Closing
+from drstream.daemon.logging import get_logger
+from drstream.daemon.plugins import Context
+from drstream.daemon.records import Checkpoint
+from drstream.daemon.retry import Backoff, retrying
+from drstream.daemon.secrets import read_secret
 
 log = get_logger("drstream.mlflow.sink")
 T = TypeVar("T")

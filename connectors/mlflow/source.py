@@ -24,9 +24,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from connectors.mlflow.client import MlflowApiError, RegistryClient, Snapshot, keep_aliases
-from connectors.mlflow.config import MlflowSourceConfig
-from connectors.mlflow.events import (
+from drstream.connectors.mlflow.client import MlflowApiError, RegistryClient, Snapshot, keep_aliases
+from drstream.connectors.mlflow.config import MlflowSourceConfig
+from drstream.connectors.mlflow.events import (
     EventError,
     State,
     adopt_identities,
@@ -36,23 +36,23 @@ from connectors.mlflow.events import (
     empty_state,
     read_state_blob,
 )
-from connectors.mlflow.metrics import (
+from drstream.connectors.mlflow.metrics import (
     ARTIFACT_BYTES,
     EVENTS,
     RECONCILE_SECONDS,
     RECONCILES,
     SOURCE_UP,
 )
-from connectors.mlflow.webhook import WebhookReceiver
-from daemon.blobs import MAX_CHUNK
-from daemon.codec import EventBatch
-from daemon.errors import DrstreamError, SourceError
-from daemon.lifecycle import Closing
-from daemon.logging import get_logger
-from daemon.plugins import Context
-from daemon.retry import Backoff
-from daemon.secrets import read_secret
-from daemon.source import Delivery, SourceProbe
+from drstream.connectors.mlflow.webhook import WebhookReceiver
+from drstream.daemon.blobs import MAX_CHUNK
+from drstream.daemon.codec import EventBatch
+from drstream.daemon.errors import DrstreamError, SourceError
+from drstream.daemon.lifecycle import Closing
+from drstream.daemon.logging import get_logger
+from drstream.daemon.plugins import Context
+from drstream.daemon.retry import Backoff
+from drstream.daemon.secrets import read_secret
+from drstream.daemon.source import Delivery, SourceProbe
 
 log = get_logger("drstream.mlflow.source")
 

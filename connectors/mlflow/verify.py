@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectors.mlflow.client import (
+from drstream.connectors.mlflow.client import (
     MlflowApiError,
     RegistryClient,
     model_entry,
@@ -19,8 +19,8 @@ from connectors.mlflow.client import (
     tags_of,
     version_entry,
 )
-from connectors.mlflow.events import SOURCE_TAG, is_internal_model, public_tags
-from daemon.errors import SinkError
+from drstream.connectors.mlflow.events import SOURCE_TAG, is_internal_model, public_tags
+from drstream.daemon.errors import SinkError
 
 DOWNLOAD_CHUNK_BYTES = 1 << 20  # memory per file being checked
 MODEL_FIELDS = ("description", "tags", "aliases")

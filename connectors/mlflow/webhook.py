@@ -25,8 +25,8 @@ from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
-from connectors.mlflow.metrics import WEBHOOKS_ACCEPTED, WEBHOOKS_REJECTED
-from daemon.logging import get_logger
+from drstream.connectors.mlflow.metrics import WEBHOOKS_ACCEPTED, WEBHOOKS_REJECTED
+from drstream.daemon.logging import get_logger
 
 log = get_logger("drstream.mlflow.webhook")
 

@@ -1,13 +1,13 @@
 """The `s3` store type: any S3 API endpoint through aiobotocore (see store.py)."""
 
-from connectors.s3.store import (
+from drstream.connectors.s3.store import (
     ObjectLockConfig,
     S3Store,
     S3StoreConfig,
     retain_days,
     s3_config_from_url,
 )
-from daemon.plugins import Connector, StoreType
+from drstream.daemon.plugins import Connector, StoreType
 
 CONNECTOR = Connector(
     name="s3",

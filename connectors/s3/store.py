@@ -34,13 +34,13 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from daemon.errors import ConfigFieldError, StoreError, StoreUnavailableError
-from daemon.lifecycle import Starting
-from daemon.logging import get_logger
-from daemon.plugins import ConnectorConfig
-from daemon.retry import Backoff, retrying
-from daemon.secrets import SECRET_REF_HELP, is_secret_ref, read_secret
-from daemon.store import check_key, check_prefix
+from drstream.daemon.errors import ConfigFieldError, StoreError, StoreUnavailableError
+from drstream.daemon.lifecycle import Starting
+from drstream.daemon.logging import get_logger
+from drstream.daemon.plugins import ConnectorConfig
+from drstream.daemon.retry import Backoff, retrying
+from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref, read_secret
+from drstream.daemon.store import check_key, check_prefix
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from connectors.file.store import FileStore, FileStoreConfig
-from connectors.s3.store import S3Store, S3StoreConfig
-from daemon.store import Store
+from drstream.connectors.file.store import FileStore, FileStoreConfig
+from drstream.connectors.s3.store import S3Store, S3StoreConfig
+from drstream.daemon.store import Store
 from tests.infra.s3 import S3Server
 
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.blobs import MAX_CHUNK, BlobStore, blob_id, blob_key, decode_blob, encode_blob
-from daemon.errors import BlobError
-from daemon.keyring import KeyRing
-from daemon.store import Store
+from drstream.daemon.blobs import MAX_CHUNK, BlobStore, blob_id, blob_key, decode_blob, encode_blob
+from drstream.daemon.errors import BlobError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.store import Store
 
 KEYS = KeyRing({"k1": bytes(range(32)), "k2": bytes(32)}, active="k1")
 

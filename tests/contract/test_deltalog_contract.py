@@ -7,13 +7,13 @@ import os
 
 import pytest
 
-from daemon.codec import Body, KafkaBatch, KafkaRecord, make_manifest
-from daemon.deltalog import DeltaLog, LogWriter, segment_key
-from daemon.errors import FencedError
-from daemon.keyring import KeyRing
-from daemon.segment import decode_segment, parse_header, segment_digest
-from daemon.store import Store
-from daemon.verify import verify_log
+from drstream.daemon.codec import Body, KafkaBatch, KafkaRecord, make_manifest
+from drstream.daemon.deltalog import DeltaLog, LogWriter, segment_key
+from drstream.daemon.errors import FencedError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.segment import decode_segment, parse_header, segment_digest
+from drstream.daemon.store import Store
+from drstream.daemon.verify import verify_log
 
 LOG = "east-1"
 

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.file.store import TMP_PREFIX, FileStore, FileStoreConfig
-from connectors.s3.store import S3StoreConfig
-from daemon.errors import StoreError
-from daemon.plugins import installed
-from daemon.store import Store
+from drstream.connectors.file.store import TMP_PREFIX, FileStore, FileStoreConfig
+from drstream.connectors.s3.store import S3StoreConfig
+from drstream.daemon.errors import StoreError
+from drstream.daemon.plugins import installed
+from drstream.daemon.store import Store
 
 MiB = 1024 * 1024
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from daemon.deltalog import DeltaLog, LogWriter, segment_key
-from daemon.keyring import KeyRing, generate_key_file, load_key
-from daemon.store import Store
-from daemon.verify import Report, verify_log
+from drstream.daemon.deltalog import DeltaLog, LogWriter, segment_key
+from drstream.daemon.keyring import KeyRing, generate_key_file, load_key
+from drstream.daemon.store import Store
+from drstream.daemon.verify import Report, verify_log
 from tests.contract.test_deltalog_contract import LOG, body
 
 
@@ -90,7 +90,7 @@ async def test_truncated_segment(store: Store, keyring: KeyRing) -> None:
 
 
 async def test_cli_verify_exit_codes(tmp_path: Path) -> None:
-    from connectors.file.store import FileStore, FileStoreConfig
+    from drstream.connectors.file.store import FileStore, FileStoreConfig
 
     key_path = tmp_path / "k1.key"
     generate_key_file(key_path)
@@ -101,7 +101,7 @@ async def test_cli_verify_exit_codes(tmp_path: Path) -> None:
 
     def verify(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "verify", f"file://{root}", *extra],
+            [sys.executable, "-m", "drstream.daemon.cli", "verify", f"file://{root}", *extra],
             capture_output=True, text=True, timeout=60,
         )
 
@@ -122,8 +122,8 @@ async def test_cli_verify_exit_codes(tmp_path: Path) -> None:
 async def test_deep_checks_every_blob_a_segment_names(store: Store, keyring: KeyRing) -> None:
     """Registry logs name blobs (state snapshots, file chunks): deep verify fetches and
     authenticates each one and names the segment and the object of a missing or bad one."""
-    from daemon.blobs import BlobStore
-    from daemon.codec import Body, EventBatch, make_manifest
+    from drstream.daemon.blobs import BlobStore
+    from drstream.daemon.codec import Body, EventBatch, make_manifest
 
     blobs = BlobStore(store, LOG, keyring)
     state, chunk, gone = (await blobs.put(b"state"), await blobs.put(b"chunk" * 1000),

@@ -36,9 +36,9 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from daemon.codec import KafkaRecord
-from daemon.keyring import KeyRing, generate_key_file, load_key
-from daemon.segment import parse_header
+from drstream.daemon.codec import KafkaRecord
+from drstream.daemon.keyring import KeyRing, generate_key_file, load_key
+from drstream.daemon.segment import parse_header
 from tests.infra.procs import Proc, start_process
 from tests.integration.shiplib import (
     drstream,
@@ -180,7 +180,7 @@ class DrProcess:
         self.started_at = time.monotonic()
         self.proc: Proc = start_process(
             f"drstream-{command}-{os.getpid()}",
-            [sys.executable, "-m", "daemon.cli", command, "--config", str(setup.path)],
+            [sys.executable, "-m", "drstream.daemon.cli", command, "--config", str(setup.path)],
             log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT,
         )
 
@@ -288,12 +288,12 @@ def show(res: subprocess.CompletedProcess[str]) -> str:
 
 class ReplayProcess:
     """`drstream replay ...` in its own process group, output in a log file. `args` are
-    the command line after `python -m daemon.cli`."""
+    the command line after `python -m drstream.daemon.cli`."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         self.proc: Proc = start_process(
-            f"drstream-replay-{os.getpid()}", [sys.executable, "-m", "daemon.cli", *args],
+            f"drstream-replay-{os.getpid()}", [sys.executable, "-m", "drstream.daemon.cli", *args],
             log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT)
 
     def alive(self) -> bool:

@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from connectors.mlflow.events import SOURCE_TAG
-from daemon.codec import EventBatch
-from daemon.keyring import generate_key_file
+from drstream.connectors.mlflow.events import SOURCE_TAG
+from drstream.daemon.codec import EventBatch
+from drstream.daemon.keyring import generate_key_file
 from tests.infra.mlflow import MlflowServer
 from tests.integration.applylib import KEY_ID, DrSetup, unique, wait_for
 from tests.integration.shiplib import Segment

@@ -29,12 +29,12 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
 
-from daemon.codec import Body, KafkaRecord, Manifest
-from daemon.deltalog import DeltaLog, segments_prefix, seq_from_key
-from daemon.keyring import KeyRing, generate_key_file, load_key
-from daemon.plugins import installed
-from daemon.segment import SegmentHeader, decode_segment, read_manifest, segment_digest
-from daemon.store import Store
+from drstream.daemon.codec import Body, KafkaRecord, Manifest
+from drstream.daemon.deltalog import DeltaLog, segments_prefix, seq_from_key
+from drstream.daemon.keyring import KeyRing, generate_key_file, load_key
+from drstream.daemon.plugins import installed
+from drstream.daemon.segment import SegmentHeader, decode_segment, read_manifest, segment_digest
+from drstream.daemon.store import Store
 from tests.infra.procs import RUN_DIR, Proc, start_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def write_config(
 
 def drstream(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run one `drstream` command to completion (stdout and stderr captured)."""
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "drstream.daemon.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -148,7 +148,7 @@ class ShipProcess:
         self.started_at = time.monotonic()
         self.proc: Proc = start_process(
             f"drstream-ship-{os.getpid()}",
-            [sys.executable, "-m", "daemon.cli", "ship", "--config", str(setup.path)],
+            [sys.executable, "-m", "drstream.daemon.cli", "ship", "--config", str(setup.path)],
             log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT,
         )
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from daemon.codec import KafkaRecord
+from drstream.daemon.codec import KafkaRecord
 from tests.infra.kafka import KafkaCluster
 from tests.integration.applylib import (
     FIELDS,

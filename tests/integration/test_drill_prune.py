@@ -22,8 +22,8 @@ import pytest
 import yaml
 from confluent_kafka.admin import AdminClient
 
-from connectors.kafka.verify import delete_topics
-from daemon.deltalog import seq_from_key
+from drstream.connectors.kafka.verify import delete_topics
+from drstream.daemon.deltalog import seq_from_key
 from tests.infra.kafka import KafkaCluster
 from tests.integration.applylib import (
     CheckpointWatch,

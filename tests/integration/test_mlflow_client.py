@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.mlflow.client import MlflowApiError, RegistryClient
+from drstream.connectors.mlflow.client import MlflowApiError, RegistryClient
 from tests.infra.mlflow import MlflowServer
 from tests.integration.mlflowlib import log_version
 

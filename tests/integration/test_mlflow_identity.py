@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from connectors.mlflow.events import empty_state, fold
+from drstream.connectors.mlflow.events import empty_state, fold
 from tests.infra.mlflow import MlflowServer
 from tests.integration.applylib import (
     DrSetup,

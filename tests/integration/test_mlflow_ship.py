@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from connectors.file.store import FileStore, FileStoreConfig
-from connectors.mlflow.events import empty_state, fold, load_state
-from daemon.blobs import BlobStore
-from daemon.codec import EventBatch
-from daemon.keyring import generate_key_file
+from drstream.connectors.file.store import FileStore, FileStoreConfig
+from drstream.connectors.mlflow.events import empty_state, fold, load_state
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.codec import EventBatch
+from drstream.daemon.keyring import generate_key_file
 from tests.infra.mlflow import MlflowServer
 from tests.integration.mlflowlib import log_version
 from tests.integration.shiplib import KEY_ID, ShipSetup, drstream, read_segments, shipper_pool

@@ -18,15 +18,15 @@ from typing import Any
 
 import pytest
 
-from connectors.mlflow.config import MlflowSinkConfig
-from connectors.mlflow.events import SOURCE_TAG, diff, empty_state
-from connectors.mlflow.sink import CHECKPOINT_TAG, MlflowSink, encode_checkpoint
-from daemon.blobs import BlobStore
-from daemon.codec import Body, EventBatch, Manifest
-from daemon.errors import SinkError, SinkFencedError
-from daemon.keyring import KeyRing
-from daemon.plugins import Context, installed
-from daemon.records import Checkpoint
+from drstream.connectors.mlflow.config import MlflowSinkConfig
+from drstream.connectors.mlflow.events import SOURCE_TAG, diff, empty_state
+from drstream.connectors.mlflow.sink import CHECKPOINT_TAG, MlflowSink, encode_checkpoint
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.codec import Body, EventBatch, Manifest
+from drstream.daemon.errors import SinkError, SinkFencedError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.plugins import Context, installed
+from drstream.daemon.records import Checkpoint
 from tests.infra.mlflow import MlflowServer
 from tests.integration.mlflowlib import file_digests, registry_view
 
@@ -337,7 +337,7 @@ async def test_an_existing_file_is_reused_only_when_its_checksum_matches(
         tmp_path: Path) -> None:
     """A file already in the version's place on the standby (a crash after its upload)
     with the right size but other bytes is uploaded again, not taken as done."""
-    from connectors.mlflow.client import RegistryClient
+    from drstream.connectors.mlflow.client import RegistryClient
 
     name = mlflow_model_name
     data = os.urandom(100_000)

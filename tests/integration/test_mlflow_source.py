@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 
-from connectors.file.store import FileStore, FileStoreConfig
-from connectors.mlflow.client import RegistryClient
-from connectors.mlflow.config import MlflowSourceConfig
-from connectors.mlflow.events import empty_state, fold, load_state
-from connectors.mlflow.metrics import SOURCE_UP
-from connectors.mlflow.source import MlflowSource
-from daemon.blobs import BlobStore
-from daemon.keyring import KeyRing
-from daemon.plugins import Context
-from daemon.source import Delivery
+from drstream.connectors.file.store import FileStore, FileStoreConfig
+from drstream.connectors.mlflow.client import RegistryClient
+from drstream.connectors.mlflow.config import MlflowSourceConfig
+from drstream.connectors.mlflow.events import empty_state, fold, load_state
+from drstream.connectors.mlflow.metrics import SOURCE_UP
+from drstream.connectors.mlflow.source import MlflowSource
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.plugins import Context
+from drstream.daemon.source import Delivery
 from tests.infra.mlflow import MlflowServer
 from tests.integration.mlflowlib import RegistryProxy, log_run, log_version, registry_view
 
@@ -303,7 +303,7 @@ async def test_large_sync_ships_in_steps_without_moving_aliases_early(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the capture budget the rest waits for the next reconcile (at once); an alias
     whose new target is not shipped yet keeps its shipped target meanwhile."""
-    import connectors.mlflow.source as source_module
+    import drstream.connectors.mlflow.source as source_module
 
     monkeypatch.setattr(source_module, "CAPTURE_BUDGET_BYTES", 1)  # one version per step
     name = mlflow_model_name
@@ -342,7 +342,7 @@ async def test_webhook_signed_with_another_secret_is_rejected(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow's own delivery, signed with a secret that is not ours: 401, counted, and
     the source is not woken."""
-    from connectors.mlflow.metrics import WEBHOOKS_REJECTED
+    from drstream.connectors.mlflow.metrics import WEBHOOKS_REJECTED
 
     name = mlflow_model_name
     bad = WEBHOOKS_REJECTED.labels("mlflow:primary", "bad_signature")
@@ -379,7 +379,7 @@ async def test_rename_during_a_reconcile_is_shipped_as_a_rename(
         await asyncio.to_thread(log_version, mlflow_primary, name, {"f": bytes([i]) * 100})
     await asyncio.to_thread(c.set_registered_model_alias, name, "prod", "2")
     src = MlflowSource(source_config(mlflow_primary, mlflow_model_name, interval_s=60,
-                                     tracking_uri=proxy.url), log_id=LOG_ID, blobs=blobs)
+                                     tracking_uri=proxy.url), Context(log_id=LOG_ID, blobs=blobs))
     await src.start({})
     try:
         first = events_of(await next_delivery(src))
@@ -409,7 +409,7 @@ async def test_listings_that_keep_disagreeing_are_narrowed_never_deleted(
         await asyncio.to_thread(log_version, mlflow_primary, n, {"f": n.encode()})
     await asyncio.to_thread(c.set_registered_model_alias, a, "prod", "1")
     src = MlflowSource(source_config(mlflow_primary, mlflow_model_name, interval_s=60,
-                                     tracking_uri=proxy.url), log_id=LOG_ID, blobs=blobs)
+                                     tracking_uri=proxy.url), Context(log_id=LOG_ID, blobs=blobs))
     await src.start({})
     try:
         shipped = [events_of(await next_delivery(src))]
@@ -465,7 +465,7 @@ async def test_each_version_is_read_through_its_own_source(
     await asyncio.to_thread(c.create_registered_model, name)
     await asyncio.to_thread(c.create_model_version, name, old[0][1], old[0][0])
     src = MlflowSource(source_config(mlflow_primary, name, interval_s=60,
-                                     tracking_uri=proxy.url), log_id=LOG_ID, blobs=blobs)
+                                     tracking_uri=proxy.url), Context(log_id=LOG_ID, blobs=blobs))
     await src.start({})
     try:
         shipped = [events_of(await next_delivery(src))]
@@ -514,7 +514,7 @@ async def test_recreated_name_and_rename_between_two_reconciles(
         await asyncio.to_thread(log_version, mlflow_primary, a, {"f": bytes([i])})
     await asyncio.to_thread(c.set_registered_model_alias, a, "prod", "3")
     src = MlflowSource(source_config(mlflow_primary, mlflow_model_name, interval_s=60),
-                       log_id=LOG_ID, blobs=blobs)
+                       Context(log_id=LOG_ID, blobs=blobs))
     await src.start({})
     try:
         shipped = [events_of(await next_delivery(src))]

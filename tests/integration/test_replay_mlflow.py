@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from connectors.mlflow.client import RegistryClient
-from connectors.mlflow.events import SOURCE_TAG, empty_state, fold
-from connectors.mlflow.verify import compare_registry
+from drstream.connectors.mlflow.client import RegistryClient
+from drstream.connectors.mlflow.events import SOURCE_TAG, empty_state, fold
+from drstream.connectors.mlflow.verify import compare_registry
 from tests.infra.mlflow import MlflowServer
 from tests.integration.applylib import (
     DrSetup,

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from connectors.s3.store import S3Store, S3StoreConfig
-from daemon.errors import ConfigFieldError, StoreError, StoreUnavailableError
+from drstream.connectors.s3.store import S3Store, S3StoreConfig
+from drstream.daemon.errors import ConfigFieldError, StoreError, StoreUnavailableError
 from tests.infra.s3 import KEY_ENV, SECRET_ENV, S3Server
 from tests.infra.tcp_proxy import TcpProxy
 

@@ -75,8 +75,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = Path(sys.executable).parent / "drstream"
-# The console script the systemd units run (python -m daemon.cli when not installed).
-DRSTREAM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "daemon.cli"]
+# The console script the systemd units run (python -m drstream.daemon.cli when not installed).
+DRSTREAM = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "drstream.daemon.cli"]
 WATCHDOG_USEC = 1_000_000  # pings every 0.5 s
 STREAM = "kafka:primary"
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.codec import (
+from drstream.daemon.codec import (
     SECTION_EVENT_BATCH,
     SECTION_KAFKA_BATCH,
     Body,
@@ -23,7 +23,7 @@ from daemon.codec import (
     encode_body,
     make_manifest,
 )
-from daemon.errors import SegmentFormatError
+from drstream.daemon.errors import SegmentFormatError
 
 I64 = st.integers(-(2**63), 2**63 - 1)
 SIZES = st.one_of(st.binary(max_size=40), st.binary(min_size=200, max_size=3000))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.config import load_config, parse_config
-from daemon.errors import ConfigError
+from drstream.daemon.config import load_config, parse_config
+from drstream.daemon.errors import ConfigError
 
 GOOD = {
     "log_id": "east-1",
@@ -98,8 +98,8 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, timeout=60
-    )
+        [sys.executable, "-m", "drstream.daemon.cli", *args], capture_output=True, text=True,
+        timeout=60)
 
 
 def test_validate_ok_exits_0(tmp_path: Path) -> None:

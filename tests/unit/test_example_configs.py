@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.config import ApplyConfig, Config, LoggingConfig, ShipConfig, load_config
-from daemon.plugins import installed
+from drstream.daemon.config import ApplyConfig, Config, LoggingConfig, ShipConfig, load_config
+from drstream.daemon.plugins import installed
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -25,7 +25,7 @@ def test_single_host_example_shows_every_key() -> None:
     assert set(doc["apply"]) == set(ApplyConfig.model_fields)
     assert set(doc["logging"]) == set(LoggingConfig.model_fields)
     assert set(doc["store"]) == set(installed().stores["file"].config_model.model_fields)
-    from connectors.kafka.config import KafkaSinkConfig, KafkaSourceConfig
+    from drstream.connectors.kafka.config import KafkaSinkConfig, KafkaSourceConfig
 
     assert set(doc["sources"][0]) == set(KafkaSourceConfig.model_fields)
     assert set(doc["sinks"][0]) == set(KafkaSinkConfig.model_fields)

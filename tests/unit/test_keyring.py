@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from daemon.errors import KeyRingError
-from daemon.keyring import (
+from drstream.daemon.errors import KeyRingError
+from drstream.daemon.keyring import (
     KeyRing,
     derive_segment_key,
     generate_key_file,

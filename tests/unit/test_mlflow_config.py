@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from connectors.mlflow.config import (
+from drstream.connectors.mlflow.config import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_INTERVAL_S,
     MlflowSinkConfig,
     MlflowSourceConfig,
 )
-from daemon.config import parse_config
-from daemon.errors import ConfigError
+from drstream.daemon.config import parse_config
+from drstream.daemon.errors import ConfigError
 
 BASE = {"type": "mlflow", "tracking_uri": "http://mlflow.internal:5000/"}
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.mlflow.events import (
+from drstream.connectors.mlflow.events import (
     EVENT_FIELDS,
     EventError,
     adopt_identities,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from connectors.mlflow.config import MlflowSinkConfig, MlflowSourceConfig, WebhookConfig
-from daemon.config import load_config
+from drstream.connectors.mlflow.config import MlflowSinkConfig, MlflowSourceConfig, WebhookConfig
+from drstream.daemon.config import load_config
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "mlflow-dr.yaml"
 

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from mlflow.webhooks.delivery import _generate_hmac_signature
 
-from connectors.mlflow.metrics import WEBHOOKS_REJECTED
-from connectors.mlflow.webhook import (
+from drstream.connectors.mlflow.metrics import WEBHOOKS_REJECTED
+from drstream.connectors.mlflow.webhook import (
     DELIVERY_ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,

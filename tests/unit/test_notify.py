@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.notify import Notifier
+from drstream.daemon.notify import Notifier
 
 
 class Listener:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from daemon.codec import EventBatch, KafkaBatch, KafkaRecord, make_manifest
-from daemon.pipeline import OpenSegment, gate_group_offsets
-from daemon.source import Delivery
+from drstream.daemon.codec import EventBatch, KafkaBatch, KafkaRecord, make_manifest
+from drstream.daemon.pipeline import OpenSegment, gate_group_offsets
+from drstream.daemon.source import Delivery
 
 
 def rec(offset: int, ts: int) -> KafkaRecord:

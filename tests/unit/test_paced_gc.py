@@ -7,7 +7,7 @@ import asyncio
 import gc
 import weakref
 
-from daemon.applier import paced_gc
+from drstream.daemon.applier import paced_gc
 
 
 class Node:

@@ -13,8 +13,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.codec import Body, EventBatch, KafkaBatch, KafkaRecord, encode_body, make_manifest
-from daemon.errors import (
+from drstream.daemon.codec import (
+    Body,
+    EventBatch,
+    KafkaBatch,
+    KafkaRecord,
+    encode_body,
+    make_manifest,
+)
+from drstream.daemon.errors import (
     ChainError,
     DrstreamError,
     SegmentAuthError,
@@ -22,8 +29,8 @@ from daemon.errors import (
     SegmentFormatError,
     UnknownKeyError,
 )
-from daemon.keyring import KeyRing, derive_segment_key
-from daemon.segment import (
+from drstream.daemon.keyring import KeyRing, derive_segment_key
+from drstream.daemon.segment import (
     MAX_BODY_SIZE,
     ZERO_DIGEST,
     SegmentHeader,
@@ -212,7 +219,7 @@ def test_golden_vector_decodes() -> None:
 
 def test_golden_header_bytes_are_reproduced() -> None:
     randomness = iter([bytes(range(0x10, 0x20)), bytes(range(0x20, 0x2C))])
-    with mock.patch("daemon.envelope.os.urandom", lambda n: next(randomness)):
+    with mock.patch("drstream.daemon.envelope.os.urandom", lambda n: next(randomness)):
         data = encode(
             seq=2,
             prev=b"\xaa" * 32,

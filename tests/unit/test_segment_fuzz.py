@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.codec import (
+from drstream.daemon.codec import (
     Body,
     EventBatch,
     KafkaBatch,
@@ -28,9 +28,9 @@ from daemon.codec import (
     encode_body,
     make_manifest,
 )
-from daemon.errors import DrstreamError, SegmentError
-from daemon.keyring import KeyRing, derive_segment_key
-from daemon.segment import (
+from drstream.daemon.errors import DrstreamError, SegmentError
+from drstream.daemon.keyring import KeyRing, derive_segment_key
+from drstream.daemon.segment import (
     ZERO_DIGEST,
     SegmentHeader,
     _pack_header,

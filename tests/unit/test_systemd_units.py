@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.config import DEFAULT_DRAIN_DEADLINE_S, parse_config
+from drstream.daemon.config import DEFAULT_DRAIN_DEADLINE_S, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = {"ship": ROOT / "systemd" / "drstream-ship.service",
