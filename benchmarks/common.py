@@ -37,6 +37,18 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # --------------------------------------------------------------------------- machine
 
 
+def produce_waiting(p: Any, topic: str, value: bytes | None, key: bytes | None, partition: int,
+                    headers: Any, on_delivery: Any, wait_s: float) -> None:
+    """produce(), polling `wait_s` while librdkafka's queue is full."""
+    while True:
+        try:
+            p.produce(topic, value, key, partition=partition, headers=headers,
+                      on_delivery=on_delivery)
+            return
+        except BufferError:
+            p.poll(wait_s)
+
+
 def _meminfo_total_bytes() -> int | None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -267,17 +279,11 @@ def preload(bootstrap: str, topic: str, partitions: int, target_bytes: int,
     p = Producer({"bootstrap.servers": bootstrap, **FAST_PRODUCER_CONF})
     stats = ProduceStats(errors=errors)
     started = time.monotonic()
-    produce, poll, record, size = p.produce, p.poll, factory.record, factory.payload_bytes
+    poll, record, size = p.poll, factory.record, factory.payload_bytes
     i = 0
     while stats.payload_bytes < target_bytes:
         key, value, headers = record(i)
-        while True:
-            try:
-                produce(topic, value, key, partition=i % partitions, headers=headers,
-                        on_delivery=on_delivery)
-                break
-            except BufferError:
-                poll(0.05)
+        produce_waiting(p, topic, value, key, i % partitions, headers, on_delivery, 0.05)
         stats.payload_bytes += size(key, value, headers)
         i += 1
         if i % 2000 == 0:

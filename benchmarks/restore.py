@@ -188,11 +188,11 @@ class CheckpointWatch:
         self.seq = 0
 
     def poll(self, timeout: float) -> int:
-        from drstream.connectors.kafka.sink import _decode_checkpoint
+        from drstream.connectors.kafka.sink import decode_checkpoint
 
         for m in self.consumer.consume(1000, timeout):
             if m.error() is None and m.value():
-                self.seq = max(self.seq, _decode_checkpoint(m.value()).seq)
+                self.seq = max(self.seq, decode_checkpoint(m.value()).seq)
         return self.seq
 
     def close(self) -> None:

@@ -139,7 +139,7 @@ class KafkaSink(Closing):
                     raise SinkError(f"{self.name}: timed out reading checkpoint topic {topic}")
         finally:
             consumer.unassign()
-        return _decode_checkpoint(last) if last else Checkpoint()
+        return decode_checkpoint(last) if last else Checkpoint()
 
     def _consumer(self) -> Consumer:
         if self._reader is None:
@@ -294,7 +294,7 @@ class KafkaSink(Closing):
     def _commit(self, cp: Checkpoint) -> None:
         p = self._producer
         assert p is not None
-        value = _encode_checkpoint(cp)
+        value = encode_checkpoint(cp)
         self._produce(p, self.config.checkpoint_topic, 0, self._ckpt_key, value, [], 0, None)
         p.commit_transaction(self.config.transaction_timeout_s)
 
@@ -347,14 +347,14 @@ class KafkaSink(Closing):
         self._executor.shutdown(wait=True)
 
 
-def _encode_checkpoint(cp: Checkpoint) -> bytes:
+def encode_checkpoint(cp: Checkpoint) -> bytes:
     return json.dumps({
         "v": 1, "seq": cp.seq, "digest": cp.digest.hex(), "created_at_ms": cp.created_at_ms,
         "max_record_ms": cp.max_record_ms, "positions": cp.positions, "offsets": cp.offsets,
     }, separators=(",", ":")).encode()
 
 
-def _decode_checkpoint(raw: bytes) -> Checkpoint:
+def decode_checkpoint(raw: bytes) -> Checkpoint:
     try:
         doc = json.loads(raw)
         return Checkpoint(seq=int(doc["seq"]), digest=bytes.fromhex(doc["digest"]),

@@ -22,12 +22,10 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +37,13 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from drstream.daemon.codec import KafkaRecord
 from drstream.daemon.keyring import KeyRing, generate_key_file, load_key
 from drstream.daemon.segment import parse_header
-from tests.infra.procs import Proc, start_process
 from tests.integration.shiplib import (
-    drstream,
     log_head,
     positions_reached,
     read_primary,
     read_segments,
 )
+from tests.support.procs import DrstreamProcess, drstream, show, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY_ID = "k1"
@@ -69,23 +66,6 @@ def seeded_rng() -> random.Random:
 def unique(label: str) -> str:
     """A name no other test of the session uses (log ids, groups, topics)."""
     return f"{label}-{uuid.uuid4().hex[:10]}"
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str,
-             procs: Iterable[DrProcess] = (), interval: float = 0.2) -> None:
-    """Poll `check` until true; fail on timeout or when one of `procs` exited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return
-        for p in procs:
-            if not p.alive():
-                raise AssertionError(f"{p.command} exited while waiting for {what}\n"
-                                     f"{p.describe()}")
-        if time.monotonic() >= deadline:
-            tails = "\n".join(p.describe(30) for p in procs)
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- configs
@@ -166,79 +146,12 @@ def file_store(tmp_path: Path, name: str = "store") -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- processes
 
-READY_EVENT = {"ship": '"ship_started"', "apply": '"apply_started"'}
-
-
-class DrProcess:
-    """`drstream ship|apply --config PATH` in its own process group, output in a file."""
+class DrProcess(DrstreamProcess):
+    """`drstream ship|apply --config PATH` (tests/support/procs.py)."""
 
     def __init__(self, command: str, setup: DrSetup, log_path: Path, label: str) -> None:
-        self.command = command
+        super().__init__([command, "--config", str(setup.path)], log_path, label)
         self.setup = setup
-        self.log_path = log_path
-        self.label = label
-        self.started_at = time.monotonic()
-        self.proc: Proc = start_process(
-            f"drstream-{command}-{os.getpid()}",
-            [sys.executable, "-m", "drstream.daemon.cli", command, "--config", str(setup.path)],
-            log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.popen.poll()
-
-    def alive(self) -> bool:
-        return self.proc.alive()
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def describe(self, lines: int = 40) -> str:
-        rc = self.returncode
-        state = "running" if rc is None else f"exit {rc}"
-        tail = "\n".join(self.output().splitlines()[-lines:])
-        return f"--- {self.command} {self.label} (pid {self.pid}, {state}) {self.log_path}:\n" \
-               f"{tail}"
-
-    def ready(self) -> bool:
-        return READY_EVENT[self.command] in self.output()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        wait_for(self.ready, timeout, f"{self.command} {self.label} to start", [self],
-                 interval=0.05)
-
-    def kill(self) -> None:
-        """kill -9 the whole process group (a crash)."""
-        self.proc.kill()
-        self._forget()
-
-    def stop_ok(self, timeout: float = 60) -> None:
-        """SIGTERM, wait for the drain, expect exit 0."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-        try:
-            rc = self.proc.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            text = self.describe()
-            self.kill()
-            raise AssertionError(f"{self.command} still running {timeout:.0f}s after SIGTERM\n"
-                                 f"{text}") from None
-        self._forget()
-        assert rc == 0, f"{self.command} exited {rc} after SIGTERM (expected 0)\n" \
-                        f"{self.describe()}"
-
-    def _forget(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.proc.pid_path.unlink()
 
 
 class ProcessPool:
@@ -262,11 +175,7 @@ class ProcessPool:
 
     def close(self) -> None:
         for proc in self.started:
-            if proc.alive():
-                proc.kill()
-            else:
-                proc.proc.popen.wait()
-                proc._forget()
+            proc.reap()
         # Captured by pytest and shown only for a failing test.
         for proc in self.started[-8:]:
             print(proc.describe(60))
@@ -281,43 +190,16 @@ def process_pool(tmp_path: Path) -> Iterator[ProcessPool]:
         pool.close()
 
 
-def show(res: subprocess.CompletedProcess[str]) -> str:
-    """A finished command's exit code and output tails, for failure messages."""
-    return f"exit {res.returncode}\nstdout:\n{res.stdout[-4000:]}\nstderr:\n{res.stderr[-4000:]}"
-
-
-class ReplayProcess:
-    """`drstream replay ...` in its own process group, output in a log file. `args` are
-    the command line after `python -m drstream.daemon.cli`."""
-
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        self.log_path = log_path
-        self.proc: Proc = start_process(
-            f"drstream-replay-{os.getpid()}", [sys.executable, "-m", "drstream.daemon.cli", *args],
-            log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT)
-
-    def alive(self) -> bool:
-        return self.proc.alive()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.forget()
+class ReplayProcess(DrstreamProcess):
+    """`drstream replay ...`: `args` are the command line after the program name."""
 
     def wait(self, timeout: float) -> int:
-        try:
-            rc = self.proc.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        rc = self.wait_exit(timeout)
+        if rc is None:
             self.kill()
             raise AssertionError(f"replay still running after {timeout:.0f}s\n"
-                                 f"{self.output()[-3000:]}") from None
-        self.forget()
+                                 f"{self.output()[-3000:]}")
         return rc
-
-    def forget(self) -> None:
-        self.proc.pid_path.unlink(missing_ok=True)
 
 
 def drill(setup: DrSetup, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:

@@ -29,8 +29,9 @@ from drstream.connectors.mlflow.events import SOURCE_TAG
 from drstream.daemon.codec import EventBatch
 from drstream.daemon.keyring import generate_key_file
 from tests.infra.mlflow import MlflowServer
-from tests.integration.applylib import KEY_ID, DrSetup, unique, wait_for
+from tests.integration.applylib import KEY_ID, DrSetup, unique
 from tests.integration.shiplib import Segment
+from tests.support.procs import wait_for
 
 INTERNAL = "drstream."
 CHECKPOINT_MODEL_PREFIX = "drstream.checkpoint."

@@ -12,14 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +31,8 @@ from drstream.daemon.keyring import KeyRing, generate_key_file, load_key
 from drstream.daemon.plugins import installed
 from drstream.daemon.segment import SegmentHeader, decode_segment, read_manifest, segment_digest
 from drstream.daemon.store import Store
-from tests.infra.procs import RUN_DIR, Proc, start_process
+from tests.infra.procs import RUN_DIR
+from tests.support.procs import DrstreamProcess, drstream, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 STREAM = "kafka:primary"  # the default source name is "primary"
@@ -132,99 +129,12 @@ def write_config(
 # --------------------------------------------------------------------------- processes
 
 
-def drstream(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """Run one `drstream` command to completion (stdout and stderr captured)."""
-    return subprocess.run([sys.executable, "-m", "drstream.daemon.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, check=False)
-
-
-class ShipProcess:
-    """`drstream ship --config PATH` in its own process group, output in a log file."""
+class ShipProcess(DrstreamProcess):
+    """`drstream ship --config PATH` (tests/support/procs.py)."""
 
     def __init__(self, setup: ShipSetup, log_path: Path, label: str) -> None:
+        super().__init__(["ship", "--config", str(setup.path)], log_path, label)
         self.setup = setup
-        self.log_path = log_path
-        self.label = label
-        self.started_at = time.monotonic()
-        self.proc: Proc = start_process(
-            f"drstream-ship-{os.getpid()}",
-            [sys.executable, "-m", "drstream.daemon.cli", "ship", "--config", str(setup.path)],
-            log_path, env={"PYTHONUNBUFFERED": "1"}, cwd=ROOT,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.popen.poll()
-
-    def alive(self) -> bool:
-        return self.proc.alive()
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.output().splitlines()[-lines:])
-
-    def describe(self, lines: int = 40) -> str:
-        rc = self.returncode
-        state = "running" if rc is None else f"exit {rc}"
-        return f"--- shipper {self.label} (pid {self.pid}, {state}) {self.log_path}:\n" \
-               f"{self.tail(lines)}"
-
-    def wait_output(self, needle: str, timeout: float = 60) -> None:
-        """Wait until the shipper's output contains `needle` (fail if it exits first)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.output():
-                return
-            if not self.alive():
-                raise AssertionError(f"shipper exited before {needle!r}\n{self.describe()}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {needle!r} in the shipper output after {timeout:.0f}s\n"
-                             f"{self.describe()}")
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        self.wait_output('"ship_started"', timeout)
-
-    def wait_exit(self, timeout: float) -> int | None:
-        try:
-            return self.proc.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM, then wait for the drain to finish; the exit code (fails on a hang)."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-        rc = self.wait_exit(timeout)
-        if rc is None:
-            text = self.describe()
-            self.kill()
-            raise AssertionError(f"shipper still running {timeout:.0f}s after SIGTERM\n{text}")
-        self.forget_pid_file()
-        return rc
-
-    def stop_ok(self, timeout: float = 60) -> None:
-        """SIGTERM and expect exit 0."""
-        rc = self.terminate(timeout)
-        assert rc == 0, f"shipper exited {rc} after SIGTERM (expected 0)\n{self.describe()}"
-
-    def kill(self) -> None:
-        """kill -9 the process group (crash)."""
-        self.proc.kill()
-        self.forget_pid_file()
-
-    def forget_pid_file(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.proc.pid_path.unlink()
 
 
 class ShipperPool:
@@ -245,11 +155,7 @@ class ShipperPool:
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.started:
-            if proc.alive():
-                proc.kill()
-            else:
-                proc.proc.popen.wait()
-                proc.forget_pid_file()
+            proc.reap()
         # Captured and shown by pytest only when the test fails.
         for proc in self.started[-6:]:
             print(proc.describe(60))
@@ -691,15 +597,6 @@ class LoadProducer:
             self.aborted += 1
         else:
             txp.commit_transaction(60)
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 __all__ = [

@@ -41,17 +41,11 @@ from tests.integration.applylib import (
     topic_exists,
     topic_partitions,
     unique,
-    wait_for,
     wait_log_has,
     write_dr_config,
 )
-from tests.integration.shiplib import (
-    DeliveryCheck,
-    add_partitions,
-    flush,
-    producer,
-    store_fields,
-)
+from tests.integration.shiplib import DeliveryCheck, add_partitions, flush, producer, store_fields
+from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -46,10 +46,10 @@ from tests.integration.applylib import (
     read_topics,
     read_uncommitted_offsets,
     unique,
-    wait_for,
     write_dr_config,
 )
 from tests.integration.shiplib import DeliveryCheck, flush, producer
+from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -35,10 +35,10 @@ from tests.integration.applylib import (
     process_pool,
     read_topics,
     unique,
-    wait_for,
     write_dr_config,
 )
 from tests.integration.shiplib import DeliveryCheck, flush, producer
+from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -42,22 +42,20 @@ from tests.integration.applylib import (
     high_watermarks,
     process_pool,
     read_topics,
-    show,
     topic_partitions,
     unique,
-    wait_for,
     wait_log_has,
     write_dr_config,
 )
 from tests.integration.shiplib import (
     DeliveryCheck,
     Segment,
-    drstream,
     flush,
     producer,
     read_segments,
     records_of,
 )
+from tests.support.procs import drstream, show, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -27,10 +27,10 @@ from tests.integration.applylib import (
     process_pool,
     read_topics,
     unique,
-    wait_for,
     write_dr_config,
 )
-from tests.integration.shiplib import drstream, flush, producer
+from tests.integration.shiplib import flush, producer
+from tests.support.procs import drstream, wait_for
 
 pytestmark = pytest.mark.integration
 

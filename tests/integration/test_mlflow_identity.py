@@ -29,15 +29,7 @@ import pytest
 
 from drstream.connectors.mlflow.events import empty_state, fold
 from tests.infra.mlflow import MlflowServer
-from tests.integration.applylib import (
-    DrSetup,
-    ProcessPool,
-    drill,
-    process_pool,
-    show,
-    unique,
-    wait_for,
-)
+from tests.integration.applylib import DrSetup, ProcessPool, drill, process_pool, unique
 from tests.integration.mlflowlib import (
     CHECKPOINT_MODEL_PREFIX,
     RegistryProxy,
@@ -54,7 +46,8 @@ from tests.integration.mlflowlib import (
     wait_equal,
     write_mlflow_config,
 )
-from tests.integration.shiplib import drstream, read_segments
+from tests.integration.shiplib import read_segments
+from tests.support.procs import drstream, show, wait_for
 
 pytestmark = pytest.mark.integration
 

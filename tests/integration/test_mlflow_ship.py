@@ -19,7 +19,8 @@ from drstream.daemon.codec import EventBatch
 from drstream.daemon.keyring import generate_key_file
 from tests.infra.mlflow import MlflowServer
 from tests.integration.mlflowlib import log_version
-from tests.integration.shiplib import KEY_ID, ShipSetup, drstream, read_segments, shipper_pool
+from tests.integration.shiplib import KEY_ID, ShipSetup, read_segments, shipper_pool
+from tests.support.procs import drstream, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +127,6 @@ def test_unreachable_registry_makes_ship_unready_then_ready(
     drstream_source_up drops to 0, ship keeps running; when the registry is back on the
     same port and data, ship is ready again and ships the change made before the outage."""
     from tests.infra.procs import free_port
-    from tests.integration.applylib import wait_for
     from tests.integration.test_service import http_get, scrape
 
     server = mlflow_server_factory("readiness")

@@ -41,19 +41,18 @@ from tests.integration.applylib import (
     read_topics,
     seeded_rng,
     unique,
-    wait_for,
     wait_log_has,
     write_dr_config,
 )
 from tests.integration.shiplib import (
     DeliveryCheck,
     Segment,
-    drstream,
     flush,
     producer,
     read_segments,
     records_of,
 )
+from tests.support.procs import drstream, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -38,9 +38,7 @@ from tests.integration.applylib import (
     process_pool,
     seeded_rng,
     segment_path,
-    show,
     unique,
-    wait_for,
 )
 from tests.integration.mlflowlib import (
     CHECKPOINT_MODEL_PREFIX,
@@ -54,7 +52,8 @@ from tests.integration.mlflowlib import (
     view_diff,
     write_mlflow_config,
 )
-from tests.integration.shiplib import Segment, drstream, read_segments
+from tests.integration.shiplib import Segment, read_segments
+from tests.support.procs import drstream, show, wait_for
 
 pytestmark = pytest.mark.integration
 

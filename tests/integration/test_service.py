@@ -26,7 +26,6 @@ import re
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -42,7 +41,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.infra.kafka import KafkaCluster
-from tests.infra.procs import free_port, start_process
+from tests.infra.procs import free_port
 from tests.integration.applylib import (
     DrProcess,
     DrSetup,
@@ -56,7 +55,6 @@ from tests.integration.applylib import (
     process_pool,
     read_topics,
     unique,
-    wait_for,
     write_dr_config,
 )
 from tests.integration.shiplib import (
@@ -70,6 +68,7 @@ from tests.integration.shiplib import (
     read_log,
     read_primary,
 )
+from tests.support.procs import DrstreamProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -180,30 +179,20 @@ class ServiceProcess(DrProcess):
 
     def __init__(self, command: str, setup: DrSetup, log_path: Path, label: str,
                  env: dict[str, str]) -> None:
-        self.command = command
+        DrstreamProcess.__init__(self, [command, "--config", str(setup.path)], log_path, label,
+                                 env=env, cli=DRSTREAM)
         self.setup = setup
-        self.log_path = log_path
-        self.label = label
-        self.started_at = time.monotonic()
-        self.proc = start_process(
-            f"drstream-{command}-{os.getpid()}",
-            [*DRSTREAM, command, "--config", str(setup.path)],
-            log_path, env={"PYTHONUNBUFFERED": "1", **env}, cwd=ROOT,
-        )
 
     def signal(self, sig: signal.Signals) -> None:
         """Signal the main process only, as systemd's ExecReload=/bin/kill -HUP $MAINPID."""
         os.kill(self.pid, sig)
 
     def wait_exit(self, timeout: float = 60) -> int:
-        try:
-            rc = self.proc.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        rc = super().wait_exit(timeout)
+        if rc is None:
             text = self.describe()
             self.kill()
-            raise AssertionError(f"{self.command} still running after {timeout:.0f}s\n"
-                                 f"{text}") from None
-        self._forget()
+            raise AssertionError(f"{self.command} still running after {timeout:.0f}s\n{text}")
         return rc
 
     def events(self) -> list[dict[str, Any]]:

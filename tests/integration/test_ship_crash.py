@@ -34,10 +34,10 @@ from tests.integration.shiplib import (
     read_primary,
     shipper_pool,
     verify_deep,
-    wait_for,
     wait_log_reaches,
     write_config,
 )
+from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.integration
 

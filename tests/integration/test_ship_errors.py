@@ -22,7 +22,6 @@ from tests.integration.shiplib import (
     ShipProcess,
     compare_records,
     create_topic,
-    drstream,
     flush,
     log_head,
     next_offsets,
@@ -33,10 +32,10 @@ from tests.integration.shiplib import (
     shipper_pool,
     store_fields,
     verify_deep,
-    wait_for,
     wait_log_reaches,
     write_config,
 )
+from tests.support.procs import drstream, wait_for
 
 pytestmark = pytest.mark.integration
 
