@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: install
-	$(PY) -m pytest tests/unit tests/contract -k "not s3" $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/contract -k "not s3" -m "not integration" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check daemon connectors tests benchmarks

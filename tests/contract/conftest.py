@@ -1,7 +1,11 @@
-"""The `store` fixture: every Store implementation, each against its real backend."""
+"""The `store` fixture: every Store implementation, each against its real backend; and
+`log_context`, the Context (with a blob store on disk) the source and sink suites build
+their connectors with."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -9,6 +13,9 @@ import pytest
 
 from drstream.connectors.file.store import FileStore, FileStoreConfig
 from drstream.connectors.s3.store import S3Store, S3StoreConfig
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.plugins import Context, installed
 from drstream.daemon.store import Store
 from tests.infra.s3 import S3Server
 
@@ -25,3 +32,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         impl = S3Store(config)
     async with impl as opened:
         yield opened
+
+
+@contextlib.asynccontextmanager
+async def log_context(tmp_path: Path, log_id: str) -> AsyncIterator[Context]:
+    """A Context for log `log_id` whose blobs are in a file store under tmp_path."""
+    registry = installed()
+    config = registry.store_config_from_url(f"file://{tmp_path / 'store'}")
+    async with registry.open_store(config) as store:
+        blobs = BlobStore(store, log_id, KeyRing({"k1": os.urandom(32)}, "k1"))
+        yield Context(log_id=log_id, blobs=blobs, buffer_max_bytes=64 << 20)
