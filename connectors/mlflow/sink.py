@@ -41,6 +41,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+from drstream.connectors.mlflow.checkpoint import (
+    CHECKPOINT_TAG,
+    OWNER_TAG,
+    decode_checkpoint,
+    encode_checkpoint,
+)
 from drstream.connectors.mlflow.client import MlflowApiError, RegistryClient, sha256_of, tags_of
 from drstream.connectors.mlflow.config import MlflowSinkConfig
 from drstream.connectors.mlflow.events import (
@@ -63,11 +69,6 @@ from drstream.daemon.secrets import read_secret
 log = get_logger("drstream.mlflow.sink")
 T = TypeVar("T")
 
-CHECKPOINT_TAG = "drstream.checkpoint"
-# The apply that started last owns the checkpoint model; an older one that finds another
-# owner there stops before its next checkpoint (Kafka fences with transactions instead).
-OWNER_TAG = "drstream.owner"
-CHECKPOINT_VERSION = 1
 RUN_NAME = "drstream-replica"
 LOG_ID_TAG = "drstream.log_id"
 NO_STAGE = "None"
@@ -88,32 +89,6 @@ def version_key(ev: Event) -> str:
     return hashlib.sha256(json.dumps(what, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
-def encode_checkpoint(cp: Checkpoint, partial: dict[str, Any] | None = None) -> str:
-    doc: dict[str, Any] = {
-        "v": CHECKPOINT_VERSION, "seq": cp.seq, "digest": cp.digest.hex(),
-        "created_at_ms": cp.created_at_ms, "max_record_ms": cp.max_record_ms,
-        "positions": cp.positions}
-    if partial is not None:
-        doc["partial"] = partial
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
-
-
-def decode_checkpoint(raw: str, where: str) -> tuple[Checkpoint, dict[str, Any] | None]:
-    try:
-        doc = json.loads(raw)
-        cp = Checkpoint(seq=int(doc["seq"]), digest=bytes.fromhex(doc["digest"]),
-                        created_at_ms=int(doc["created_at_ms"]),
-                        max_record_ms=doc.get("max_record_ms"),
-                        positions=dict(doc.get("positions") or {}))
-        partial = doc.get("partial")
-        if partial is not None:
-            partial = {"seq": int(partial["seq"]), "digest": str(partial["digest"]),
-                       "done": int(partial["done"])}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SinkError(f"{where}: unreadable checkpoint tag {CHECKPOINT_TAG!r}: {e}") from e
-    return cp, partial
-
-
 class MlflowSink(Closing):
     def __init__(self, config: MlflowSinkConfig, ctx: Context) -> None:
         self.config = config
@@ -121,6 +96,7 @@ class MlflowSink(Closing):
         self.log_id = log_id = ctx.log_id
         self.blobs = ctx.blobs
         self.stream = config.source
+        self._handlers = self.handlers()
         self.checkpoint_model = f"{CHECKPOINT_MODEL_PREFIX}{log_id}.{config.name}"
         self.experiment_name = f"drstream.{log_id}.{config.name}"
         self._client: RegistryClient | None = None
@@ -323,9 +299,28 @@ class MlflowSink(Closing):
         if events:
             log.info("segment_applied", sink=self.name, seq=seq, events=len(events))
 
+    def handlers(self) -> dict[str, Callable[[Event], Awaitable[None]]]:
+        """The handler of every registry event type (events.EVENT_FIELDS); each is
+        idempotent against before, after and half-way through its own event."""
+        return {
+            "model.created": self._on_model_created,
+            "model.renamed": self._on_model_renamed,
+            "model.description": self._on_model_description,
+            "model.deleted": self._on_model_deleted,
+            "model.tag.set": self._on_model_tag_set,
+            "model.tag.deleted": self._on_model_tag_deleted,
+            "version.created": self._on_version_created,
+            "version.description": self._on_version_description,
+            "version.stage": self._on_version_stage,
+            "version.tag.set": self._on_version_tag_set,
+            "version.tag.deleted": self._on_version_tag_deleted,
+            "version.deleted": self._on_version_deleted,
+            "alias.set": self._on_alias_set,
+            "alias.deleted": self._on_alias_deleted,
+        }
+
     async def _apply_event(self, ev: Event) -> None:
-        handler = getattr(self, "_on_" + ev["type"].replace(".", "_"))
-        await handler(ev)
+        await self._handlers[ev["type"]](ev)
 
     # -- models --------------------------------------------------------------------------
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from drstream.connectors.mlflow.checkpoint import CHECKPOINT_TAG, encode_checkpoint
 from drstream.connectors.mlflow.config import MlflowSinkConfig
 from drstream.connectors.mlflow.events import SOURCE_TAG, diff, empty_state
-from drstream.connectors.mlflow.sink import CHECKPOINT_TAG, MlflowSink, encode_checkpoint
+from drstream.connectors.mlflow.sink import MlflowSink
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import Body, EventBatch, Manifest
 from drstream.daemon.errors import SinkError, SinkFencedError
