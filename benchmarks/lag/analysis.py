@@ -8,15 +8,13 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from benchmarks.common import GiB, percentile
-from benchmarks.lag.base import StatusFile
+from benchmarks.lag.base import CpuTrack, Replicator, StatusFile
 from benchmarks.lag.read import load_arrivals
 from benchmarks.lag.wrapper import read_ops
 
-if TYPE_CHECKING:
-    from benchmarks.lag.run import CpuTrack, Drstream, Replicator
 
 def summarize_ms(values: list[float]) -> dict[str, float | int | None]:
     v = sorted(values)
@@ -172,7 +170,7 @@ def freshness(path: Path, t0: float, t1: float) -> dict[str, Any]:
     return {"signals": 0}
 
 
-def store_facts(rep: Drstream, case: dict[str, Any], produce_ns: array.array[int],
+def store_facts(rep: Replicator, case: dict[str, Any], produce_ns: array.array[int],
                 arrival: array.array[int], first: int, payload: int, c0: float, c1: float,
                 wall_minus_mono: float) -> dict[str, Any]:
     """drstream's log: RPO per record, bytes, compression, store requests per minute, and

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    ProcSampler,
     Progress,
 )
 
@@ -152,3 +153,72 @@ def child_args(name: str, argv: list[str]) -> tuple[dict[str, Any], StatusFile, 
     halt = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: halt.set())
     return json.loads(args.spec), StatusFile(args.status), args.out, halt
+
+
+class Replicator:
+    """A replicator under test: start, processes to measure, stop, facts."""
+
+    system = ""
+
+    def pids(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def launch(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self) -> float:
+        """Seconds from launch until it replicates."""
+        raise NotImplementedError
+
+    def log_problems(self) -> list[str]:
+        return []
+
+    def cleanup(self) -> None:
+        pass
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def stop(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def freshness(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def health(self) -> str | None:
+        return None
+
+    def cleanup_topics(self) -> tuple[list[str], list[str]]:
+        return [], []
+
+
+class CpuTrack:
+    """CPU seconds of named process trees over time (ProcSampler per tree), so the CPU in
+    any window can be read afterwards; peak RSS per tree."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.25) -> None:
+        self.samplers = {name: ProcSampler(pid, interval).start() for name, pid in pids.items()}
+
+    def stop(self) -> None:
+        for s in self.samplers.values():
+            s.stop()
+
+    def cpu_at(self, name: str, t: float) -> float:
+        """CPU seconds of `name` at monotonic time t (the last sample at or before t; the
+        first sample before that)."""
+        samples = self.samplers[name].samples
+        best = samples[0][1] if samples else 0.0
+        for ts, cpu, _ in samples:
+            if ts > t:
+                break
+            best = cpu
+        return best
+
+    def window(self, t0: float, t1: float) -> dict[str, float]:
+        return {n: self.cpu_at(n, t1) - self.cpu_at(n, t0) for n in self.samplers}
+
+    def peak_rss(self) -> dict[str, int]:
+        return {n: s.peak_rss for n, s in self.samplers.items()}

@@ -18,7 +18,6 @@ from typing import Any
 
 from benchmarks.common import (
     CpuWindow,
-    ProcSampler,
     machine_facts,
 )
 from benchmarks.lag.analysis import analyse
@@ -27,6 +26,8 @@ from benchmarks.lag.base import (
     ROOT,
     SYSTEM_LABEL,
     BenchError,
+    CpuTrack,
+    Replicator,
     StatusFile,
     progress,
     thread_groups,
@@ -92,46 +93,6 @@ class Env:
                 for fut in admin.delete_topics(names, operation_timeout=30).values():
                     with contextlib.suppress(Exception):
                         fut.result(60)
-
-
-class Replicator:
-    """A replicator under test: start, processes to measure, stop, facts."""
-
-    system = ""
-
-    def pids(self) -> dict[str, int]:
-        raise NotImplementedError
-
-    def launch(self) -> None:
-        raise NotImplementedError
-
-    def wait_ready(self) -> float:
-        """Seconds from launch until it replicates."""
-        raise NotImplementedError
-
-    def log_problems(self) -> list[str]:
-        return []
-
-    def cleanup(self) -> None:
-        pass
-
-    def alive(self) -> bool:
-        raise NotImplementedError
-
-    def stop(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def freshness(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def health(self) -> str | None:
-        return None
-
-    def cleanup_topics(self) -> tuple[list[str], list[str]]:
-        return [], []
 
 
 class Drstream(Replicator):
@@ -344,35 +305,6 @@ class MM2(Replicator):
                     f"mm2-configs.{s}.internal"]
         return [self.topic], [self.topic, *internal]
 
-
-
-class CpuTrack:
-    """CPU seconds of named process trees over time (ProcSampler per tree), so the CPU in
-    any window can be read afterwards; peak RSS per tree."""
-
-    def __init__(self, pids: dict[str, int], interval: float = 0.25) -> None:
-        self.samplers = {name: ProcSampler(pid, interval).start() for name, pid in pids.items()}
-
-    def stop(self) -> None:
-        for s in self.samplers.values():
-            s.stop()
-
-    def cpu_at(self, name: str, t: float) -> float:
-        """CPU seconds of `name` at monotonic time t (the last sample at or before t; the
-        first sample before that)."""
-        samples = self.samplers[name].samples
-        best = samples[0][1] if samples else 0.0
-        for ts, cpu, _ in samples:
-            if ts > t:
-                break
-            best = cpu
-        return best
-
-    def window(self, t0: float, t1: float) -> dict[str, float]:
-        return {n: self.cpu_at(n, t1) - self.cpu_at(n, t0) for n in self.samplers}
-
-    def peak_rss(self) -> dict[str, int]:
-        return {n: s.peak_rss for n, s in self.samplers.items()}
 
 
 def run_one(env: Env, case: dict[str, Any], system: str) -> dict[str, Any]:
