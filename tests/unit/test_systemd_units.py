@@ -4,8 +4,8 @@ a bad config stops the unit instead of a restart loop, and the prune timer is so
 
 `systemd-analyze verify` checks that every Exec*= binary exists, so it runs on a temporary
 copy of each unit whose /usr/bin/drstream points at this venv's `drstream` console
-script (the only change). With CI=true a missing systemd-analyze fails the run (install
-it with `.ci/install-systemd.sh`); on a developer machine the verify tests skip instead.
+script (the only change). A missing systemd-analyze fails these tests, never skips them
+(`make install` and `.ci/run` install it with `.ci/install-tools.sh`).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def systemd_analyze() -> str:
     exe = shutil.which("systemd-analyze")
     if exe is None:
         msg = ("systemd-analyze is missing (Debian: apt-get install -y systemd, "
-               "or bash .ci/install-systemd.sh)")
+               "or bash .ci/install-tools.sh)")
         pytest.fail(msg)  # make install and .ci/run install it; never skipped
     return exe
 
