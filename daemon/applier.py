@@ -23,6 +23,7 @@ from drstream.daemon.errors import ChainError, ConfigError, ConfigFieldError, Dr
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.lifecycle import Starting
 from drstream.daemon.logging import get_logger
+from drstream.daemon.metrics import APPLIED_SEGMENT_TIME as APPLIED_TIME
 from drstream.daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
 from drstream.daemon.records import AppliedSegment
 from drstream.daemon.segment import (
@@ -238,6 +239,7 @@ class Applier(Starting):
         p.segment_created_ms = seg.created_at_ms
         p.records += body.manifest.record_count
         APPLIED_SEQ.set(seg.seq)
+        APPLIED_TIME.set(seg.created_at_ms / 1000)
         p.lag_s = max(0.0, time.time() - seg.created_at_ms / 1000)
         APPLY_LAG.set(p.lag_s)
         RECORDS.labels("apply", self.log.log_id).inc(body.manifest.record_count)

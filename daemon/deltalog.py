@@ -383,6 +383,7 @@ class LogWriter(Starting):
         backoff = dataclasses.replace(UPLOAD_BACKOFF, deadline_s=self.retry_deadline_s)
 
         def on_retry(e: Exception, attempt: int, delay: float) -> None:
+            ERRORS.labels(type(e).__name__).inc()  # the final failure counts in _upload
             log.warning("segment_upload_retry", log_id=self.log_id, seq=seq,
                         error=str(e), retry_in_s=round(delay, 2))
 

@@ -50,7 +50,19 @@ APPLIED_SEQ = Gauge("drstream_applied_seq", "Last segment applied to every sink"
                     registry=REGISTRY)
 APPLY_LAG = Gauge("drstream_apply_lag_seconds", "Time from a segment's write to its apply, "
                   "for the last segment applied", registry=REGISTRY)
+APPLIED_SEGMENT_TIME = Gauge("drstream_applied_segment_timestamp_seconds", "Write time "
+                             "(Unix seconds) of the last segment applied: with heartbeat "
+                             "segments, now minus this is how stale the standby is",
+                             registry=REGISTRY)
 ERRORS = Counter("drstream_errors", "Errors by kind", ["kind"], registry=REGISTRY)
+SOURCE_UP = Gauge("drstream_source_up", "1 when the source answered its last read, 0 while "
+                  "it is unreachable", ["stream"], registry=REGISTRY)
+# Which log a process serves, so alerts can name it and two ships of one log_id (split
+# brain) show up as two series with the same log_id.
+INFO = Gauge("drstream_info", "Always 1; labels name the role and the log",
+             ["role", "log_id", "version"], registry=REGISTRY)
+READY = Gauge("drstream_ready", "1 while /readyz answers 200 (connected, loop ticking)",
+              registry=REGISTRY)
 
 
 class Health:
@@ -89,6 +101,7 @@ class MetricsServer:
         self.host, self.port = host or "127.0.0.1", int(port)
         self.health = health
         self._server: asyncio.Server | None = None
+        READY.set_function(lambda: float(self.health.ready()[0]))
 
     async def start(self) -> None:
         try:

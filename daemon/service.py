@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from drstream.daemon import __version__
 from drstream.daemon.config import Config, load_config
 from drstream.daemon.errors import EXIT_FAILURE, ConfigError
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.logging import configure_logging, get_logger
-from drstream.daemon.metrics import Health, MetricsServer
+from drstream.daemon.metrics import INFO, Health, MetricsServer
 from drstream.daemon.notify import Notifier
 from drstream.daemon.store import Store
 
@@ -63,6 +64,7 @@ class Service:
         listen = (self.config.service.ship_metrics_listen if self.role == "ship"
                   else self.config.service.apply_metrics_listen)
         metrics = MetricsServer(listen, self.health) if listen else None
+        INFO.labels(self.role, self.config.log_id, __version__).set(1)
         self._install_signals()
         try:
             if metrics is not None:

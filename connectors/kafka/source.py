@@ -32,7 +32,7 @@ from drstream.daemon.codec import KafkaBatch, KafkaRecord
 from drstream.daemon.errors import SourceError, SourceUnavailableError
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
-from drstream.daemon.metrics import REGISTRY
+from drstream.daemon.metrics import REGISTRY, SOURCE_UP
 from drstream.daemon.plugins import Context
 from drstream.daemon.source import Delivery, SourceProbe
 
@@ -305,6 +305,8 @@ class KafkaSource(Closing):
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             raise SourceError(f"Kafka cluster {self.config.name!r}: fatal error: {err.str()}")
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            SOURCE_UP.labels(self.stream).set(0)  # back to 1 at the next discovery
         log.warning("source_error", source=self.stream, code=err.name(), error=err.str())
 
     # -- discovery: topics, partitions, configs, group offsets ---------------------------
@@ -316,10 +318,12 @@ class KafkaSource(Closing):
         try:
             md = self._consumer.list_topics(timeout=timeout)
         except KafkaException:
+            SOURCE_UP.labels(self.stream).set(0)
             if initial:
                 raise
             log.warning("discovery_failed", source=self.stream)
             return
+        SOURCE_UP.labels(self.stream).set(1)
         wanted = {
             name: len(t.partitions) for name, t in md.topics.items()
             if t.error is None and self._selected(name)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
-from drstream.daemon.metrics import REGISTRY
+from drstream.daemon.metrics import REGISTRY, SOURCE_UP
 
-SOURCE_UP = Gauge("drstream_source_up", "1 when the source answered its last read, 0 while "
-                  "it is unreachable", ["stream"], registry=REGISTRY)
+__all__ = ["ARTIFACT_BYTES", "EVENTS", "RECONCILES", "RECONCILE_SECONDS", "SOURCE_UP",
+           "WEBHOOKS_ACCEPTED", "WEBHOOKS_REJECTED"]
 WEBHOOKS_ACCEPTED = Counter("drstream_mlflow_webhooks_accepted", "Valid signed MLflow "
                             "webhooks received", ["stream"], registry=REGISTRY)
 WEBHOOKS_REJECTED = Counter("drstream_mlflow_webhooks_rejected", "MLflow webhooks refused "
