@@ -417,8 +417,9 @@ class KafkaSource(Closing):
         res = ConfigResource(ConfigResource.Type.TOPIC, topic)
         try:
             entries = self._admin.describe_configs([res])[res].result(timeout=10)
-        except KafkaException as e:
-            log.warning("describe_configs_failed", source=self.stream, topic=topic, error=str(e))
+        except (KafkaException, TimeoutError) as e:  # the future times out while brokers are down
+            log.warning("describe_configs_failed", source=self.stream, topic=topic,
+                        error=str(e) or type(e).__name__)
             previous: dict[str, str] = self._shipped_meta.get(topic, {}).get("configs", {})
             return previous
         return {
@@ -454,8 +455,9 @@ class KafkaSource(Closing):
                 parts = self._committed(gid)
                 if parts:
                     offsets[gid] = parts
-        except KafkaException as e:
-            log.warning("group_offsets_failed", source=self.stream, error=str(e))
+        except (KafkaException, TimeoutError) as e:
+            log.warning("group_offsets_failed", source=self.stream,
+                        error=str(e) or type(e).__name__)
             return
         if offsets != self._group_offsets:
             self._group_offsets = offsets
