@@ -27,7 +27,7 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from daemon import __version__
+from drstream.daemon import __version__
 from tests.infra.kafka import KafkaCluster
 from tests.infra.procs import free_port
 from tests.infra.s3 import S3Server

@@ -2,7 +2,7 @@
 name exists in today's command-line parser and config model.
 
 - Command lines in code blocks (a command whose first word is `drstream` or a path ending
-  in `bin/drstream`, as in a unit's `ExecStart=`) must parse with `build_parser()`.
+  in `bin/drstream`, as in a unit's `ExecStart=`) must parse with `build_parser(installed())`.
 - Inline mentions (`drstream verify --deep`) must name a real command and only options
   that command has (values may be left out).
 - YAML blocks: a whole config (one with `log_id`) must pass `parse_config`; a fragment's
@@ -27,11 +27,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from daemon.cli import build_parser
-from daemon.config import Config, parse_config
-from daemon.sink import SINK_TYPES
-from daemon.source import SOURCE_TYPES, load_builtin_sources
-from daemon.store import STORE_TYPES, load_builtin_connectors
+from drstream.daemon.cli import build_parser
+from drstream.daemon.config import Config, parse_config
+from drstream.daemon.plugins import installed
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "systemd" / "README.md",
@@ -95,7 +93,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(argv)
+            return build_parser(installed()).parse_args(argv)
     except SystemExit:
         pytest.fail(f"`drstream {shlex.join(argv)}` does not parse: {err.getvalue().strip()}")
 
@@ -110,7 +108,7 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def check_mention(text: str) -> None:
     """`drstream CMD [SUB] [--opt [value]]...`: the command and each option exist."""
     words = text.split()[1:]
-    parser = build_parser()
+    parser = build_parser(installed())
     if not words or words[0].startswith("-"):
         options = parser._option_string_actions
     else:
@@ -147,10 +145,9 @@ def test_inline_commands_exist(path: Path) -> None:
 
 
 def _connector_models(key: str) -> list[type[BaseModel]]:
-    load_builtin_connectors()
-    load_builtin_sources()
-    registry: dict[str, Any] = {"store": STORE_TYPES, "sources": SOURCE_TYPES,
-                                "sinks": SINK_TYPES}[key]
+    connectors = installed()
+    registry: dict[str, Any] = {"store": connectors.stores, "sources": connectors.sources,
+                                "sinks": connectors.sinks}[key]
     return [t.config_model for t in registry.values()]
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from confluent_kafka.admin import AdminClient
 
-from connectors.kafka.config import KafkaSourceConfig
-from connectors.kafka.source import KafkaSource
+from drstream.connectors.kafka.config import KafkaSourceConfig
+from drstream.connectors.kafka.source import KafkaSource
+from drstream.daemon.plugins import Context
 from tests.infra.procs import free_port
 
 
@@ -22,7 +23,7 @@ def dead_source(**fields: object) -> KafkaSource:
     config = KafkaSourceConfig.model_validate({
         "type": "kafka", "bootstrap_servers": dead, "topics": {"include": [".*"]},
         **fields})
-    source = KafkaSource(config, log_id="outage", buffer_max_bytes=1 << 20)
+    source = KafkaSource(config, Context(log_id="outage", buffer_max_bytes=1 << 20))
     source._admin = AdminClient({"bootstrap.servers": dead, "log_level": 0})
     return source
 

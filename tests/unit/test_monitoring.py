@@ -145,10 +145,10 @@ def test_dashboard_panels_are_placed_and_unique() -> None:
 
 def registered_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     """Scraped name -> (type, label names) of everything in drstream's registry."""
-    import connectors.kafka.source
-    import connectors.mlflow.source
-    import connectors.mlflow.webhook  # noqa: F401  (each registers its metrics on import)
-    from daemon.metrics import REGISTRY
+    import drstream.connectors.kafka.source
+    import drstream.connectors.mlflow.source
+    import drstream.connectors.mlflow.webhook  # noqa: F401  (each registers its metrics on import)
+    from drstream.daemon.metrics import REGISTRY
 
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for collector in list(REGISTRY._collector_to_names):

@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from drstream.daemon.cli import build_parser
-from drstream.daemon.plugins import installed
 from drstream.daemon.config import DEFAULT_DRAIN_DEADLINE_S, parse_config
 from drstream.daemon.keyring import generate_key_file
 from drstream.daemon.plan import parse_duration_s
+from drstream.daemon.plugins import installed
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = {"ship": ROOT / "systemd" / "drstream-ship.service",
