@@ -14,40 +14,28 @@ hands out N and deletes the ones below it (reproducing the primary's gaps). Ever
 it creates carries `drstream.source = <stream>/<model>/<N>`, so a version left over by a
 crash (its number is not the N its tag names) is recognised and deleted.
 
-Artifacts: the standby's server must serve artifacts (`--serve-artifacts`). They are
-streamed chunk by chunk from the log's blobs (sha256 and size of each whole file verified
-before its last byte is sent) into the artifact directory of one run per log and sink,
-in the experiment `drstream.<log_id>.<sink name>` whose artifact location is
-`mlflow-artifacts:/<artifact_prefix>/<log_id>`; a version's files land under
-`<run artifacts>/versions/<key>/` and the version points at that directory (MLflow only
-accepts an `mlflow-artifacts:` source inside the artifact directory of the version's run).
-The key is a digest of what the version is (model name and number when it was created,
-run, source and every file's path, size and sha256), not of its name and number alone: a
-model renamed, or deleted and created again, never shares a directory with another
-version of other files. A file found there already (uploaded before a crash) is kept
-only when its sha256 is the one the event names.
+Artifacts (a version's files, uploaded from the log's blobs before the version is
+created) are the business of `artifacts.ReplicaArtifacts`; see that module.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import hashlib
-import json
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from drstream.connectors.mlflow.artifacts import LOG_ID_TAG, ReplicaArtifacts
 from drstream.connectors.mlflow.checkpoint import (
     CHECKPOINT_TAG,
     OWNER_TAG,
     decode_checkpoint,
     encode_checkpoint,
 )
-from drstream.connectors.mlflow.client import MlflowApiError, RegistryClient, sha256_of, tags_of
+from drstream.connectors.mlflow.client import MlflowApiError, RegistryClient, tags_of
 from drstream.connectors.mlflow.config import MlflowSinkConfig
 from drstream.connectors.mlflow.events import (
     CHECKPOINT_MODEL_PREFIX,
@@ -69,8 +57,6 @@ from drstream.daemon.secrets import read_secret
 log = get_logger("drstream.mlflow.sink")
 T = TypeVar("T")
 
-RUN_NAME = "drstream-replica"
-LOG_ID_TAG = "drstream.log_id"
 NO_STAGE = "None"
 # Segments without events for this sink move the checkpoint in memory; it is written to
 # the registry at most this often (and at close), sparing a call per idle segment.
@@ -78,15 +64,7 @@ IDLE_CHECKPOINT_INTERVAL_S = 10.0
 # A registry that does not answer (restarting, 5xx) is retried this long per event
 # before apply gives up with a retriable error.
 RETRY = Backoff(base_s=0.2, max_s=5.0, deadline_s=120.0)
-PREFETCH_CHUNKS = 1  # blobs fetched ahead of the upload: memory <= (1 + this) chunks
 MAX_GAP_VERSIONS = 100_000  # sanity bound on placeholder versions for one gap
-VERIFY_CHUNK_BYTES = 1 << 20  # memory per file checked on the standby
-
-def version_key(ev: Event) -> str:
-    """The directory name of a version's files on the standby (see the module doc)."""
-    what = [ev["name"], ev["version"], ev["run_id"], ev["source"],
-            [[a["path"], a["size"], a["sha256"]] for a in ev["artifacts"]]]
-    return hashlib.sha256(json.dumps(what, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 class MlflowSink(Closing):
@@ -98,13 +76,15 @@ class MlflowSink(Closing):
         self.stream = config.source
         self._handlers = self.handlers()
         self.checkpoint_model = f"{CHECKPOINT_MODEL_PREFIX}{log_id}.{config.name}"
-        self.experiment_name = f"drstream.{log_id}.{config.name}"
         self._client: RegistryClient | None = None
+        self._artifacts = ReplicaArtifacts(
+            lambda: self.client, ctx.blobs, sink=self.name, where=self._where(),
+            log_id=log_id, experiment=f"drstream.{log_id}.{config.name}",
+            artifact_prefix=config.artifact_prefix)
         self._cp = Checkpoint()
         self._partial: dict[str, Any] | None = None
         self._persisted_seq = 0
         self._persisted_at = 0.0
-        self._run: tuple[str, str] | None = None  # (run id, artifact root path)
         self._started = False
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -419,7 +399,7 @@ class MlflowSink(Closing):
         existing = await self.client.get_version(name, n)
         if existing is None:
             await self._model(name, f"create version {n}")
-            run_id, source = await self._upload_version(ev)
+            run_id, source = await self._artifacts.upload(ev)
             existing = await self._create_numbered(ev, run_id, source, tag)
         elif tags_of(existing.get("tags")).get(SOURCE_TAG) != tag:
             raise self._conflict(f"version {n} of model {name!r} already exists")
@@ -495,120 +475,6 @@ class MlflowSink(Closing):
 
     async def _on_alias_deleted(self, ev: Event) -> None:
         await self._done_if_missing(self.client.delete_alias(ev["name"], ev["alias"]))
-
-    # -- artifacts -----------------------------------------------------------------------
-
-    async def _replica_run(self) -> tuple[str, str]:
-        """(run id, artifact root path) of the run that holds this sink's artifacts."""
-        if self._run is not None:
-            return self._run
-        c = self.client
-        location = f"mlflow-artifacts:/{self.config.artifact_prefix.strip('/')}/{self.log_id}"
-        exp = await c.get_experiment(self.experiment_name)
-        if exp is None:
-            exp_id = await c.experiment_id(self.experiment_name, location,
-                                           {LOG_ID_TAG: self.log_id})
-        else:
-            exp_id = str(exp["experiment_id"])
-            if exp.get("lifecycle_stage") == "deleted":
-                await c.call("POST", "experiments/restore",
-                             f"restore experiment {self.experiment_name!r}",
-                             body={"experiment_id": exp_id})
-        runs = (await c.call("POST", "runs/search", f"runs of {self.experiment_name!r}",
-                             body={"experiment_ids": [exp_id], "max_results": 1,
-                                   "filter": f"tags.`{LOG_ID_TAG}` = '{self.log_id}'",
-                                   "run_view_type": "ALL",
-                                   "order_by": ["attributes.start_time ASC"]})).get("runs", [])
-        info = runs[0]["info"] if runs else await c.create_run(
-            exp_id, RUN_NAME, {LOG_ID_TAG: self.log_id}, start_time_ms=int(time.time() * 1000))
-        uri = str(info["artifact_uri"])
-        if not uri.startswith("mlflow-artifacts:/"):
-            raise SinkError(f"{self._where()}: run {info['run_id']} stores artifacts at {uri!r}; "
-                            "the standby server must serve artifacts (--serve-artifacts)")
-        self._run = (str(info["run_id"]), uri[len("mlflow-artifacts:"):].strip("/"))
-        return self._run
-
-    async def _upload_version(self, ev: Event) -> tuple[str, str]:
-        """Upload the version's files; (run id, source URI) to create the version with."""
-        run_id, root = await self._replica_run()
-        vdir = f"{root}/versions/{version_key(ev)}"
-        have = {f.path: f.size for f in await self.client.list_artifacts(vdir)} \
-            if ev["artifacts"] else {}
-        for a in ev["artifacts"]:
-            if have.get(a["path"]) == a["size"] and \
-                    await self._present(f"{vdir}/{a['path']}", a["sha256"]):
-                # uploaded before a restart
-                log.info("artifact_present", sink=self.name, model=ev["name"],
-                         version=ev["version"], path=a["path"], size=a["size"])
-                continue
-            started = time.monotonic()
-            failed: list[BaseException] = []
-            try:
-                await self.client.upload(f"{vdir}/{a['path']}",
-                                         self._file_chunks(ev, a, failed), size=a["size"])
-            except MlflowApiError as e:
-                if failed:  # the HTTP library wraps what the body generator raised
-                    raise failed[0] from e
-                raise
-            log.info("artifact_uploaded", sink=self.name, model=ev["name"],
-                     version=ev["version"], path=a["path"], size=a["size"],
-                     seconds=round(time.monotonic() - started, 3))
-        return run_id, f"mlflow-artifacts:/{vdir}"
-
-    async def _present(self, path: str, sha256: str) -> bool:
-        """Whether the standby's file at `path` has this sha256 (read in 1 MiB chunks)."""
-        digest, _ = await sha256_of(self.client.download(path, VERIFY_CHUNK_BYTES))
-        return digest == sha256
-
-    async def _file_chunks(self, ev: Event, a: dict[str, Any],
-                           failed: list[BaseException]) -> AsyncIterator[bytes]:
-        """The file's bytes from the log's blobs. The whole file's sha256 and size are
-        checked before its last chunk is handed out, so a wrong file is never completed.
-        What goes wrong is also put in `failed` (the upload may wrap it)."""
-        try:
-            async for data in self._verified_chunks(ev, a):
-                yield data
-        except (DrstreamError, OSError) as e:
-            failed.append(e)
-            raise
-
-    async def _verified_chunks(self, ev: Event, a: dict[str, Any]) -> AsyncIterator[bytes]:
-        if self.blobs is None:
-            raise SinkError(f"{self.name}: no blob store to read artifacts from")
-        where = f"model {ev['name']!r} version {ev['version']} file {a['path']!r}"
-        h = hashlib.sha256()
-        size = 0
-        chunks: list[str] = a["chunks"]
-        pending: list[asyncio.Task[bytes]] = []
-        try:
-            for i in range(len(chunks)):
-                while len(pending) <= PREFETCH_CHUNKS and i + len(pending) < len(chunks):
-                    pending.append(asyncio.ensure_future(
-                        self.blobs.get(chunks[i + len(pending)])))
-                data = await pending.pop(0)
-                h.update(data)
-                size += len(data)
-                if size > a["size"]:
-                    raise SinkError(f"{self.name}: {where}: chunks hold more than the "
-                                    f"{a['size']} bytes the event names")
-                if i == len(chunks) - 1 and (size != a["size"] or h.hexdigest() != a["sha256"]):
-                    raise SinkError(f"{self.name}: {where}: chunks give {size} bytes with "
-                                    f"sha256 {h.hexdigest()}, the event names {a['size']} "
-                                    f"bytes with sha256 {a['sha256']}")
-                yield data
-            if not chunks and (a["size"] != 0 or h.hexdigest() != a["sha256"]):
-                raise SinkError(f"{self.name}: {where}: no chunks but size {a['size']} / "
-                                f"sha256 {a['sha256']}")
-        finally:
-            for t in pending:
-                t.cancel()
-                t.add_done_callback(_retrieve)
-
-
-def _retrieve(task: asyncio.Task[bytes]) -> None:
-    """Mark a prefetch that is no longer wanted as seen (no 'never retrieved' noise)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _describe(ev: Event) -> str:
