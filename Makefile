@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test lint unit bench-codec bench-lag bench-restore services-down clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py daemon/_ccodec.c
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q -e '.[test]'

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate, chain, repeat
 from operator import attrgetter
 from typing import Any, Final, cast
@@ -54,7 +54,9 @@ __all__ = [
     "KafkaRecord",
     "Manifest",
     "decode_body",
+    "decode_body_with",
     "decode_manifest",
+    "decode_sections",
     "encode_body",
     "make_manifest",
 ]
@@ -553,8 +555,25 @@ def _decode_events(raw: memoryview) -> EventBatch:
 
 def decode_body(data: bytes) -> Body:
     """Decode a whole body; raises SegmentFormatError (and nothing else) on any defect."""
+    return decode_body_with(data, decode_sections)
+
+
+# (body, first section byte) -> (batches, record count, min and max record timestamp)
+SectionDecoder = Callable[
+    [bytes, int], tuple[list[KafkaBatch | EventBatch], int, int | None, int | None]
+]
+
+
+def decode_body_with(data: bytes, sections: SectionDecoder) -> Body:
+    """decode_body with another decoder of the sections (daemon.accel's compiled one);
+    the manifest, the checks against it and the error contract stay here."""
     try:
-        return _decode_body(bytes(data))
+        data = bytes(data)
+        raw_manifest, pos = _split_manifest(data)
+        manifest = _parse_manifest(raw_manifest)
+        batches, count, lo, hi = sections(data, pos)
+        _check_manifest(manifest, count, lo, hi)
+        return Body(manifest=manifest, batches=batches)
     except SegmentFormatError:
         raise
     except (
@@ -569,9 +588,17 @@ def decode_body(data: bytes) -> Body:
         raise _fail(f"malformed body: {type(e).__name__}: {e}") from e
 
 
-def _decode_body(data: bytes) -> Body:
-    raw_manifest, pos = _split_manifest(data)
-    manifest = _parse_manifest(raw_manifest)
+def event_section(data: bytes, pos: int, end: int) -> tuple[EventBatch, int]:
+    """The event section data[pos:end] and its number of events."""
+    eb = _decode_events(memoryview(data)[pos:end])
+    return eb, len(eb.events)
+
+
+def decode_sections(
+    data: bytes, pos: int
+) -> tuple[list[KafkaBatch | EventBatch], int, int | None, int | None]:
+    """The sections from byte `pos` to the end of the body, with their record count and
+    timestamp bounds (None without Kafka records)."""
     mv = memoryview(data)
     size = len(data)
     batches: list[KafkaBatch | EventBatch] = []
@@ -595,14 +622,13 @@ def _decode_body(data: bytes) -> Body:
                 hi = bmax if hi is None else max(hi, bmax)
                 count += len(kb.records)
         elif kind == SECTION_EVENT_BATCH:
-            eb = _decode_events(mv[pos:end])
+            eb, n = event_section(data, pos, end)
             batches.append(eb)
-            count += len(eb.events)
+            count += n
         else:
             raise _fail(f"unknown section type {kind} at byte {pos - _SECTION_S.size}")
         pos = end
-    _check_manifest(manifest, count, lo, hi)
-    return Body(manifest=manifest, batches=batches)
+    return batches, count, lo, hi
 
 
 def update_record_digest(

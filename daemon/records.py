@@ -56,6 +56,21 @@ class EventBatch:
 
 
 Batch = KafkaBatch | EventBatch
+Header = tuple[str, bytes | None]
+
+
+@dataclass(slots=True)
+class ProduceBatch:
+    """The records of one Kafka batch as produce() arguments, one list per argument."""
+
+    stream: str
+    topic: str
+    partition: int
+    last_offset: int | None  # source offset of the last record; None for an empty batch
+    timestamps: list[int]  # produce(timestamp=): CreateTime, or 0 where the record had none
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    headers: list[list[Header]]  # the record's headers, then tail, then the offset header
 
 
 @dataclass(slots=True)

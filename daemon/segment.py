@@ -24,7 +24,8 @@ from typing import Final, TypeVar
 
 import zstandard
 
-from drstream.daemon.codec import Body, Manifest, decode_body, decode_manifest, encode_body
+from drstream.daemon.accel import decode_body  # compiled where built, else codec.decode_body
+from drstream.daemon.codec import Body, Manifest, decode_manifest, encode_body
 from drstream.daemon.envelope import (
     NONCE_SIZE,
     SALT_SIZE,

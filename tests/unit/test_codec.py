@@ -1,4 +1,5 @@
-"""Body codec: round trips of arbitrary content, the exact byte layout, strict decoding."""
+"""Body codec: round trips of arbitrary content, the exact byte layout, strict decoding
+(each decode checked against the compiled decoder, see tests/unit/both_decoders.py)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from drstream.daemon.codec import (
     KafkaBatch,
     KafkaRecord,
     Manifest,
-    decode_body,
     decode_manifest,
     encode_body,
     make_manifest,
 )
 from drstream.daemon.errors import SegmentFormatError
+
+# Every decode here also runs the compiled decoder and requires the same result or error.
+from tests.unit.both_decoders import decode_body
 
 I64 = st.integers(-(2**63), 2**63 - 1)
 SIZES = st.one_of(st.binary(max_size=40), st.binary(min_size=200, max_size=3000))

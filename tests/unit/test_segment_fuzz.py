@@ -3,7 +3,8 @@
 Three layers are attacked:
 - parse_header / decode_segment / read_manifest with arbitrary bytes and with mutated
   valid segments (these mostly stop at the header or at GCM);
-- decode_body / decode_manifest with arbitrary bytes and mutated valid bodies;
+- decode_body / decode_manifest with arbitrary bytes and mutated valid bodies, where the
+  compiled decoder must give the reference's result or error (tests/unit/both_decoders.py);
 - decode_segment with mutated bodies that are correctly compressed and encrypted, so the
   mutations get past authentication and reach the body decoder through the full path.
 """
@@ -23,7 +24,6 @@ from drstream.daemon.codec import (
     EventBatch,
     KafkaBatch,
     KafkaRecord,
-    decode_body,
     decode_manifest,
     encode_body,
     make_manifest,
@@ -39,6 +39,9 @@ from drstream.daemon.segment import (
     parse_header,
     read_manifest,
 )
+
+# Each body decode also runs the compiled decoder and requires the same result or error.
+from tests.unit.both_decoders import decode_body
 
 # DRSTREAM_FUZZ_EXAMPLES=20000 for a long local or nightly run; the default keeps it fast.
 EXAMPLES = int(os.environ.get("DRSTREAM_FUZZ_EXAMPLES", "1000"))
