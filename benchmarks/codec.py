@@ -1,7 +1,8 @@
-"""Segment codec throughput: the full segment path beside raw zstd-1 + AES-256-GCM.
+"""Segment codec throughput: the full segment path beside raw zstd-1 + AES-256-GCM, and
+the per-record paths of ship and apply (pure Python beside compiled, records beside columns).
 
     python -m benchmarks.codec [--segments 16] [--rounds 7] [--partitions 1,32]
-                               [--out benchmarks/results/codec.json]
+                               [--instructions] [--out benchmarks/results/codec.json]
 
 Workload: ~1 KB JSON-like Kafka record values (varied fields, realistic compressibility),
 a key and two or three headers per record, grouped into ~1 MiB segments (~1000 records).
@@ -20,30 +21,63 @@ MB/s are payload MB (10**6 bytes of record keys, values and headers) per second,
 numerator for every path, so the ratios are time ratios. Each round times every path once
 (order rotated per round); the table shows the median round (and the best). A benchmark,
 not a test: nothing here asserts on time. The target is encode/raw >= 0.70.
+
+Per-record paths, microseconds per record (wall, median and best round) over the same
+records, with the cyclic garbage collector paused as apply and ship run them (paced_gc);
+with --instructions also CPU instructions per record counted by valgrind's callgrind
+(exact and repeatable on a busy machine, where wall time is not):
+  decode               body bytes -> KafkaBatch of KafkaRecord: codec.decode_body (pure
+                       Python, the reference) beside daemon/_ccodec.c (accel.decode_body)
+  decode -> produce    body bytes -> produce() arguments with the sink's two headers
+                       appended: decode_body + the conversion beside accel.decode_produce
+  encode               Body -> bytes from KafkaBatch of KafkaRecord beside KafkaColumns
+  ship messages->body  consumed Message lists -> open segment -> body bytes: a record
+                       object per message (the path before the columnar one) beside
+                       connectors.kafka.source.message_columns
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import gc
 import json
 import os
 import platform
 import random
 import statistics
 import string
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import cryptography
 import zstandard
+from confluent_kafka import Message
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from drstream.daemon.codec import Body, EventBatch, KafkaBatch, KafkaRecord, make_manifest
+from drstream.connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER
+from drstream.connectors.kafka.source import RECORD_OVERHEAD_BYTES, message_columns
+from drstream.daemon import accel
+from drstream.daemon.codec import (
+    Body,
+    EventBatch,
+    KafkaBatch,
+    KafkaColumns,
+    KafkaRecord,
+    decode_body,
+    encode_body,
+    make_manifest,
+)
 from drstream.daemon.keyring import KeyRing
+from drstream.daemon.pipeline import OpenSegment
 from drstream.daemon.segment import ZERO_DIGEST, decode_segment, encode_segment, segment_digest
+from drstream.daemon.source import Delivery
 
 SEGMENT_BYTES = 1 << 20
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "codec.json"
@@ -164,7 +198,8 @@ def build_bodies(segments: list[list[KafkaRecord]], partitions: int) -> list[Bod
     return bodies
 
 
-def run(n_segments: int, rounds: int, partitions: int = 1) -> dict[str, Any]:
+def run(n_segments: int, rounds: int, partitions: int = 1,
+        count_instructions: bool = False) -> dict[str, Any]:
     segments = build_segments(n_segments)
     keyring = KeyRing({"bench": os.urandom(32)}, "bench")
     bodies = build_bodies(segments, partitions)
@@ -263,7 +298,173 @@ def run(n_segments: int, rounds: int, partitions: int = 1) -> dict[str, Any]:
         "encode_ratio_best": min(enc_ratio) / results["segment encode"]["best_s"],
         "decode_ratio_median": statistics.median(dec_ratio) / results["segment decode"]["median_s"],
         "decode_ratio_best": min(dec_ratio) / results["segment decode"]["best_s"],
+        "per_record": per_record(bodies, n_records, rounds, n_segments, partitions,
+                                 count_instructions),
     }
+
+
+def per_record(bodies: list[Body], n_records: int, rounds: int, n_segments: int,
+               partitions: int, count_instructions: bool) -> dict[str, Any]:
+    result = time_per_record(bodies, n_records, rounds)
+    if count_instructions:
+        # fewer segments under valgrind (~50x slower): counts per record do not depend on it
+        counted = instructions(min(n_segments, 2), partitions)
+        for name, ir in counted.items():
+            result[name]["instructions_per_record"] = ir
+    return result
+
+
+# --------------------------------------------------------------------------- per record
+
+STREAM = "kafka:primary"
+# What the Kafka sink appends to every record it produces (connectors/kafka/sink.py).
+SINK_TAIL = ((ORIGIN_HEADER, b"primary"),)
+
+
+def consumed(body: Body) -> list[Any]:
+    """A body's records as Consumer.consume hands them to ship: one Message each, in runs
+    per partition (headers as a list, as confluent-kafka converts them)."""
+    return [Message(topic=b.topic, partition=b.partition, offset=r.offset, key=r.key,
+                    value=r.value, headers=list(r.headers),
+                    timestamp=(r.timestamp_type, r.timestamp))
+            for b in body.batches if isinstance(b, KafkaBatch) for r in b.records]
+
+
+def _ship_records(msgs: list[Any]) -> bytes:
+    """The ship path before the columnar one: a KafkaRecord per message, a header scan
+    per record, merged per partition, then encoded (connectors/kafka/source.py at
+    47d70e3, minus what does not touch records)."""
+    runs: dict[tuple[str, int], list[KafkaRecord]] = {}
+    nbytes = 0
+    for m in msgs:
+        if m.error() is not None:
+            continue
+        headers = m.headers() or []
+        if headers and any(name == ORIGIN_HEADER for name, _ in headers):
+            continue
+        ts_type, ts = m.timestamp()
+        key, value = m.key(), m.value()
+        rec = KafkaRecord(m.offset(), ts, ts_type, key, value, headers)
+        runs.setdefault((m.topic(), m.partition()), []).append(rec)
+        nbytes += RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
+    merged: dict[tuple[str, str, int], KafkaBatch] = {}
+    for (topic, partition), records in runs.items():
+        if (STREAM, topic, partition) in merged:
+            merged[STREAM, topic, partition].records.extend(records)
+        else:
+            merged[STREAM, topic, partition] = KafkaBatch(STREAM, topic, partition, records)
+    batches = list(merged.values())
+    return encode_body(Body(make_manifest({}, batches), batches))
+
+
+def _ship_columns(msgs: list[Any]) -> bytes:
+    """Today's ship path: message_columns, the open segment, the columnar encoder."""
+    columns, nbytes = message_columns(STREAM, msgs, lambda m: True)
+    seg = OpenSegment()
+    seg.add(0, STREAM, Delivery(columns, {}, nbytes=nbytes))
+    batches = list(seg.batches.values())
+    return encode_body(Body(make_manifest({}, batches), batches))
+
+
+def _produce_args_py(data: bytes) -> list[Any]:
+    body = decode_body(data)
+    return [accel.produce_batch(b, SINK_TAIL, SOURCE_OFFSET_HEADER) for b in body.batches
+            if isinstance(b, KafkaBatch)]
+
+
+def per_record_paths(bodies: list[Body]) -> dict[str, Callable[[], object]]:
+    """Each per-record path over all bodies, as a call (None: not built here)."""
+    encoded = [encode_body(b) for b in bodies]
+    columns = [Body(b.manifest, [KafkaColumns.of(k) for k in b.batches
+                                 if isinstance(k, KafkaBatch)]) for b in bodies]
+    messages = [consumed(b) for b in bodies]
+    assert [_ship_columns(m) for m in messages] == [_ship_records(m) for m in messages]
+    assert [encode_body(c) for c in columns] == encoded
+    paths: dict[str, Callable[[], object]] = {
+        "decode, pure Python": lambda: [decode_body(d) for d in encoded],
+        "decode, compiled": lambda: [accel.decode_body(d) for d in encoded],
+        "decode -> produce, pure Python": lambda: [_produce_args_py(d) for d in encoded],
+        "decode -> produce, compiled": lambda: [
+            accel.decode_produce(d, SINK_TAIL, SOURCE_OFFSET_HEADER) for d in encoded],
+        "encode, records": lambda: [encode_body(b) for b in bodies],
+        "encode, columns": lambda: [encode_body(c) for c in columns],
+        "ship messages->body, records": lambda: [_ship_records(m) for m in messages],
+        "ship messages->body, columns": lambda: [_ship_columns(m) for m in messages],
+    }
+    if not accel.COMPILED:
+        for name in [n for n in paths if n.endswith("compiled")]:
+            del paths[name]
+    return paths
+
+
+def time_per_record(bodies: list[Body], n_records: int, rounds: int) -> dict[str, Any]:
+    paths = per_record_paths(bodies)
+    for fn in paths.values():  # warm up: struct and name caches, allocator
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    with gc_paused():
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                times[name].append(_timed(paths[name]))
+                gc.collect()  # between paths, as the paced collection would
+    return {name: {"us_per_record_median": statistics.median(ts) / n_records * 1e6,
+                   "us_per_record_best": min(ts) / n_records * 1e6}
+            for name, ts in times.items()}
+
+
+def count_main(argv: list[str]) -> int:
+    """Under callgrind (see instructions()): each path once inside functools.reduce, the
+    only place collection is on; callgrind dumps a count after each."""
+    segments, partitions = int(argv[0]), int(argv[1])
+    paths = per_record_paths(build_bodies(build_segments(segments), partitions))
+    for fn in paths.values():
+        fn()
+    print(json.dumps(list(paths)))
+    with gc_paused():
+        for fn in paths.values():
+            functools.reduce(lambda _, f: f(), [fn], None)
+            gc.collect()
+    return 0
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def instructions(segments: int, partitions: int) -> dict[str, float]:
+    """CPU instructions per record of each per-record path, counted by callgrind."""
+    n_records = sum(map(len, build_segments(segments)))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        proc = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--collect-atstart=no",
+             "--toggle-collect=functools_reduce", "--dump-after=functools_reduce",
+             f"--callgrind-out-file={out}", sys.executable, "-m", "benchmarks.codec",
+             "--count", str(segments), str(partitions)],
+            capture_output=True, text=True, check=True)
+        names = json.loads(proc.stdout.strip().splitlines()[-1])
+        counts = []
+        for i in range(1, len(names) + 1):
+            totals = [line for line in (Path(f"{out}.{i}").read_text().splitlines())
+                      if line.startswith("totals:")]
+            counts.append(int(totals[0].split()[1]))
+    return {name: count / n_records for name, count in zip(names, counts, strict=True)}
+
+
+def commit() -> dict[str, Any]:
+    """The commit measured (and whether the tree had changes on top of it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "tree_changed": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def environment() -> dict[str, Any]:
@@ -278,7 +479,9 @@ def environment() -> dict[str, Any]:
             "zstd_backend": zstandard.backend,
             "cryptography": cryptography.__version__,
             "byteorder": sys.byteorder,
+            "compiled_decoder": accel.COMPILED,
         },
+        **commit(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -309,6 +512,11 @@ def print_table(report: dict[str, Any]) -> None:
         f"decode/raw: {report['decode_ratio_median']:.3f} (median), "
         f"{report['decode_ratio_best']:.3f} (best)"
     )
+    print(f"{'per-record path':<34}{'us/record median':>17}{'best':>8}{'instr/record':>14}")
+    for name, r in report["per_record"].items():
+        ir = r.get("instructions_per_record")
+        print(f"{name:<34}{r['us_per_record_median']:>17.3f}{r['us_per_record_best']:>8.3f}"
+              f"{'' if ir is None else f'{ir:,.0f}':>14}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,11 +528,16 @@ def main(argv: list[str] | None = None) -> int:
         default="1,32",
         help="comma-separated batches per segment, one workload each (default 1,32)",
     )
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count CPU instructions per record with valgrind's callgrind")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--count"]:
+        return count_main(argv[1:])
     args = ap.parse_args(argv)
     workloads = []
     for partitions in (int(p) for p in args.partitions.split(",")):
-        workloads.append(run(args.segments, args.rounds, partitions))
+        workloads.append(run(args.segments, args.rounds, partitions, args.instructions))
         print_table(workloads[-1])
         print()
     report = {"workloads": workloads, "target_encode_ratio": 0.70, **environment()}

@@ -92,7 +92,8 @@ def decode_produce(data: bytes, tail: tuple[Header, ...] = (),
     if _ccodec is None:
         body = decode_body_py(data)
         return body.manifest, [produce_batch(b, tail, offset_header)
-                               if isinstance(b, KafkaBatch) else b for b in body.batches]
+                               if isinstance(b, KafkaBatch) else cast(EventBatch, b)
+                               for b in body.batches]
 
     def sections(raw: bytes, pos: int) -> Any:
         return _ccodec.decode_produce(raw, pos, event_section, tail, offset_header)

@@ -36,6 +36,7 @@ from drstream.daemon.records import (
     Body,
     EventBatch,
     KafkaBatch,
+    KafkaColumns,
     KafkaRecord,
     Manifest,
     ManifestKind,
@@ -51,6 +52,7 @@ __all__ = [
     "Body",
     "EventBatch",
     "KafkaBatch",
+    "KafkaColumns",
     "KafkaRecord",
     "Manifest",
     "decode_body",
@@ -93,7 +95,7 @@ _get_timestamp = attrgetter("timestamp")
 
 def make_manifest(
     positions: dict[str, Any],
-    batches: list[KafkaBatch | EventBatch],
+    batches: Sequence[Batch],
     *,
     kind: ManifestKind | None = None,
     extra: dict[str, Any] | None = None,
@@ -106,15 +108,15 @@ def make_manifest(
     lo: int | None = None
     hi: int | None = None
     for b in batches:
-        if isinstance(b, KafkaBatch):
-            count += len(b.records)
-            if b.records:
-                ts = list(map(_get_timestamp, b.records))
-                bmin, bmax = min(ts), max(ts)
-                lo = bmin if lo is None else min(lo, bmin)
-                hi = bmax if hi is None else max(hi, bmax)
-        else:
+        if isinstance(b, EventBatch):
             count += len(b.events)
+            continue
+        ts = b.timestamps if isinstance(b, KafkaColumns) else list(map(_get_timestamp, b.records))
+        count += len(ts)
+        if ts:
+            bmin, bmax = min(ts), max(ts)
+            lo = bmin if lo is None else min(lo, bmin)
+            hi = bmax if hi is None else max(hi, bmax)
     if kind is None:
         kind = "data" if batches else "heartbeat"
     return Manifest(
@@ -213,8 +215,29 @@ def _columns(n: int, nh: int) -> struct.Struct:
     return st
 
 
-def _encode_kafka(b: KafkaBatch, out: list[Any]) -> tuple[int, int, int]:
-    """Append the Kafka section to `out`; return (record count, min ts, max ts).
+def _encode_kafka(b: KafkaBatch | KafkaColumns, out: list[Any]) -> tuple[int, int, int]:
+    """Append the Kafka section to `out`; return (record count, min ts, max ts)."""
+    if isinstance(b, KafkaColumns):
+        return _encode_columns(b, b.offsets, b.timestamps, b.timestamp_types, b.keys,
+                               b.values, b.headers, out)
+    recs = b.records
+    return _encode_columns(
+        b, [r.offset for r in recs], [r.timestamp for r in recs],
+        [r.timestamp_type for r in recs], [r.key for r in recs], [r.value for r in recs],
+        [r.headers for r in recs], out)
+
+
+def _encode_columns(
+    b: KafkaBatch | KafkaColumns,
+    offsets: list[int],
+    timestamps: list[int],
+    ts_types: list[int],
+    keys: list[Any],  # bytes | None (checked by len and join)
+    values: list[Any],
+    hdrs: Sequence[Sequence[tuple[str, bytes | None]]],
+    out: list[Any],
+) -> tuple[int, int, int]:
+    """The Kafka section of batch b (its names) whose records are given column by column.
 
     All columns of the batch are packed by one struct with an explicit "<" format
     ("<3q3q3i3i3I5I5i3B"): the same bytes on every machine (a big-endian one needs no
@@ -222,11 +245,7 @@ def _encode_kafka(b: KafkaBatch, out: list[Any]) -> tuple[int, int, int]:
     byte strings are appended as they are and copied once, by the caller's b"".join;
     a null takes no bytes (its length is -1).
     """
-    recs = b.records
-    n = len(recs)
-    keys: list[Any] = [r.key for r in recs]  # bytes | None (checked by len and join)
-    values: list[Any] = [r.value for r in recs]
-    hdrs = [r.headers for r in recs]
+    n = len(offsets)
     try:
         key_lens = list(map(len, keys))  # fast path: no None
         key_nulls = 0
@@ -258,8 +277,6 @@ def _encode_kafka(b: KafkaBatch, out: list[Any]) -> tuple[int, int, int]:
     else:
         hkey_lens = hval_lens = []
         blob_len = 0
-    ts_types = [r.timestamp_type for r in recs]
-    timestamps = [r.timestamp for r in recs]
     if n:
         if max(ts_types) > TIMESTAMP_LOG_APPEND_TIME:  # negatives: struct "B" refuses them
             raise _fail(f"timestamp_type must be 0, 1 or 2 in {b.topic}[{b.partition}]")
@@ -277,7 +294,7 @@ def _encode_kafka(b: KafkaBatch, out: list[Any]) -> tuple[int, int, int]:
         names,
         _KAFKA_FIXED_S.pack(b.partition, n, nh),
         _columns(n, nh).pack(
-            *[r.offset for r in recs],  # i64
+            *offsets,  # i64
             *timestamps,  # i64
             *key_lens,  # i32, -1 = null
             *value_lens,  # i32, -1 = null
@@ -333,7 +350,7 @@ def encode_body(body: Body) -> bytes:
     hi: int | None = None
     try:
         for b in body.batches:
-            if isinstance(b, KafkaBatch):
+            if isinstance(b, KafkaBatch | KafkaColumns):
                 n, bmin, bmax = _encode_kafka(b, out)
                 count += n
                 if n:

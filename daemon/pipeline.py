@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drstream.daemon.blobs import BlobStore
-from drstream.daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
+from drstream.daemon.codec import Body, EventBatch, KafkaColumns, make_manifest
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import LogWriter
 from drstream.daemon.errors import ConfigError, ConfigFieldError, DrstreamError
@@ -32,7 +32,7 @@ log = get_logger("drstream.ship")
 class OpenSegment:
     """Records gathered for the next segment, merged per partition in arrival order."""
 
-    batches: dict[tuple[str, str, int], KafkaBatch] = field(default_factory=dict)
+    batches: dict[tuple[str, str, int], KafkaColumns] = field(default_factory=dict)
     events: dict[str, EventBatch] = field(default_factory=dict)  # stream -> events in order
     nbytes: int = 0
     records: int = 0
@@ -45,15 +45,15 @@ class OpenSegment:
 
     def add(self, index: int, stream: str, d: Delivery) -> None:
         for b in d.batches:
-            if b.records:
-                first = b.records[0].timestamp
+            cols = b if isinstance(b, KafkaColumns) else KafkaColumns.of(b)
+            if cols.timestamps:
+                first = cols.timestamps[0]
                 self.min_ts = first if self.min_ts is None else min(self.min_ts, first)
             key = (stream, b.topic, b.partition)
-            if key in self.batches:
-                self.batches[key].records.extend(b.records)
-            else:
-                self.batches[key] = KafkaBatch(stream, b.topic, b.partition, list(b.records))
-            self.records += len(b.records)
+            if key not in self.batches:
+                self.batches[key] = KafkaColumns(stream, b.topic, b.partition)
+            self.batches[key].extend(cols)
+            self.records += len(cols)
         for e in d.events:
             self.events.setdefault(stream, EventBatch(stream, [])).events.extend(e.events)
             self.records += len(e.events)
@@ -234,7 +234,7 @@ class Shipper(Starting):
             if ready:
                 extra.setdefault(stream, {})["groups"] = ready
             self.pending_groups[stream] = waiting
-        batches: list[KafkaBatch | EventBatch] = [*seg.batches.values(), *seg.events.values()]
+        batches: list[KafkaColumns | EventBatch] = [*seg.batches.values(), *seg.events.values()]
         # Kafka positions are topic -> {partition: offset}; other sources' are flat values
         positions = {s: {t: dict(p) if isinstance(p, dict) else p for t, p in parts.items()}
                      for s, parts in self.positions.items()}
@@ -245,7 +245,7 @@ class Shipper(Starting):
             self._pending_min_ts[seq] = seg.min_ts
         for stream in {b.stream for b in batches}:
             RECORDS.labels("ship", stream).inc(sum(
-                len(b.records) if isinstance(b, KafkaBatch) else len(b.events)
+                len(b) if isinstance(b, KafkaColumns) else len(b.events)
                 for b in batches if b.stream == stream))
         BYTES.labels("raw").inc(seg.nbytes)
         SEGMENTS.labels("ship", body.manifest.kind).inc()

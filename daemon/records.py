@@ -7,6 +7,7 @@ body). Types only: no I/O, no encoding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,6 +49,50 @@ class KafkaBatch:
 
 
 @dataclass(slots=True)
+class KafkaColumns:
+    """Consecutive records of one partition, column by column: what ship takes from the
+    consumer without an object per record. Encodes to the bytes of the KafkaBatch of the
+    same records (decoding gives that KafkaBatch). A record without headers may have an
+    empty tuple in `headers`."""
+
+    stream: str
+    topic: str
+    partition: int
+    offsets: list[int] = field(default_factory=list)
+    timestamps: list[int] = field(default_factory=list)
+    timestamp_types: list[int] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)
+    values: list[bytes | None] = field(default_factory=list)
+    headers: list[Sequence[tuple[str, bytes | None]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def extend(self, other: KafkaColumns) -> None:
+        """Append the records of `other` (the same partition, later offsets)."""
+        self.offsets += other.offsets
+        self.timestamps += other.timestamps
+        self.timestamp_types += other.timestamp_types
+        self.keys += other.keys
+        self.values += other.values
+        self.headers += other.headers
+
+    @classmethod
+    def of(cls, b: KafkaBatch) -> KafkaColumns:
+        recs = b.records
+        return cls(b.stream, b.topic, b.partition, [r.offset for r in recs],
+                   [r.timestamp for r in recs], [r.timestamp_type for r in recs],
+                   [r.key for r in recs], [r.value for r in recs], [r.headers for r in recs])
+
+    def batch(self) -> KafkaBatch:
+        """The same records as a KafkaBatch (what decoding the encoded columns gives)."""
+        return KafkaBatch(self.stream, self.topic, self.partition, [
+            KafkaRecord(o, t, tt, k, v, list(h)) for o, t, tt, k, v, h in zip(
+                self.offsets, self.timestamps, self.timestamp_types, self.keys, self.values,
+                self.headers, strict=True)])
+
+
+@dataclass(slots=True)
 class EventBatch:
     """Registry events (small typed JSON documents: str keys, JSON-native values)."""
 
@@ -55,7 +100,7 @@ class EventBatch:
     events: list[dict[str, Any]]
 
 
-Batch = KafkaBatch | EventBatch
+Batch = KafkaBatch | KafkaColumns | EventBatch
 Header = tuple[str, bytes | None]
 
 
@@ -94,7 +139,8 @@ class Manifest:
 @dataclass(slots=True)
 class Body:
     manifest: Manifest
-    batches: list[KafkaBatch | EventBatch] = field(default_factory=list)
+    # decoded bodies hold KafkaBatch and EventBatch; ship encodes KafkaColumns too
+    batches: Sequence[Batch] = field(default_factory=list)
 
 
 @dataclass

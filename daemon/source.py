@@ -9,15 +9,16 @@ the shipper's checkpoint: segment durable => positions durable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from drstream.daemon.codec import EventBatch, KafkaBatch
+from drstream.daemon.records import EventBatch, KafkaBatch, KafkaColumns
 
 
 @dataclass
 class Delivery:
-    batches: list[KafkaBatch]
+    batches: Sequence[KafkaBatch | KafkaColumns]
     positions: dict[str, Any]  # this source's full position map after these records
     nbytes: int = 0  # buffered payload bytes; released with Source.release
     metadata: dict[str, Any] | None = None  # topic metadata that is new or changed

@@ -14,6 +14,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from itertools import chain, groupby
+from operator import itemgetter
 from typing import Any
 
 from confluent_kafka import (
@@ -21,6 +23,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
@@ -28,12 +31,12 @@ from prometheus_client import Counter
 
 from drstream.connectors.kafka.common import ORIGIN_HEADER, client_config
 from drstream.connectors.kafka.config import ALWAYS_EXCLUDED, KafkaSourceConfig
-from drstream.daemon.codec import KafkaBatch, KafkaRecord
 from drstream.daemon.errors import SourceError, SourceUnavailableError
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.metrics import REGISTRY, SOURCE_UP
 from drstream.daemon.plugins import Context
+from drstream.daemon.records import KafkaColumns
 from drstream.daemon.source import Delivery, SourceProbe
 
 log = get_logger("drstream.kafka.source")
@@ -46,6 +49,19 @@ RECORD_OVERHEAD_BYTES = 64  # per-record bookkeeping counted against the buffer 
 POLL_TIMEOUT_S = 0.1
 
 Positions = dict[str, dict[str, int]]  # topic -> partition (as str, JSON keys) -> next offset
+
+# Message fields, taken column by column from a consumed list (message_columns);
+# typed Any: the stubs say Optional for what a consumed, error-free message always has.
+_Field = Callable[[Any], Any]
+_TOPIC: _Field = Message.topic
+_PARTITION: _Field = Message.partition
+_OFFSET: _Field = Message.offset
+_TIMESTAMP: _Field = Message.timestamp
+_KEY: _Field = Message.key
+_VALUE: _Field = Message.value
+_HEADERS: _Field = Message.headers
+_ERROR: _Field = Message.error
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)
 
 
 class KafkaSource(Closing):
@@ -264,32 +280,26 @@ class KafkaSource(Closing):
         moved = self._advance_positions() if self._assigned else False
         if not msgs and meta is None and groups is None and gaps is None and not moved:
             return None
-        runs: dict[tuple[str, int], list[KafkaRecord]] = {}
-        nbytes = 0
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                self._on_error(err)
-                continue
-            headers = m.headers() or []
-            if headers and self._replicated(headers):
-                continue  # applied here by drstream: shipping it back would loop
-            ts_type, ts = m.timestamp()
-            key, value = m.key(), m.value()
-            rec = KafkaRecord(m.offset(), ts, ts_type, key, value, headers)
-            runs.setdefault((m.topic(), m.partition()), []).append(rec)
-            nbytes += RECORD_OVERHEAD_BYTES + len(key or b"") + len(value or b"")
-        batches = []
-        for (topic, partition), records in runs.items():
-            parts = self._positions.setdefault(topic, {})
-            parts[str(partition)] = max(parts.get(str(partition), 0), records[-1].offset + 1)
-            batches.append(KafkaBatch(self.stream, topic, partition, records))
+        batches, nbytes = message_columns(self.stream, msgs, self._keep)
+        for b in batches:
+            parts = self._positions.setdefault(b.topic, {})
+            parts[str(b.partition)] = max(parts.get(str(b.partition), 0), b.offsets[-1] + 1)
         self._pending_meta = self._pending_groups = self._pending_gaps = None
         return Delivery(
             batches=batches, nbytes=nbytes, metadata=meta, group_offsets=groups or {},
             gaps=gaps or {},
             positions={t: dict(parts) for t, parts in self._positions.items()},
         )
+
+    def _keep(self, m: Any) -> bool:
+        """False for a message to leave out: an error (logged, fatal ones raise) or a
+        record applied here by drstream (shipping it back would loop)."""
+        err = m.error()
+        if err is not None:
+            self._on_error(err)
+            return False
+        headers = m.headers()
+        return not (headers and self._replicated(headers))
 
     def _replicated(self, headers: list[tuple[str, bytes | None]]) -> bool:
         skip = self.config.skip_origins
@@ -462,6 +472,43 @@ class KafkaSource(Closing):
         if offsets != self._group_offsets:
             self._group_offsets = offsets
             self._pending_groups = offsets
+
+
+def message_columns(stream: str, msgs: list[Any], keep: Callable[[Any], bool]
+                    ) -> tuple[list[KafkaColumns], int]:
+    """Consumed messages as one KafkaColumns per partition, and their buffered size.
+
+    Each column is taken from the whole list at once (map over the Message methods): no
+    object and no Python step per record, about 30% fewer instructions than a record
+    object each (benchmarks/codec.py, "ship messages -> body"). When a message has an
+    error, or one carries the origin header (one bulk check), `keep` filters the list
+    message by message first (it logs errors and drops replicated records)."""
+    headers = list(map(_HEADERS, msgs))
+    if any(map(_ERROR, msgs)) or \
+            ORIGIN_HEADER in map(_FIRST, chain.from_iterable(filter(None, headers))):
+        msgs = [m for m in msgs if keep(m)]
+        headers = list(map(_HEADERS, msgs))
+    if None in headers:  # records without headers: () encodes like []
+        headers = [h or () for h in headers]
+    out: dict[tuple[str, int], KafkaColumns] = {}
+    start = 0
+    for (topic, partition), run in groupby(zip(map(_TOPIC, msgs), map(_PARTITION, msgs),
+                                               strict=True)):
+        end = start + len(list(run))
+        part = msgs[start:end]
+        stamps = list(map(_TIMESTAMP, part))
+        cols = KafkaColumns(stream, topic, partition, list(map(_OFFSET, part)),
+                            list(map(_SECOND, stamps)), list(map(_FIRST, stamps)),
+                            list(map(_KEY, part)), list(map(_VALUE, part)), headers[start:end])
+        start = end
+        if (topic, partition) in out:  # the consumer switched partitions and came back
+            out[topic, partition].extend(cols)
+        else:
+            out[topic, partition] = cols
+    nbytes = RECORD_OVERHEAD_BYTES * len(msgs)
+    for cols in out.values():
+        nbytes += sum(map(len, filter(None, cols.keys))) + sum(map(len, filter(None, cols.values)))
+    return list(out.values()), nbytes
 
 
 def _timestamps(consumer: Consumer, topic: str, p: int, start: int, end: int,
