@@ -283,6 +283,20 @@ typedef struct {
     PyObject *offset_header; /* produce mode: str name of the source offset header, or NULL */
 } ProduceSpec;
 
+/* b"%d" % v: snprintf took a sixth of the produce form's instructions. */
+static size_t format_i64(char out[24], int64_t v) {
+    char tmp[24];
+    size_t n = 0, len = 0;
+    uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[n++] = (char)('0' + (int)(u % 10));
+        u /= 10;
+    } while (u);
+    if (v < 0) out[len++] = '-';
+    while (n) out[len++] = tmp[--n];
+    return len;
+}
+
 /* The header list of one record: its own headers, then (produce mode) the spec's. */
 static PyObject *header_list(KeyCache *kc, const Columns *c, uint32_t count, uint32_t *h,
                              const unsigned char **hk, const unsigned char **hv,
@@ -318,8 +332,8 @@ static PyObject *header_list(KeyCache *kc, const Columns *c, uint32_t count, uin
             PyList_SET_ITEM(list, at++, Py_NewRef(PyTuple_GET_ITEM(spec->tail, t)));
         if (spec->offset_header != NULL) {
             char digits[24];
-            int len = snprintf(digits, sizeof digits, "%lld", (long long)offset);
-            PyObject *v = PyBytes_FromStringAndSize(digits, len);
+            size_t len = format_i64(digits, offset);
+            PyObject *v = PyBytes_FromStringAndSize(digits, (Py_ssize_t)len);
             if (v == NULL) goto error;
             PyObject *pair = PyTuple_Pack(2, spec->offset_header, v);
             Py_DECREF(v);

@@ -35,6 +35,8 @@ from drstream.daemon.codec import (
 )
 from drstream.daemon.errors import SegmentFormatError
 from tests.unit.both_decoders import (
+    OFFSET_HEADER,
+    TAIL,
     compiled,
     compiled_produce,
     decode_body,
@@ -98,6 +100,13 @@ def test_produce_form() -> None:
         ),
         ProduceBatch("kafka:primary", "empty", 0, None, [], [], [], []),
     ]
+
+
+@pytest.mark.parametrize("offset", [0, 1, 9, 10, -1, -10, 2**63 - 1, -(2**63), 1234567890123])
+def test_offset_header_digits(offset: int) -> None:
+    body = _record_body([KafkaRecord(offset, 0, 1, None, None, [])])
+    [batch] = compiled_produce(encode_body(body))
+    assert batch.headers == [[*TAIL, (OFFSET_HEADER, b"%d" % offset)]]
 
 
 def test_many_distinct_and_long_header_keys() -> None:
