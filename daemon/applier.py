@@ -9,10 +9,8 @@ log that was rewritten under a running standby stops apply instead of being trus
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from drstream.daemon.blobs import BlobStore
@@ -20,6 +18,7 @@ from drstream.daemon.codec import Body
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import DeltaLog
 from drstream.daemon.errors import ChainError, ConfigError, ConfigFieldError, DrstreamError
+from drstream.daemon.gcpace import paced_gc
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.lifecycle import Starting
 from drstream.daemon.logging import get_logger
@@ -38,40 +37,6 @@ from drstream.daemon.sink import Sink
 from drstream.daemon.store import Store
 
 log = get_logger("drstream.apply")
-
-# Decoding allocates several container objects per record (record, header list, header
-# tuples) that live until the sink has written them. The cyclic collector traced each of
-# them again and again while they waited in the prefetch queue: about a fifth of apply's
-# CPU in a profile of a 0.5 GiB replay. Records hold no cycles, so while segments are
-# applied the automatic collector is off and a full collection runs on this interval.
-GC_INTERVAL_S = 5.0
-_gc_pause = {"count": 0, "was_enabled": True}  # appliers running in this process
-
-
-@contextlib.asynccontextmanager
-async def paced_gc(interval_s: float = GC_INTERVAL_S) -> AsyncIterator[None]:
-    """Automatic garbage collection off, a full collection every `interval_s` instead;
-    nested uses (several appliers in one process) restore the collector once, at the end."""
-    if _gc_pause["count"] == 0:
-        _gc_pause["was_enabled"] = gc.isenabled()
-    _gc_pause["count"] += 1
-    gc.disable()
-
-    async def collect() -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            gc.collect()
-
-    task = asyncio.create_task(collect())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        _gc_pause["count"] -= 1
-        if _gc_pause["count"] == 0 and _gc_pause["was_enabled"]:
-            gc.enable()
-
 
 @dataclass
 class ApplyProgress:

@@ -18,6 +18,7 @@ from drstream.daemon.codec import Body, EventBatch, KafkaColumns, make_manifest
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import LogWriter
 from drstream.daemon.errors import ConfigError, ConfigFieldError, DrstreamError
+from drstream.daemon.gcpace import paced_gc
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.lifecycle import Starting
 from drstream.daemon.logging import get_logger
@@ -134,7 +135,8 @@ class Shipper(Starting):
         readers = [asyncio.create_task(self._reader(i, s, stop)) for i, s in
                    enumerate(self.sources)]
         try:
-            await self._loop(stop, readers)
+            async with paced_gc():  # the buffered records' header lists: daemon/gcpace.py
+                await self._loop(stop, readers)
         finally:
             for task in readers:
                 task.cancel()
