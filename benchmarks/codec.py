@@ -480,6 +480,7 @@ def environment() -> dict[str, Any]:
             "cryptography": cryptography.__version__,
             "byteorder": sys.byteorder,
             "compiled_decoder": accel.COMPILED,
+            "load_average_at_end": os.getloadavg(),  # other work on the machine
         },
         **commit(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -33,7 +33,6 @@ import collections
 import functools
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -203,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
               f"objects ({r['frozen_objects']:,} frozen)")
     report = {"results": results, "drain_records_per_s": DRAIN_RECORDS_PER_S,
               "pace_s": PACE_S, "buffer_max_bytes": DEFAULT_BUFFER_MAX_BYTES,
-              "max_bytes": DEFAULT_MAX_BYTES, "load_average": os.getloadavg(),
-              **environment(), **commit()}
+              "max_bytes": DEFAULT_MAX_BYTES, **environment(), **commit()}
     for path in write_results("ship_gc", report, json_path=args.out):
         print(f"wrote {path}")
     return 0
