@@ -3,16 +3,16 @@
 Both loops hold many small container objects for a short while: ship the header lists of
 buffered records (up to buffer_max_bytes, ~64k records at 1 KiB), apply the decoded
 records waiting in its prefetch queue. Python's automatic collector traced them again and
-again: about a fifth of apply's CPU in a profile of a 0.5 GiB replay, and 25-30% of ship's
-per-record CPU in benchmarks/ship_gc.py (373 ms of collections per 100k records). These
-objects hold no reference cycles, so while a loop runs the automatic collector is off and
-a full collection runs every GC_INTERVAL_S instead (~0.15 s of CPU with ship's buffer
-full, 3% of a core).
+again: about a fifth of apply's CPU in a profile of a 0.5 GiB replay, and 16% of ship's
+per-record CPU including zstd and AES in benchmarks/ship_gc.py (347 ms of collections per
+200k records). These objects hold no reference cycles, so while a loop runs the automatic
+collector is off and a full collection runs every GC_INTERVAL_S instead (60 ms of CPU
+with ship's buffer full: about 1% of a core).
 
 The objects alive when the first loop starts (imports, config, clients: ~70k) are frozen
-out of those collections (gc.freeze), which makes each a third cheaper. They are moved
-back when the last loop ends; until then a reference cycle among them is not collected,
-which startup objects, alive for the whole process, do not form.
+out of those collections (gc.freeze): 60 -> 24 ms each. They are moved back when the last
+loop ends; until then a reference cycle among them is not collected, which start-up
+objects, alive for the whole process, do not form.
 """
 
 from __future__ import annotations
