@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from drstream.daemon.plugins import ConnectorConfig, Context, installed
+from drstream.daemon.records import KafkaBatch
 from drstream.daemon.source import Delivery, Source
 from tests.contract.conftest import log_context
 from tests.integration.shiplib import create_topic, flush, producer
@@ -87,7 +88,9 @@ async def kit(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[S
 
 
 def changes(d: Delivery) -> int:
-    return sum(len(b.records) for b in d.batches) + sum(len(e.events) for e in d.events)
+    """Records (a KafkaBatch, or the Kafka source's KafkaColumns) and events."""
+    return sum(len(b.records) if isinstance(b, KafkaBatch) else len(b) for b in d.batches) + \
+        sum(len(e.events) for e in d.events)
 
 
 async def read_changes(src: Source, want: int, timeout: float = 60) -> list[Delivery]:
