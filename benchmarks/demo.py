@@ -53,7 +53,7 @@ from drstream.daemon.keyring import KeyRing, generate_key_file
 from drstream.daemon.segment import read_manifest
 from drstream.daemon.store import Store
 from tests.infra.kafka import KafkaCluster, start_clusters
-from tests.infra.procs import Proc, start_process
+from tests.infra.procs import Proc, free_port, start_process
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_ID = "demo"
@@ -102,7 +102,11 @@ def write_config(work: Path, primary: str, standby: str) -> Path:
         "sources": [{"type": "kafka", "bootstrap_servers": primary,
                      "topics": {"include": list(TOPICS)}, "discovery_interval_s": 1}],
         "sinks": [{"type": "kafka", "bootstrap_servers": standby}],
-        "ship": {"flush_interval_s": 0.25, "heartbeat_interval_s": 2},
+        "ship": {"heartbeat_interval_s": 2},
+        # free ports: demos and services of other users may run on this host; apply hears
+        # ship's durable tip on ship's port (apply.tip_from: auto)
+        "service": {"ship_metrics_listen": f"127.0.0.1:{free_port()}",
+                    "apply_metrics_listen": f"127.0.0.1:{free_port()}"},
         "logging": {"level": "info", "format": "json"},
     }
     path = work / "drstream.yaml"

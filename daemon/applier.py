@@ -35,6 +35,7 @@ from drstream.daemon.segment import (
 )
 from drstream.daemon.sink import Sink
 from drstream.daemon.store import Store
+from drstream.daemon.tip import TipChannel
 
 log = get_logger("drstream.apply")
 
@@ -48,7 +49,10 @@ class ApplyProgress:
 
 
 class Applier(Starting):
-    def __init__(self, config: Config, store: Store, keyring: KeyRing) -> None:
+    def __init__(self, config: Config, store: Store, keyring: KeyRing, *,
+                 tip_channel: bool = False) -> None:
+        """`tip_channel`: hear ship's durable tip (apply.tip_from) instead of probing only,
+        as the apply service does (daemon/tip.py)."""
         self.config = config
         self.keyring = keyring
         self.log = DeltaLog(store, config.log_id)
@@ -63,6 +67,8 @@ class Applier(Starting):
         self._prev_digest = ZERO_DIGEST
         self._next_group_sync = 0.0
         self._after = 0
+        address = config.tip_address() if tip_channel else None
+        self.tip = TipChannel(address, config.log_id) if address else None
 
     async def start(self) -> int:
         """Start every sink; returns the seq to resume after (the lowest checkpoint).
@@ -118,6 +124,7 @@ class Applier(Starting):
         queue: asyncio.Queue[AppliedSegment | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.config.apply.prefetch)
         feeder = asyncio.create_task(self._feed(after, stop, until_seq, queue, slots))
+        tasks = [feeder] + ([asyncio.create_task(self.tip.run(stop))] if self.tip else [])
         async with paced_gc():
             try:
                 while (item := await queue.get()) is not None:
@@ -126,8 +133,9 @@ class Applier(Starting):
                     await self._maybe_sync_groups()
                 await feeder  # raises what stopped the follower (a bad segment, the store)
             finally:
-                feeder.cancel()
-                await asyncio.gather(feeder, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         return self.progress.applied_seq
 
     async def _feed(self, after: int, stop: asyncio.Event, until_seq: int | None,
@@ -141,7 +149,7 @@ class Applier(Starting):
         try:
             async for seq, data in self.log.follow(after, stop, prefetch=cfg.prefetch,
                                                    poll_max_s=cfg.poll_max_s,
-                                                   tick=self.health.tick):
+                                                   tick=self.health.tick, tip=self.tip):
                 seg = await self._decode(seq, data, prev)
                 prev = seg.digest
                 await slots.acquire()

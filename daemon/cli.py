@@ -147,8 +147,9 @@ async def _serve(args: argparse.Namespace, connectors: Connectors, role: str) ->
 
     config = load_config(args.config, connectors)
     configure_logging(config.logging.level, config.logging.format)
-    section, factory, need = (("sources", Shipper, "ship needs a source") if role == "ship"
-                              else ("sinks", Applier, "apply needs a sink"))
+    section, factory, need = (
+        ("sources", Shipper, "ship needs a source") if role == "ship"
+        else ("sinks", functools.partial(Applier, tip_channel=True), "apply needs a sink"))
     if not getattr(config, section):
         raise ConfigError(args.config, [ConfigFieldError(section, [], need)])
     keyring = keyring_from_config(config)

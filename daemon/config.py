@@ -85,7 +85,16 @@ class LoggingConfig(Strict):
 
 
 DEFAULT_MAX_BYTES = 1 << 20
-DEFAULT_FLUSH_INTERVAL_S = 0.25
+# The cut (daemon/pipeline.py): as soon as what was fetched is in the open segment and no
+# upload is in flight, but no sooner than DEFAULT_MIN_INTERVAL_S after the previous cut:
+# at most 10 segments (PUTs) a second below max_bytes * 10 per second, about 26 M PUTs,
+# $131 a month at S3 standard's $0.005 per 1,000 (a steady 5 MB/s fills ~0.5 MB segments).
+# A record waits for the next cut: up to 100 ms, 50 on average. min_interval_s 0.02 is the
+# low-latency setting: <= 50 PUTs/s, $657 a month, records wait up to 20 ms.
+DEFAULT_MIN_INTERVAL_S = 0.1
+# The age cap: cut even with an upload in flight once the oldest record waited this long
+# (slow PUTs overlap instead of holding records; binds only where min_interval_s is lower).
+DEFAULT_FLUSH_INTERVAL_S = 0.05
 DEFAULT_HEARTBEAT_INTERVAL_S = 10.0
 DEFAULT_BUFFER_MAX_BYTES = 64 << 20
 DEFAULT_DRAIN_DEADLINE_S = 30.0
@@ -96,8 +105,12 @@ class ShipConfig(Strict):
 
     max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, le=256 << 20,
                            description="cut a segment once its records reach this many bytes")
+    min_interval_s: float = Field(DEFAULT_MIN_INTERVAL_S, ge=0, le=3600,
+                                  description="least time between two cuts (PUTs) below "
+                                              "max_bytes: PUTs/s <= 1 / this")
     flush_interval_s: float = Field(DEFAULT_FLUSH_INTERVAL_S, gt=0, le=3600,
-                                    description="cut a segment this long after its first record")
+                                    description="cut a segment this long after its first "
+                                                "record even while an upload is in flight")
     max_in_flight: int = Field(DEFAULT_MAX_IN_FLIGHT, ge=1, le=64)
     heartbeat_interval_s: float = Field(DEFAULT_HEARTBEAT_INTERVAL_S, gt=0)
     buffer_max_bytes: int = Field(DEFAULT_BUFFER_MAX_BYTES, ge=1 << 20,
@@ -115,6 +128,7 @@ DEFAULT_GROUP_SYNC_INTERVAL_S = 5.0
 DEFAULT_APPLY_PREFETCH = 8
 DEFAULT_APPLY_BATCH_MAX_SEGMENTS = 8
 DEFAULT_APPLY_BATCH_MAX_BYTES = 32 << 20
+DEFAULT_APPLY_TIP_FROM = "auto"
 
 
 class ApplyConfig(Strict):
@@ -131,6 +145,11 @@ class ApplyConfig(Strict):
                     "(1: one transaction per segment)")
     batch_max_bytes: int = Field(DEFAULT_APPLY_BATCH_MAX_BYTES, ge=1 << 20,
                                  description="stored bytes of segments committed together")
+    tip_from: str | None = Field(
+        DEFAULT_APPLY_TIP_FROM, pattern=r"^(auto|[^:]*:\d+)$",
+        description="host:port of ship's HTTP server, whose /tip stream says when a segment "
+                    "is durable (daemon/tip.py); 'auto': service.ship_metrics_listen of this "
+                    "config; null: probe the store only")
 
 
 DEFAULT_SHIP_METRICS_LISTEN = "127.0.0.1:9464"
@@ -171,6 +190,12 @@ class Config(Strict):
     def connectors(self) -> Connectors:
         """The connector registry this config was validated with."""
         return self._connectors
+
+    def tip_address(self) -> str | None:
+        """Where apply hears ship's durable tip (apply.tip_from resolved), or None."""
+        if self.apply.tip_from == "auto":
+            return self.service.ship_metrics_listen
+        return self.apply.tip_from
 
     def context(self, blobs: BlobStore | None = None) -> Context:
         """What every source and sink of this config is built with."""

@@ -31,6 +31,7 @@ from drstream.daemon.segment import (
     segment_digest,
 )
 from drstream.daemon.store import Store
+from drstream.daemon.tip import TipChannel
 
 DEFAULT_MAX_IN_FLIGHT: Final = 4
 DEFAULT_ZSTD_LEVEL: Final = 1
@@ -39,6 +40,9 @@ UPLOAD_BACKOFF: Final = Backoff(base_s=0.2, max_s=10.0)
 FOLLOW_POLL_MIN_S: Final = 0.05
 FOLLOW_POLL_MAX_S: Final = 2.0
 FOLLOW_FAST_WINDOW_S: Final = 1.0
+# With the tip channel up and silent (a ship alive but writing nothing, not even a
+# heartbeat), the store is probed this often anyway: 2 GETs a minute while idle.
+TIP_PROBE_S: Final = 30.0
 ORPHAN_WINDOW: Final = 256
 
 log = get_logger("drstream.deltalog")
@@ -121,11 +125,16 @@ class DeltaLog:
         prefetch: int = 1,
         poll_max_s: float = FOLLOW_POLL_MAX_S,
         tick: Callable[[], None] | None = None,
+        tip: TipChannel | None = None,
     ) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield (seq, bytes) for after_seq+1, +2, ... as they appear; back off while idle.
+        """Yield (seq, bytes) for after_seq+1, +2, ... as they appear.
 
-        Up to `prefetch` GETs run ahead while behind; once caught up the window drops to
-        one probe, so tailing costs one request per poll, not `prefetch`.
+        While `tip` (ship's durable-tip channel) is up, fetch only up to the tip it
+        announced, up to `prefetch` GETs at once, and otherwise wait for it: no GET for a
+        segment that is not there yet, and none before its writer made it durable. When
+        the tip is silent for TIP_PROBE_S the store is probed once anyway (the store is
+        the truth). Without the channel, probe: up to `prefetch` GETs run ahead while
+        behind; once caught up the window drops to one probe, backing off while idle.
         """
         seq, delay, window = after_seq + 1, FOLLOW_POLL_MIN_S, 1
         pending: dict[int, asyncio.Task[bytes | None]] = {}
@@ -134,6 +143,13 @@ class DeltaLog:
             while stop is None or not stop.is_set():
                 if tick is not None:
                     tick()
+                if tip is not None and tip.up:
+                    if tip.seq < seq and not await tip.wait(seq - 1, TIP_PROBE_S, stop):
+                        window = 1  # silent for TIP_PROBE_S: probe once
+                    elif tip.up and tip.seq >= seq:
+                        window = min(prefetch, tip.seq - seq + 1)
+                    else:
+                        continue  # the channel changed state, or stop
                 for s in range(seq, seq + window):
                     if s not in pending:
                         pending[s] = asyncio.create_task(self.fetch(s))
@@ -143,12 +159,19 @@ class DeltaLog:
                         task.cancel()
                     pending.clear()
                     window = 1
-                    await _sleep_or_stop(delay, stop)
-                    # Poll fast right after a segment (the next is usually a flush interval
+                    if tip is not None and tip.up and tip.seq < seq:
+                        continue  # caught up with the tip: wait for it again
+                    if tip is not None and not tip.up:  # probing: wake when it is back
+                        await tip.wait(seq - 1, delay, stop)
+                    else:  # no channel, or the store is behind the tip it announced
+                        await _sleep_or_stop(delay, stop)
+                    # Poll fast right after a segment (the next is usually a cut interval
                     # away); back off exponentially only once the log has gone quiet.
                     if time.monotonic() - last_found > FOLLOW_FAST_WINDOW_S:
                         delay = min(delay * 2, poll_max_s)
                     continue
+                if tip is not None:
+                    tip.vouch(seq, data)
                 yield seq, data
                 last_found = time.monotonic()
                 seq, delay, window = seq + 1, FOLLOW_POLL_MIN_S, min(window * 2, prefetch)
@@ -202,6 +225,11 @@ class LogWriter(Starting):
         self.failure: BaseException | None = None
         self.opened = False
         self._head_manifest: Manifest | None = None
+        # the head segment's GCM nonce: random, so it names this log's head apart from a
+        # same-named log's (the tip channel sends it, daemon/tip.py)
+        self.durable_nonce = b""
+        # called (on the event loop) each time durable_seq advances or the writer fails
+        self.on_durable: Callable[[], None] | None = None
 
     @property
     def log_id(self) -> str:
@@ -210,6 +238,11 @@ class LogWriter(Starting):
     @property
     def next_seq(self) -> int:
         return self._next_seq
+
+    @property
+    def unsettled(self) -> int:
+        """Segments appended but not yet under the durable head (uploads in flight)."""
+        return max(0, self._next_seq - 1 - self.durable_seq)
 
     async def start(self) -> Manifest | None:
         """open(); `async with writer:` opens it and closes it on the way out."""
@@ -241,6 +274,7 @@ class LogWriter(Starting):
             read_manifest, data, self.keyring, expect_log_id=self.log_id, expect_seq=head
         )
         self._next_seq, self._prev_digest, self.durable_seq = head + 1, segment_digest(data), head
+        self.durable_nonce = parse_header(data)[0].nonce
         self._head_manifest, self.opened = manifest, True
         log.info("log_opened", log_id=self.log_id, head_seq=head)
         return manifest
@@ -279,6 +313,20 @@ class LogWriter(Starting):
         if self.durable_seq < seq:
             self._raise_if_failed()
 
+    @property
+    def tip_ready(self) -> bool:
+        """The log is open: durable_seq is its head, not a start value (daemon/tip.py)."""
+        return self.opened
+
+    async def durable_after(self, seq: int, timeout_s: float) -> tuple[int, bytes]:
+        """(durable_seq, its segment's nonce) once it passes `seq`, or after `timeout_s`
+        (or a failure) as it is: the tip that ship's HTTP server streams (daemon/tip.py)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s), self._durable_changed:
+                await self._durable_changed.wait_for(
+                    lambda: self.durable_seq > seq or self.failure is not None)
+        return self.durable_seq, self.durable_nonce
+
     async def flush(self) -> None:
         """Wait for every started upload; raise the writer's failure if there was one."""
         if self._tasks:
@@ -315,6 +363,7 @@ class LogWriter(Starting):
                     await self._retract_after(seq)
             async with self._durable_changed:
                 self._durable_changed.notify_all()
+            self._notify()
             return
         self._slots.release()
         async with self._durable_changed:
@@ -322,8 +371,15 @@ class LogWriter(Starting):
             while self.durable_seq + 1 in self._done:
                 self._done.discard(self.durable_seq + 1)
                 self.durable_seq += 1
-                self._unsettled.pop(self.durable_seq, None)
+                settled = self._unsettled.pop(self.durable_seq, None)
+                if settled is not None:
+                    self.durable_nonce = parse_header(settled)[0].nonce
             self._durable_changed.notify_all()
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_durable is not None:
+            self.on_durable()
 
     async def _drop_stray_tail(self, head: int | None) -> int | None:
         """Remove tail segments that do not link onto their predecessor: uploads of a

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from drstream.daemon.errors import DrstreamError
 from drstream.daemon.logging import get_logger
+from drstream.daemon.tip import TIP_PATH, TipSource, serve_tip, tip_refusal
 
 log = get_logger("drstream.metrics")
 
@@ -94,13 +96,16 @@ class Health:
 
 
 class MetricsServer:
-    """A minimal HTTP/1.0 server on the event loop: /metrics, /healthz, /readyz."""
+    """A minimal HTTP/1.0 server on the event loop: /metrics, /healthz, /readyz, and for
+    ship the durable-tip stream /tip (daemon/tip.py) once `tip` is set."""
 
     def __init__(self, listen: str, health: Health) -> None:
         host, _, port = listen.rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port)
         self.health = health
+        self.tip: TipSource | None = None
         self._server: asyncio.Server | None = None
+        self._streams: dict[asyncio.Future[None], asyncio.Task[object]] = {}  # -> handler
         READY.set_function(lambda: float(self.health.ready()[0]))
 
     async def start(self) -> None:
@@ -115,8 +120,13 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            path = line.decode(errors="replace").split(" ")[1] if b" " in line else "/"
-            status, ctype, body = self._route(path.split("?")[0])
+            target = line.decode(errors="replace").split(" ")[1] if b" " in line else "/"
+            path, _, query = target.partition("?")
+            if path == TIP_PATH and tip_refusal(query, self.tip) is None:
+                assert self.tip is not None
+                await self._stream(reader, serve_tip(writer, self.tip))
+                return
+            status, ctype, body = self._route(path, query)
             head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
             writer.write(head.encode() + body)
@@ -128,7 +138,23 @@ class MetricsServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def _route(self, path: str) -> tuple[str, str, bytes]:
+    async def _stream(self, reader: asyncio.StreamReader, stream: Coroutine[Any, Any, None]
+                      ) -> None:
+        """Run a response that streams until the client hangs up or the server closes."""
+        task = asyncio.ensure_future(stream)
+        hangup = asyncio.ensure_future(reader.read())  # returns at the client's EOF
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._streams[task] = handler
+        try:
+            await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            del self._streams[task]
+            for t in (task, hangup):
+                t.cancel()
+            await asyncio.gather(task, hangup, return_exceptions=True)
+
+    def _route(self, path: str, query: str = "") -> tuple[str, str, bytes]:
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
         if path == "/healthz":
@@ -137,9 +163,18 @@ class MetricsServer:
             ok, why = self.health.ready()
             status = "200 OK" if ok else "503 Service Unavailable"
             return status, "text/plain", (why + "\n").encode()
+        if path == TIP_PATH:
+            status = tip_refusal(query, self.tip) or "404 Not Found"
+            return status, "text/plain", b"no durable tip of that log here\n"
         return "404 Not Found", "text/plain", b"not found\n"
 
     async def close(self) -> None:
+        # End the streams first and let their handlers return: a handler task still
+        # running when the loop stops is cancelled, and asyncio prints that as an error.
+        handlers = list(self._streams.values())
+        for task in list(self._streams):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -1,8 +1,11 @@
 """`ship`: sources -> open segment -> LogWriter, with positions travelling in each segment.
 
-The pipeline cuts a segment at `max_bytes` or `flush_interval_s` after its first record,
-writes a heartbeat segment when nothing was written for `heartbeat_interval_s`, and
-includes consumer-group offsets only once every record below them is in the log.
+The cut is decided where the records arrive, like a producer's linger: once everything the
+sources handed over is in the open segment and no upload is in flight, but no sooner than
+`min_interval_s` after the previous cut (that bounds the PUT rate); with an upload in
+flight, once the oldest record is `flush_interval_s` old; at once at `max_bytes`. The
+pipeline writes a heartbeat segment when nothing was written for `heartbeat_interval_s`,
+and includes consumer-group offsets only once every record below them is in the log.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from drstream.daemon.logging import get_logger
 from drstream.daemon.metrics import BYTES, DURABLE_HEAD, RECORDS, SEGMENTS, SHIP_LAG, Health
 from drstream.daemon.source import Delivery, Source
 from drstream.daemon.store import Store
+from drstream.daemon.tip import TipSource
 
 log = get_logger("drstream.ship")
 
@@ -104,7 +108,8 @@ class Shipper(Starting):
         self.sources: list[Source] = [config.connectors.source(s, ctx) for s in config.sources]
         self.positions: dict[str, Any] = {}
         self.pending_groups: dict[str, dict[str, Any]] = {}
-        self.last_append = time.monotonic()
+        self.last_append = time.monotonic()  # heartbeats count from the start
+        self._last_cut = -float("inf")  # min_interval_s counts from the previous cut only
         self.ready = asyncio.Event()
         self.health = Health()
         # sources that can be unready on their own (a registry that is down)
@@ -113,6 +118,10 @@ class Shipper(Starting):
         self.lag_s = 0.0
         self._pending_min_ts: dict[int, int] = {}  # seq in flight -> oldest record timestamp
         self._inbox: asyncio.Queue[tuple[int, Delivery]] = asyncio.Queue(maxsize=64)
+        # set by a reader that queued a delivery and by the writer when an upload settled
+        self._wake = asyncio.Event()
+        self.writer.on_durable = self._wake.set
+        self.tip_source: TipSource = self.writer  # what ship's HTTP server streams (daemon/tip.py)
         self._open = OpenSegment()
         self._commit_tasks: set[asyncio.Task[None]] = set()
 
@@ -148,6 +157,7 @@ class Shipper(Starting):
             delivery = await src.read(0.2)
             if delivery is not None:
                 await self._inbox.put((index, delivery))
+                self._wake.set()
 
     def summary(self) -> str:
         lag = self.lag_s
@@ -181,17 +191,21 @@ class Shipper(Starting):
             for task in readers:
                 if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._wait_s()):
-                    index, delivery = await self._inbox.get()
-                if self._open.nbytes and \
-                        self._open.nbytes + delivery.nbytes > self.ship.max_bytes:
-                    await self.cut()  # keep segments near max_bytes, not max + a batch
-                self._accept(index, delivery)
-            except TimeoutError:
-                pass
+                    await self._wake.wait()
+            self._wake.clear()
+            await self._take_inbox()
             await self._maybe_cut()
         self._drain_inbox()
+
+    async def _take_inbox(self) -> None:
+        """Everything the readers queued into the open segment, cutting at max_bytes."""
+        while not self._inbox.empty():
+            index, delivery = self._inbox.get_nowait()
+            if self._open.nbytes and self._open.nbytes + delivery.nbytes > self.ship.max_bytes:
+                await self.cut()  # keep segments near max_bytes, not max + a batch
+            self._accept(index, delivery)
 
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():
@@ -204,19 +218,35 @@ class Shipper(Starting):
         for group, offsets in delivery.group_offsets.items():
             self.pending_groups.setdefault(stream, {})[group] = offsets
 
+    def _has_content(self) -> bool:
+        seg = self._open
+        return bool(seg.records or seg.metadata or seg.gaps) or self._groups_ready()
+
+    def _cut_due(self, now: float) -> float:
+        """When the open segment (with content) is to be cut: min_interval_s after the
+        previous cut, and with an upload in flight not before the age cap either (the
+        writer wakes the loop when the upload settles)."""
+        earliest = self._last_cut + self.ship.min_interval_s
+        if self.writer.unsettled == 0:
+            return earliest
+        first = self._open.first_at if self._open.first_at is not None else now
+        return max(earliest, first + self.ship.flush_interval_s)
+
     def _wait_s(self) -> float:
         now = time.monotonic()
         deadline = self.last_append + self.ship.heartbeat_interval_s
-        if self._open.first_at is not None:
-            deadline = min(deadline, self._open.first_at + self.ship.flush_interval_s)
-        return max(0.001, min(deadline - now, 0.5))
+        if self._has_content():
+            deadline = min(deadline, self._cut_due(now))
+        return max(0.0, min(deadline - now, 0.5))
 
     async def _maybe_cut(self) -> None:
-        now, seg = time.monotonic(), self._open
-        full = seg.nbytes >= self.ship.max_bytes
-        due = seg.first_at is not None and now - seg.first_at >= self.ship.flush_interval_s
-        idle = now - self.last_append >= self.ship.heartbeat_interval_s
-        if full or due or idle or seg.metadata or seg.gaps or self._groups_ready():
+        now = time.monotonic()
+        if self._open.nbytes >= self.ship.max_bytes:
+            await self.cut()
+        elif self._has_content():
+            if now >= self._cut_due(now):
+                await self.cut()
+        elif now - self.last_append >= self.ship.heartbeat_interval_s:
             await self.cut()
 
     def _groups_ready(self) -> bool:
@@ -242,7 +272,7 @@ class Shipper(Starting):
                      for s, parts in self.positions.items()}
         body = Body(make_manifest(positions, list(batches), extra=extra), list(batches))
         seq = await self.writer.append(body)
-        self.last_append = time.monotonic()
+        self.last_append = self._last_cut = time.monotonic()
         if seg.min_ts is not None:
             self._pending_min_ts[seq] = seg.min_ts
         for stream in {b.stream for b in batches}:

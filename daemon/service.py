@@ -23,6 +23,7 @@ from drstream.daemon.logging import configure_logging, get_logger
 from drstream.daemon.metrics import INFO, Health, MetricsServer
 from drstream.daemon.notify import Notifier
 from drstream.daemon.store import Store
+from drstream.daemon.tip import TipSource
 
 log = get_logger("drstream.service")
 
@@ -71,6 +72,9 @@ class Service:
                 await metrics.start()
             async with self.config.connectors.open_store(self.config.store) as store:
                 self.component = factory(self.config, store, keyring)
+                tip = getattr(self.component, "tip_source", None)
+                if metrics is not None and isinstance(tip, TipSource):
+                    metrics.tip = tip  # ship serves /tip (daemon/tip.py)
                 # the service's Health serves /readyz: it takes over the component's checks
                 self.health.checks.extend(self.component.health.checks)
                 self.component.health = self.health

@@ -22,7 +22,8 @@ class Store(Protocol):
         ...
 
     async def get(self, key: str) -> bytes | None:
-        """The whole object, or None when it does not exist."""
+        """The whole object, or None when it does not exist. Only a durable object is
+        returned: readers act on what they get (apply applies it)."""
         ...
 
     async def exists(self, key: str) -> bool: ...

@@ -4,6 +4,13 @@ Create-if-absent is `link(2)` of a fully written, fsynced temp file onto the fin
 name: link fails with EEXIST instead of replacing, so a second writer can never
 overwrite a segment and a reader never sees a partial object under its final name.
 All file I/O runs in worker threads so the event loop never blocks on the disk.
+
+The link is visible before the writer's directory fsync makes it durable: a reader in
+that window could act on an object that a power loss removes. So `get` fsyncs the
+object's directory before it returns the object (fsync of a directory persists its
+entries whichever process calls it; the file itself was fsynced before the link): what
+a reader gets is durable, as on S3, where a visible object is. About 0.3 ms per GET
+here (ext4), nothing against decrypting the segment.
 """
 
 from __future__ import annotations
@@ -185,7 +192,7 @@ class FileStore(Starting):
     async def get(self, key: str) -> bytes | None:
         path = self._path(key)
         try:
-            return await asyncio.to_thread(_read_or_none, path)
+            return await asyncio.to_thread(_read_durable, path)
         except OSError as e:
             raise self._fail("get", key, e) from e
 
@@ -247,11 +254,14 @@ def _entirely_before(full: str, start_after: str | None, is_dir: bool) -> bool:
     return full < start_after and not start_after.startswith(full)
 
 
-def _read_or_none(path: Path) -> bytes | None:
+def _read_durable(path: Path) -> bytes | None:
+    """The object, once its directory entry is durable (see the module docstring)."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+    _fsync_dir(path.parent)
+    return data
 
 
 def _unlink_durable(path: Path) -> None:

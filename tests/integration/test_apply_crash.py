@@ -3,7 +3,10 @@
 While a producer writes continuously to 2 topics x 3 partitions of the primary (plain
 idempotent records, transactions, one in three aborted), `drstream apply` is killed with
 SIGKILL at random moments and started again; in the second test `drstream ship` and
-`drstream apply` are both killed, each on its own random schedule. Small segments keep
+`drstream apply` are both killed, each on its own random schedule; in the third, the
+durable-tip channel between them (ship's HTTP port, daemon/tip.py) dies mid-stream in
+every way (black-holed, refused, ship killed) while ship keeps writing. apply follows
+ship's tip in all three, so a kill of ship also kills the channel. Small segments keep
 uploads and apply transactions in flight when the kill lands. Afterwards every committed
 record of the primary is on the standby exactly once per partition, in order, field by
 field (its drstream.offset naming its primary offset), and nothing of an aborted
@@ -21,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.infra.kafka import KafkaCluster
+from tests.infra.procs import free_port
+from tests.infra.tcp_proxy import TcpProxy
 from tests.integration.applylib import (
     CheckpointWatch,
     DrProcess,
@@ -40,6 +45,7 @@ from tests.integration.applylib import (
     write_dr_config,
 )
 from tests.integration.shiplib import LoadProducer
+from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,14 +62,20 @@ def pool(tmp_path: Path) -> Iterator[ProcessPool]:
         yield p
 
 
-def setup_flow(primary: str, standby: str, base: str, tmp_path: Path, label: str
+def setup_flow(primary: str, standby: str, base: str, tmp_path: Path, label: str,
+               ship_port: int | None = None, tip_from: str | None = None
                ) -> tuple[dict[str, int], DrSetup]:
+    """The flow, with ship's HTTP port fixed (restarts keep it) and apply following
+    ship's durable tip there, or at `tip_from` (a proxy in front of it)."""
     topics = {f"{base}.a": 3, f"{base}.b": 3}
     create_topics(primary, topics)
+    ship_port = ship_port or free_port()
     setup = write_dr_config(tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
                             source_bootstrap=primary, sink_bootstrap=standby,
                             include=[re.escape(base) + r"\..*"], log_id=unique(label),
-                            ship=SHIP)
+                            ship=SHIP, apply={"tip_from": tip_from or "auto"})
+    setup.rewrite(service={"ship_metrics_listen": f"127.0.0.1:{ship_port}",
+                           "apply_metrics_listen": None})
     return topics, setup
 
 
@@ -202,3 +214,69 @@ class Killer:
         for command, proc in self.procs.items():
             assert proc.alive(), f"{command} died\n{proc.describe()}"
             proc.kill()  # the last runs are interrupted too; finish starts fresh ones
+
+
+def test_tip_channel_dying_mid_stream_falls_back_to_probing_exactly_once(
+    primary_kafka: KafkaCluster, standby_kafka: KafkaCluster, kafka_topic_name: str,
+    tmp_path: Path, pool: ProcessPool,
+) -> None:
+    """apply hears ship's durable tip through a proxy; the channel is black-holed (ship's
+    keep-alives stop: silence), refused, and finally ship itself is killed, each while
+    ship writes on. Each time apply says the channel is down, keeps applying by probing
+    the store, and takes the channel back once it is there again."""
+    rng = seeded_rng()
+    primary, standby = primary_kafka.bootstrap_servers, standby_kafka.bootstrap_servers
+    ship_port = free_port()
+    proxy = TcpProxy(ship_port).start()
+    try:
+        topics, setup = setup_flow(primary, standby, kafka_topic_name, tmp_path, "tip",
+                                   ship_port, tip_from=f"127.0.0.1:{proxy.port}")
+        with checkpoint_watch(standby) as watch:
+            load = LoadProducer(primary, topics, rate_per_s=RATE, seed=rng.randrange(2**31))
+            load.start()
+            try:
+                ship, apply = pool.ship(setup, "ship"), pool.apply(setup, "apply")
+                channel = ChannelLog(apply)
+                channel.wait("up", 1)
+                load.wait_produced(100)
+                for n, (outage, heal) in enumerate([(proxy.blackhole, proxy.pass_through),
+                                                    (proxy.refuse, proxy.pass_through)]):
+                    outage()
+                    channel.wait("down", n + 1)
+                    applies_meanwhile(watch, setup, [ship, apply])
+                    heal()
+                    channel.wait("up", n + 2)
+                ship.kill()  # the channel's ship side dies with it
+                channel.wait("down", 3)
+                ship = pool.ship(setup, "ship-after-kill")
+                channel.wait("up", 4)
+                applies_meanwhile(watch, setup, [ship, apply])
+                assert apply.alive(), apply.describe()
+            finally:
+                load._stop.set()
+            finish_and_compare(primary, standby, topics, load, setup, watch, pool, ship)
+    finally:
+        proxy.stop()
+
+
+class ChannelLog:
+    """apply's tip_channel_up / tip_channel_down log lines."""
+
+    def __init__(self, apply: DrProcess) -> None:
+        self.apply = apply
+
+    def count(self, state: str) -> int:
+        return self.apply.output().count(f'"tip_channel_{state}"')
+
+    def wait(self, state: str, n: int, timeout: float = 30) -> None:
+        wait_for(lambda: self.count(state) >= n, timeout,
+                 f"tip channel {state} #{n} in apply's log", [self.apply], interval=0.05)
+
+
+def applies_meanwhile(watch: CheckpointWatch, setup: DrSetup, procs: list[DrProcess],
+                      segments: int = 5) -> None:
+    """apply keeps applying the segments ship writes (probing, if the channel is down)."""
+    start = applied_seq(watch, setup)
+    wait_for(lambda: applied_seq(watch, setup) >= start + segments, 60,
+             f"{segments} more segments applied after seq {start}", procs)
+

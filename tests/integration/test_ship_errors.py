@@ -277,10 +277,12 @@ def test_sigterm_drains_consumed_records_before_exit_0(
     bootstrap = primary_kafka.bootstrap_servers
     topic = f"{kafka_topic_name}.drain"
     create_topic(bootstrap, topic, 2)
-    # No flush and no heartbeat for a minute: only the drain can write what is open.
+    # No cut for a minute after the first and no heartbeat: only the drain can write
+    # what is open.
     setup = write_config(tmp_path, store=store_fields(kind, request, tmp_path),
                          bootstrap=bootstrap, include=[re.escape(topic)], log_id="drain",
-                         ship={"heartbeat_interval_s": 60, "flush_interval_s": 60})
+                         ship={"heartbeat_interval_s": 60, "min_interval_s": 60,
+                               "flush_interval_s": 60})
     shipper = pool.start(setup)
     shipper.wait_ready()
     # The first segment (topic metadata) is written at once; then nothing until the drain.
