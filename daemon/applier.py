@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import Body
@@ -24,20 +25,25 @@ from drstream.daemon.lifecycle import Starting
 from drstream.daemon.logging import get_logger
 from drstream.daemon.metrics import APPLIED_SEGMENT_TIME as APPLIED_TIME
 from drstream.daemon.metrics import APPLIED_SEQ, APPLY_LAG, BYTES, RECORDS, SEGMENTS, Health
-from drstream.daemon.records import AppliedSegment
+from drstream.daemon.records import AppliedSegment, Header, SealedSegment
 from drstream.daemon.segment import (
     ZERO_DIGEST,
     SegmentHeader,
     chain_break,
     decode_segment,
+    decode_segment_produce,
     parse_header,
     segment_digest,
 )
-from drstream.daemon.sink import Sink
+from drstream.daemon.sink import Opener, Sink
 from drstream.daemon.store import Store
 from drstream.daemon.tip import TipChannel
 
 log = get_logger("drstream.apply")
+
+# what the feeder queues: decoded here, or sealed for a sink that opens it (apply_sealed)
+Item = AppliedSegment | SealedSegment
+SealedApply = Callable[[list[SealedSegment], Opener], Awaitable[list[AppliedSegment]]]
 
 @dataclass
 class ApplyProgress:
@@ -67,6 +73,7 @@ class Applier(Starting):
         self._prev_digest = ZERO_DIGEST
         self._next_group_sync = 0.0
         self._after = 0
+        self._sealed: SealedApply | None = None
         address = config.tip_address() if tip_channel else None
         self.tip = TipChannel(address, config.log_id) if address else None
 
@@ -121,8 +128,9 @@ class Applier(Starting):
         if until_seq is not None and after >= until_seq:
             return after
         # Unbounded queue, bounded by `slots`: the follower's end marker always fits.
-        queue: asyncio.Queue[AppliedSegment | None] = asyncio.Queue()
+        queue: asyncio.Queue[Item | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.config.apply.prefetch)
+        self._sealed = self._sealed_sink()
         feeder = asyncio.create_task(self._feed(after, stop, until_seq, queue, slots))
         tasks = [feeder] + ([asyncio.create_task(self.tip.run(stop))] if self.tip else [])
         async with paced_gc():
@@ -138,20 +146,34 @@ class Applier(Starting):
                 await asyncio.gather(*tasks, return_exceptions=True)
         return self.progress.applied_seq
 
+    def _sealed_sink(self) -> SealedApply | None:
+        """A lone sink that opens segments itself (one thread hop per group, records
+        decoded straight into its write calls), where replay's filter, if any, takes
+        that form; else None: segments are decoded here, then handed over."""
+        apply_sealed = getattr(self.sinks[0], "apply_sealed", None)
+        if len(self.sinks) != 1 or apply_sealed is None:
+            return None
+        if self.transform is not None and not getattr(self.transform, "produce_form", False):
+            return None
+        return cast(SealedApply, apply_sealed)
+
     async def _feed(self, after: int, stop: asyncio.Event, until_seq: int | None,
-                    queue: asyncio.Queue[AppliedSegment | None],
-                    slots: asyncio.Semaphore) -> None:
-        """Fetch, check and decode ahead of the sinks, so decoding the next segments
-        overlaps with writing the current ones; the first bad segment ends the feed
-        after every segment before it has been queued."""
+                    queue: asyncio.Queue[Item | None], slots: asyncio.Semaphore) -> None:
+        """Fetch ahead of the sinks (and, unless the sink opens segments itself, check
+        and decode, overlapping with writing the current ones); the first bad segment
+        ends the feed after every segment before it has been queued."""
         cfg = self.config.apply
         prev = self._prev_digest
         try:
             async for seq, data in self.log.follow(after, stop, prefetch=cfg.prefetch,
                                                    poll_max_s=cfg.poll_max_s,
                                                    tick=self.health.tick, tip=self.tip):
-                seg = await self._decode(seq, data, prev)
-                prev = seg.digest
+                seg: Item
+                if self._sealed is not None:
+                    seg = SealedSegment(seq, data)
+                else:
+                    seg = await self._decode(seq, data, prev)
+                    prev = seg.digest
                 await slots.acquire()
                 queue.put_nowait(seg)
                 if until_seq is not None and seq >= until_seq:
@@ -159,11 +181,11 @@ class Applier(Starting):
         finally:
             queue.put_nowait(None)
 
-    def _take_ready(self, queue: asyncio.Queue[AppliedSegment | None],
-                    slots: asyncio.Semaphore) -> list[AppliedSegment]:
-        """Segments already decoded, to apply with the one just taken."""
+    def _take_ready(self, queue: asyncio.Queue[Item | None],
+                    slots: asyncio.Semaphore) -> list[Item]:
+        """Segments already fetched (and decoded), to apply with the one just taken."""
         cfg = self.config.apply
-        out: list[AppliedSegment] = []
+        out: list[Item] = []
         size = 0
         while (len(out) + 1 < cfg.batch_max_segments and size < cfg.batch_max_bytes
                and not queue.empty()):
@@ -176,7 +198,17 @@ class Applier(Starting):
             size += item.nbytes
         return out
 
-    async def _apply_group(self, decoded: list[AppliedSegment]) -> None:
+    async def _apply_group(self, items: list[Item]) -> None:
+        if self._sealed is not None:
+            sealed = [s for s in items if isinstance(s, SealedSegment)]
+            fresh = [s for s in sealed if s.seq > self.sinks[0].checkpoint().seq]
+            done = sealed[:len(sealed) - len(fresh)]
+            for seg in await asyncio.to_thread(self._open, done) if done else []:
+                self._applied(seg)  # the sink has it already: only the chain moves on
+            for seg in await self._sealed(fresh, self._open_with) if fresh else []:
+                self._applied(seg)
+            return
+        decoded = [s for s in items if isinstance(s, AppliedSegment)]
         for sink in self.sinks:
             todo = [s for s in decoded if s.seq > sink.checkpoint().seq]
             if not todo:
@@ -199,6 +231,38 @@ class Applier(Starting):
         if self.transform is not None:
             body = self.transform(seq, body, header.created_at_ms)
         return AppliedSegment(seq, digest, header.created_at_ms, body, len(data))
+
+    def _open(self, segments: list[SealedSegment]) -> list[AppliedSegment]:
+        opened, error = self._open_with(segments, (), None)
+        if error is not None:
+            raise error
+        return opened
+
+    def _open_with(self, segments: list[SealedSegment], tail: tuple[Header, ...],
+                   offset_header: str | None
+                   ) -> tuple[list[AppliedSegment], DrstreamError | None]:
+        """The Opener a sink's apply_sealed calls on its own thread (daemon/sink.py):
+        chain link, MAC, decrypt, decode to produce() arguments, replay's filter. The
+        group's first link is checked against the last segment applied."""
+        out: list[AppliedSegment] = []
+        prev = self._prev_digest
+        try:
+            for s in segments:
+                header, _ = parse_header(s.data)
+                if chain_break(s.seq, header, prev) is not None:
+                    raise ChainError("prev_digest does not match the segment applied before "
+                                     "it", log_id=self.log.log_id, seq=s.seq,
+                                     key=self.log.key(s.seq))
+                header, body = decode_segment_produce(
+                    s.data, self.keyring, tail, offset_header, expect_log_id=self.log.log_id,
+                    expect_seq=s.seq)
+                if self.transform is not None:
+                    body = self.transform(s.seq, body, header.created_at_ms)
+                prev = segment_digest(s.data)
+                out.append(AppliedSegment(s.seq, prev, header.created_at_ms, body, s.nbytes))
+        except DrstreamError as e:
+            return out, e
+        return out, None
 
     def _decode_sync(self, seq: int, data: bytes) -> tuple[SegmentHeader, Body, bytes]:
         header, body = decode_segment(data, self.keyring, expect_log_id=self.log.log_id,

@@ -111,7 +111,8 @@ def make_manifest(
         if isinstance(b, EventBatch):
             count += len(b.events)
             continue
-        ts = b.timestamps if isinstance(b, KafkaColumns) else list(map(_get_timestamp, b.records))
+        ts = (list(map(_get_timestamp, b.records)) if isinstance(b, KafkaBatch)
+              else b.timestamps)
         count += len(ts)
         if ts:
             bmin, bmax = min(ts), max(ts)

@@ -100,7 +100,6 @@ class EventBatch:
     events: list[dict[str, Any]]
 
 
-Batch = KafkaBatch | KafkaColumns | EventBatch
 Header = tuple[str, bytes | None]
 
 
@@ -116,6 +115,25 @@ class ProduceBatch:
     keys: list[bytes | None]
     values: list[bytes | None]
     headers: list[list[Header]]  # the record's headers, then tail, then the offset header
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, keep: list[int], offset_header: str | None) -> ProduceBatch:
+        """The records at the indexes `keep` (in order); the last one's source offset is
+        read from its offset header (the last header) when there is one."""
+        last = self.last_offset if keep and keep[-1] == len(self) - 1 else None
+        if keep and last is None and offset_header is not None:
+            name, value = self.headers[keep[-1]][-1]
+            last = int(value) if name == offset_header and value is not None else None
+        return ProduceBatch(self.stream, self.topic, self.partition, last,
+                            [self.timestamps[i] for i in keep], [self.keys[i] for i in keep],
+                            [self.values[i] for i in keep], [self.headers[i] for i in keep])
+
+
+# Decoded bodies hold KafkaBatch (or, decoded for a Kafka sink, ProduceBatch) and
+# EventBatch; ship encodes KafkaColumns.
+Batch = KafkaBatch | KafkaColumns | ProduceBatch | EventBatch
 
 
 @dataclass(slots=True)
@@ -139,7 +157,6 @@ class Manifest:
 @dataclass(slots=True)
 class Body:
     manifest: Manifest
-    # decoded bodies hold KafkaBatch and EventBatch; ship encodes KafkaColumns too
     batches: Sequence[Batch] = field(default_factory=list)
 
 
@@ -162,3 +179,18 @@ class AppliedSegment:
     created_at_ms: int
     body: Body
     nbytes: int  # stored size
+
+
+@dataclass
+class SealedSegment:
+    """A fetched segment still as stored (encrypted, chain link unchecked): what apply
+    hands a sink that opens segments on its own thread, in the same hop that writes
+    them (daemon/sink.py, apply_sealed)."""
+
+    seq: int
+    data: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+

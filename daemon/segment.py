@@ -24,7 +24,7 @@ from typing import Final, TypeVar
 
 import zstandard
 
-from drstream.daemon.accel import decode_body  # compiled where built, else codec.decode_body
+from drstream.daemon.accel import decode_body, decode_produce  # compiled where built
 from drstream.daemon.codec import Body, Manifest, decode_manifest, encode_body
 from drstream.daemon.envelope import (
     NONCE_SIZE,
@@ -44,7 +44,7 @@ from drstream.daemon.errors import (
 )
 from drstream.daemon.keyring import KEY_ID_RE, KeyRing, derive_segment_key
 from drstream.daemon.layout import LOG_ID_RE, segment_key, with_prefix
-from drstream.daemon.records import SegmentHeader
+from drstream.daemon.records import Header, SegmentHeader
 
 __all__ = [
     "DIGEST_SIZE",
@@ -403,6 +403,28 @@ def decode_segment(
         return header, decode_body(plaintext)
     except SegmentFormatError as e:
         raise _recontext(e, SegmentFormatError, header.log_id, header.seq) from e
+
+
+def decode_segment_produce(
+    data: bytes,
+    keyring: KeyRing,
+    tail: tuple[Header, ...],
+    offset_header: str | None,
+    *,
+    expect_log_id: str | None = None,
+    expect_seq: int | None = None,
+) -> tuple[SegmentHeader, Body]:
+    """decode_segment with each Kafka batch as produce() arguments (accel.decode_produce:
+    every record's headers end with `tail` and the source-offset header): what a Kafka
+    sink writes, without a record object. Errors: decode_segment's."""
+    header, plaintext = decrypt_segment(
+        data, keyring, expect_log_id=expect_log_id, expect_seq=expect_seq
+    )
+    try:
+        manifest, batches = decode_produce(plaintext, tail, offset_header)
+    except SegmentFormatError as e:
+        raise _recontext(e, SegmentFormatError, header.log_id, header.seq) from e
+    return header, Body(manifest, batches)
 
 
 def read_manifest(

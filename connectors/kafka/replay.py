@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
+from drstream.connectors.kafka.common import SOURCE_OFFSET_HEADER
 from drstream.connectors.kafka.config import DEFAULT_TOPIC_TEMPLATE, KafkaSinkConfig
 from drstream.connectors.kafka.verify import delete_topics, partition_digests
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import (
     Body,
-    EventBatch,
     KafkaBatch,
     KafkaRecord,
     make_manifest,
@@ -37,6 +37,7 @@ from drstream.daemon.plugins import (
     StreamFilter,
     StreamTraits,
 )
+from drstream.daemon.records import ProduceBatch
 
 if TYPE_CHECKING:
     from drstream.daemon.plan import ReplayPlan
@@ -65,17 +66,27 @@ class KafkaFilter:
         topics = plan.option(TOPICS)
         self.topic_re = re.compile(topics) if topics else None
         self.tally: dict[tuple[str, int], PartitionTally] = {}
+        # Kafka sinks that open segments themselves hand this filter bodies decoded as
+        # produce() arguments (ProduceBatch), with timestamps clamped to >= 0: a drill's
+        # checksums and an --until before 1970 need the records
+        self.produce_form = not plan.digests and (plan.until_ms is None or plan.until_ms >= 0)
 
     def keep_topic(self, topic: str) -> bool:
         return self.topic_re is None or bool(self.topic_re.fullmatch(topic))
 
     def __call__(self, seq: int, body: Body, created_at_ms: int) -> Body:
         until = self.plan.until_ms
-        batches: list[KafkaBatch | EventBatch] = []
+        batches: list[KafkaBatch | ProduceBatch] = []
         for b in body.batches:
-            if not isinstance(b, KafkaBatch) or b.stream != self.plan.stream:
+            if not isinstance(b, KafkaBatch | ProduceBatch) or b.stream != self.plan.stream:
                 continue
             if not self.keep_topic(b.topic):
+                continue
+            if isinstance(b, ProduceBatch):
+                kept = self._until_columns(b, until)
+                if len(kept):
+                    batches.append(kept)
+                    self._count_columns(kept)
                 continue
             records = b.records if until is None else [r for r in b.records if r.timestamp <= until]
             if records:
@@ -87,11 +98,31 @@ class KafkaFilter:
         manifest = make_manifest(body.manifest.positions, list(batches), extra=kept_extra)
         return Body(manifest, list(batches))
 
-    def _count(self, topic: str, partition: int, records: list[KafkaRecord]) -> None:
-        # map/filter keep the per-record work in C: this runs for every record replayed
+    @staticmethod
+    def _until_columns(b: ProduceBatch, until: int | None) -> ProduceBatch:
+        """The records of `b` up to `until`. Its timestamps are clamped to >= 0 (a record
+        without one has 0), which compares with an `until` >= 0 as -1 would."""
+        if until is None or max(b.timestamps, default=0) <= until:
+            return b
+        keep = [i for i, ts in enumerate(b.timestamps) if ts <= until]
+        return b.select(keep, SOURCE_OFFSET_HEADER)
+
+    def _tally(self, topic: str, partition: int) -> PartitionTally:
         t = self.tally.get((topic, partition))
         if t is None:
             t = self.tally[(topic, partition)] = PartitionTally()
+        return t
+
+    def _count_columns(self, b: ProduceBatch) -> None:
+        t = self._tally(b.topic, b.partition)
+        t.records += len(b)
+        t.bytes += sum(map(len, filter(None, b.keys))) + sum(map(len, filter(None, b.values)))
+        newest = max(b.timestamps)
+        t.newest_ms = newest if t.newest_ms is None else max(t.newest_ms, newest)
+
+    def _count(self, topic: str, partition: int, records: list[KafkaRecord]) -> None:
+        # map/filter keep the per-record work in C: this runs for every record replayed
+        t = self._tally(topic, partition)
         t.records += len(records)
         t.bytes += sum(map(len, filter(None, map(_key, records))))
         t.bytes += sum(map(len, filter(None, map(_value, records))))

@@ -15,7 +15,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -31,12 +31,14 @@ from drstream.connectors.kafka.admin import ADMIN_TIMEOUT_S, TopicAdmin
 from drstream.connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER, client_config
 from drstream.connectors.kafka.config import KafkaSinkConfig
 from drstream.connectors.kafka.groups import GroupSync
+from drstream.daemon.accel import produce_batch
 from drstream.daemon.codec import Body, KafkaBatch
 from drstream.daemon.errors import SinkError, SinkFencedError
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import Context
-from drstream.daemon.records import AppliedSegment, Checkpoint
+from drstream.daemon.records import AppliedSegment, Checkpoint, ProduceBatch, SealedSegment
+from drstream.daemon.sink import Opener
 
 log = get_logger("drstream.kafka.sink")
 T = TypeVar("T")
@@ -53,7 +55,8 @@ class KafkaSink(Closing):
         self.cluster = config.source.split(":", 1)[-1]
         self.txn_id = config.transactional_id or f"drstream-apply-{log_id}-{config.name}"
         self._ckpt_key = f"{log_id}/{config.name}".encode()
-        self._origin = self.cluster.encode()
+        # headers every produced record ends with, before its source offset
+        self._tail = ((ORIGIN_HEADER, self.cluster.encode()),)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-sink-{config.name}")
         self._cp = Checkpoint()
         self._producer: Producer | None = None
@@ -165,6 +168,23 @@ class KafkaSink(Closing):
         """Consecutive segments in one transaction, with the last one's checkpoint."""
         await self._call(self._apply_sync, segments)
 
+    async def apply_sealed(self, segments: list[SealedSegment], open_: Opener
+                           ) -> list[AppliedSegment]:
+        """Open (decrypt, check, decode straight into produce() arguments) and write
+        consecutive segments in one transaction, on this sink's thread: one hop."""
+        result: list[AppliedSegment] = await self._call(self._apply_sealed_sync, segments,
+                                                        open_)
+        return result
+
+    def _apply_sealed_sync(self, segments: list[SealedSegment], open_: Opener
+                           ) -> list[AppliedSegment]:
+        opened, error = open_(segments, self._tail, SOURCE_OFFSET_HEADER)
+        if opened:  # the segments before a bad one are applied, as on the decoding path
+            self._apply_sync(opened)
+        if error is not None:
+            raise error
+        return opened
+
     def _apply_sync(self, segments: list[AppliedSegment]) -> None:
         offsets = {t: {p: list(v) for p, v in parts.items()}
                    for t, parts in self._cp.offsets.get("map", {}).items()}
@@ -177,8 +197,9 @@ class KafkaSink(Closing):
             extra = seg.body.manifest.extra.get(self.config.source, {})
             if extra.get("topics"):
                 admin.ensure_topics(extra["topics"])
-            batches = [b for b in seg.body.batches if isinstance(b, KafkaBatch)
-                       and b.stream == self.config.source and b.records]
+            batches = [pb for b in seg.body.batches if isinstance(b, ProduceBatch | KafkaBatch)
+                       and b.stream == self.config.source
+                       for pb in (self._produce_form(b),) if len(pb)]
             for b in batches:
                 admin.ensure_partition(self._target(b.topic), b.partition)
             # A segment carries only the group offsets that became ready (gate_group_offsets:
@@ -199,10 +220,15 @@ class KafkaSink(Closing):
             self._abort_or_raise(label, e)
         self._cp = cp
 
+    def _produce_form(self, b: ProduceBatch | KafkaBatch) -> ProduceBatch:
+        """A decoded batch as produce() arguments (segments opened here come so)."""
+        return b if isinstance(b, ProduceBatch) else produce_batch(b, self._tail,
+                                                                   SOURCE_OFFSET_HEADER)
+
     def _target(self, topic: str) -> str:
         return self.config.target_topic(topic, self.cluster)
 
-    def _transaction(self, label: str, work: list[tuple[Body, list[KafkaBatch]]],
+    def _transaction(self, label: str, work: list[tuple[Body, list[ProduceBatch]]],
                      offsets: OffsetMap) -> None:
         p = self._producer
         assert p is not None
@@ -230,7 +256,7 @@ class KafkaSink(Closing):
                     raise SinkError(f"{self.name}: segment {label}: no delivery report for "
                                     f"{key[0]}[{key[1]}]", retriable=True)
                 src_next = positions.get(b.topic, {}).get(str(b.partition),
-                                                          b.records[-1].offset + 1)
+                                                          (b.last_offset or 0) + 1)
                 offsets.setdefault(b.topic, {})[str(b.partition)] = [src_next, last[key] + 1]
             for topic, parts in positions.items():  # partitions that moved only over markers
                 for part, src_next in parts.items():
@@ -238,23 +264,19 @@ class KafkaSink(Closing):
                     if entry is not None and entry[0] < src_next:
                         entry[0] = src_next
 
-    def _produce_batch(self, p: Producer, b: KafkaBatch, delivered: Any) -> None:
+    def _produce_batch(self, p: Producer, b: ProduceBatch, delivered: Any) -> None:
         topic, partition, produce = self._target(b.topic), b.partition, p.produce
-        origin = (ORIGIN_HEADER, self._origin)
-        records = b.records
+        n, headers_col = len(b), cast(list[Any], b.headers)  # the stubs' header type is narrower
         # Only the last record asks for its delivery report; the loop is the hot path of a
-        # restore, so it does no per-record work beyond building the headers.
-        for r in islice(records, len(records) - 1):
-            headers: list[Any] = [*r.headers, origin, (SOURCE_OFFSET_HEADER, b"%d" % r.offset)]
-            ts = r.timestamp if r.timestamp >= 0 else 0
+        # restore: the arguments come decoded as they are passed, nothing per record here.
+        for value, key, headers, ts in islice(zip(b.values, b.keys, headers_col, b.timestamps,
+                                                  strict=True), n - 1):
             try:  # the common case without the retry wrapper's cost per record
-                produce(topic, r.value, r.key, partition, headers=headers, timestamp=ts)
+                produce(topic, value, key, partition, headers=headers, timestamp=ts)
             except (BufferError, KafkaException):
-                self._produce(p, topic, partition, r.key, r.value, headers, ts, None)
-        r = records[-1]
-        headers = [*r.headers, origin, (SOURCE_OFFSET_HEADER, b"%d" % r.offset)]
-        self._produce(p, topic, partition, r.key, r.value, headers,
-                      r.timestamp if r.timestamp >= 0 else 0, delivered)
+                self._produce(p, topic, partition, key, value, headers, ts, None)
+        self._produce(p, topic, partition, b.keys[-1], b.values[-1], headers_col[-1],
+                      b.timestamps[-1], delivered)
 
     @staticmethod
     def _produce(p: Producer, topic: str, partition: int, key: bytes | None,
