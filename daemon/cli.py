@@ -294,7 +294,8 @@ async def _prune(args: argparse.Namespace, connectors: Connectors) -> int:
     return EXIT_OK
 
 
-def _add_replay_args(p: argparse.ArgumentParser, connectors: Connectors) -> None:
+def _add_replay_args(p: argparse.ArgumentParser, connectors: Connectors,
+                     stream_options: bool) -> None:
     p.add_argument("--until", metavar="TIME",
                    help="RFC 3339: Kafka records with timestamps up to it; registry events "
                    "carry no time of their own, so for mlflow: streams the events of the "
@@ -302,6 +303,8 @@ def _add_replay_args(p: argparse.ArgumentParser, connectors: Connectors) -> None
     p.add_argument("--until-seq", type=int, metavar="N", help="segments up to N (inclusive)")
     p.add_argument("--parallel", type=int, default=4, metavar="N",
                    help="segment fetches in flight (applied in order)")
+    if not stream_options:
+        return
     kinds = list(connectors.streams.values())
     default = ", or ".join([k.traits.default_stream for k in kinds[:1]] + [
         f"{k.traits.default_stream} with {k.traits.target_option}" for k in kinds[1:]])
@@ -311,6 +314,7 @@ def _add_replay_args(p: argparse.ArgumentParser, connectors: Connectors) -> None
         p.add_argument(opt.flag, metavar=opt.metavar, help=opt.help)
 
 
+STREAM_COMMANDS = ("replay", "drill")
 Handler = Callable[[argparse.Namespace, Connectors], Coroutine[Any, Any, int]]
 HANDLERS: dict[str, Handler] = {
     "validate": _validate, "keys generate": _keys_generate, "verify": _verify,
@@ -320,7 +324,10 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-def build_parser(connectors: Connectors) -> argparse.ArgumentParser:
+def build_parser(connectors: Connectors, *, stream_options: bool = True
+                 ) -> argparse.ArgumentParser:
+    """The parser; without `stream_options`, replay and drill lack the options of each
+    stream kind (those import every connector)."""
     parser = argparse.ArgumentParser(
         prog="drstream",
         description="Disaster-recovery replication through an encrypted, hash-chained delta log.",
@@ -382,7 +389,7 @@ def build_parser(connectors: Connectors) -> argparse.ArgumentParser:
     p.add_argument("--log-id", help="with --store: the log to replay")
     p.add_argument("--key", action="append", default=[], metavar="ID=REF",
                    help="with --store: a key (repeatable), e.g. k1=file:/etc/drstream/k1.key")
-    _add_replay_args(p, connectors)
+    _add_replay_args(p, connectors, stream_options)
     p.add_argument("--name", default="replay",
                    help="names this replay's checkpoint: rerun with the same name to resume")
     p.add_argument("--dry-run", action="store_true", help="report what would be written")
@@ -392,7 +399,7 @@ def build_parser(connectors: Connectors) -> argparse.ArgumentParser:
                        "with --target-mlflow), compare with the log, report RTO/RPO; exit 1 on "
                        "any mismatch")
     p.add_argument("--config", required=True, help="path of the YAML config")
-    _add_replay_args(p, connectors)
+    _add_replay_args(p, connectors, stream_options)
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch topics (or the models in the scratch registry)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -410,7 +417,11 @@ def build_parser(connectors: Connectors) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, connectors: Connectors | None = None) -> int:
     """The command line; `connectors` default to the installed ones (entry points)."""
     connectors = connectors if connectors is not None else installed()
-    args = build_parser(connectors).parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    # Only replay and drill take every stream kind's options: other commands (ship,
+    # apply) then import just the connectors their config names.
+    streams = any(w in STREAM_COMMANDS for w in words)
+    args = build_parser(connectors, stream_options=streams).parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
         code: int = run_async(HANDLERS[args.handler](args, connectors))

@@ -10,6 +10,7 @@ connector registry it was validated with, so whatever it builds later uses the s
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -230,17 +231,20 @@ def _field_errors(e: ValidationError, prefix: str = "") -> list[ConfigFieldError
 
 
 def _validate_typed(
-    path: str, raw: Any, models: dict[str, type[ConnectorConfig]]
+    path: str, raw: Any, lookup: Callable[[str], Any], every: Callable[[], Iterable[str]]
 ) -> tuple[ConnectorConfig | None, list[ConfigFieldError]]:
-    """Validate a connector section by the model registered under its `type`."""
+    """Validate a connector section by the model registered under its `type`: `lookup`
+    finds that type (loading only its connector), `every` lists them all for an error."""
     if not isinstance(raw, dict):
         return None, [ConfigFieldError(path, raw, "must be a mapping with a 'type' key")]
     name = raw.get("type")
-    if name not in models:
-        valid = ", ".join(sorted(models))
+    found = lookup(name) if isinstance(name, str) else None
+    if found is None:
+        valid = ", ".join(sorted(every()))
         return None, [ConfigFieldError(f"{path}.type", name, f"unknown type; valid: {valid}")]
     try:
-        return models[name].model_validate(raw), []
+        model: type[ConnectorConfig] = found.config_model
+        return model.model_validate(raw), []
     except ValidationError as e:
         return None, _field_errors(e, path)
 
@@ -250,21 +254,21 @@ def _validate_connectors(data: dict[str, Any], connectors: Connectors
     out: dict[str, Any] = {}
     errors: list[ConfigFieldError] = []
     if "store" in data:
-        stores = {name: t.config_model for name, t in connectors.stores.items()}
-        out["store"], errs = _validate_typed("store", data["store"], stores)
+        out["store"], errs = _validate_typed("store", data["store"], connectors.store_named,
+                                             lambda: connectors.stores)
         errors += errs
-    sections: tuple[tuple[str, dict[str, type[ConnectorConfig]]], ...] = (
-        ("sinks", {name: t.config_model for name, t in connectors.sinks.items()}),
-        ("sources", {name: t.config_model for name, t in connectors.sources.items()}),
+    sections: tuple[tuple[str, Callable[[str], Any], Callable[[], Iterable[str]]], ...] = (
+        ("sinks", connectors.sink_named, lambda: connectors.sinks),
+        ("sources", connectors.source_named, lambda: connectors.sources),
     )
-    for section, models in sections:
+    for section, lookup, every in sections:
         raw_list = data.get(section, [])
         if not isinstance(raw_list, list):
             errors.append(ConfigFieldError(section, raw_list, "must be a list"))
             continue
         out[section] = []
         for i, raw in enumerate(raw_list):
-            model, errs = _validate_typed(f"{section}[{i}]", raw, models)
+            model, errs = _validate_typed(f"{section}[{i}]", raw, lookup, every)
             out[section].append(model)
             errors += errs
     return out, errors

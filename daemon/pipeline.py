@@ -91,7 +91,7 @@ def gate_group_offsets(
 def _identities(config: Config) -> list[dict[str, Any]]:
     """What names and points each source: changing it needs a restart."""
     return [s.model_dump(include={"type", "name",
-                                  *config.connectors.sources[s.type].restart_fields})
+                                  *config.connectors.source_type(s).restart_fields})
             for s in config.sources]
 
 

@@ -14,8 +14,8 @@ arguments), and what it reads back is typed by the protocols below.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -206,53 +206,121 @@ class Connector:
     stream: StreamKind | None = None
 
 
-@dataclass(frozen=True)
 class Connectors:
-    """The registry of loaded connectors, by type name."""
+    """The registry of connectors, by name. Installed connectors are imported when first
+    needed: a config's types load only their own connectors (a Kafka-only ship imports
+    neither the S3 nor the MLflow connector: about 0.2 s and their dependencies' memory).
+    Listing every type (an unknown-type error, replay's options) loads all of them."""
 
-    connectors: tuple[Connector, ...]
-    stores: dict[str, StoreType[Any]] = field(init=False)
-    sources: dict[str, SourceType[Any]] = field(init=False)
-    sinks: dict[str, SinkType[Any]] = field(init=False)
-    streams: dict[str, StreamKind] = field(init=False)
+    def __init__(self, connectors: Iterable[Connector] = (), *,
+                 lazy: Mapping[str, Callable[[], object]] | None = None) -> None:
+        self._loaded: dict[str, Connector] = {c.name: c for c in connectors}
+        self._loaders = {n: f for n, f in (lazy or {}).items() if n not in self._loaded}
 
-    def __post_init__(self) -> None:
-        c = self.connectors
-        object.__setattr__(self, "stores", {x.store.name: x.store for x in c if x.store})
-        object.__setattr__(self, "sources", {x.source.name: x.source for x in c if x.source})
-        object.__setattr__(self, "sinks", {x.sink.name: x.sink for x in c if x.sink})
-        object.__setattr__(self, "streams", {x.name: x.stream for x in c if x.stream})
+    @property
+    def names(self) -> list[str]:
+        """Every connector's name, loaded or not."""
+        return sorted({*self._loaded, *self._loaders})
+
+    def connector(self, name: str) -> Connector | None:
+        """The connector named `name`, loaded now if it was not (None: no such one)."""
+        if name not in self._loaded and name in self._loaders:
+            found = self._loaders.pop(name)()
+            if not isinstance(found, Connector):
+                raise DrstreamError(f"connector {name!r} ({ENTRY_POINT_GROUP} entry point) "
+                                    "is not a Connector")
+            self._loaded[name] = found
+        return self._loaded.get(name)
+
+    def all(self) -> list[Connector]:
+        return [c for n in self.names if (c := self.connector(n)) is not None]
+
+    def _find(self, attr: str, type_name: str) -> Any:
+        """The `attr` ("store", "source", "sink") type named `type_name`: from the
+        connector of that name if it has it (every built-in type is named after its
+        connector), else from any connector (which loads them all)."""
+        named = self.connector(type_name)
+        for c in [named] if named is not None else []:
+            kind = getattr(c, attr)
+            if kind is not None and kind.name == type_name:
+                return kind
+        for c in self.all():
+            kind = getattr(c, attr)
+            if kind is not None and kind.name == type_name:
+                return kind
+        return None
+
+    def store_named(self, name: str) -> StoreType[Any] | None:
+        found: StoreType[Any] | None = self._find("store", name)
+        return found
+
+    def source_named(self, name: str) -> SourceType[Any] | None:
+        found: SourceType[Any] | None = self._find("source", name)
+        return found
+
+    def sink_named(self, name: str) -> SinkType[Any] | None:
+        found: SinkType[Any] | None = self._find("sink", name)
+        return found
+
+    @property
+    def stores(self) -> dict[str, StoreType[Any]]:
+        return {c.store.name: c.store for c in self.all() if c.store}
+
+    @property
+    def sources(self) -> dict[str, SourceType[Any]]:
+        return {c.source.name: c.source for c in self.all() if c.source}
+
+    @property
+    def sinks(self) -> dict[str, SinkType[Any]]:
+        return {c.sink.name: c.sink for c in self.all() if c.sink}
+
+    @property
+    def streams(self) -> dict[str, StreamKind]:
+        return {c.name: c.stream for c in self.all() if c.stream}
 
     def store_type(self, config: ConnectorConfig) -> StoreType[Any]:
-        if config.type not in self.stores:
+        found = self.store_named(config.type)
+        if found is None:
             valid = ", ".join(sorted(self.stores))
             raise DrstreamError(f"unknown store type {config.type!r}; valid types: {valid}")
-        return self.stores[config.type]
+        return found
 
     def open_store(self, config: ConnectorConfig) -> Store:
         return self.store_type(config).open(config)
 
     def store_config_from_url(self, url: str) -> ConnectorConfig:
         scheme = url.split("://", 1)[0] if "://" in url else ""
-        for st in self.stores.values():
+        named = self.store_named(scheme) if scheme in self.names else None
+        first = [named] if named is not None and scheme in named.schemes else []
+        for st in first or list(self.stores.values()):
             if scheme in st.schemes:
                 config: ConnectorConfig = st.from_url(url)
                 return config
         valid = ", ".join(sorted(f"{s}://" for t in self.stores.values() for s in t.schemes))
         raise ConfigFieldError("store", url, f"unknown store URL scheme; valid: {valid}")
 
+    def source_type(self, config: ConnectorConfig) -> SourceType[Any]:
+        found = self.source_named(config.type)
+        if found is None:
+            raise DrstreamError(f"unknown source type {config.type!r}")
+        return found
+
     def source(self, config: ConnectorConfig, ctx: Context) -> Source:
-        return self.sources[config.type].factory(config, ctx)
+        return self.source_type(config).factory(config, ctx)
 
     def sink(self, config: ConnectorConfig, ctx: Context) -> Sink:
-        return self.sinks[config.type].factory(config, ctx)
+        found = self.sink_named(config.type)
+        if found is None:
+            raise DrstreamError(f"unknown sink type {config.type!r}")
+        return found.factory(config, ctx)
 
     def kind_of(self, stream: str) -> StreamKind | None:
-        return self.streams.get(stream.split(":", 1)[0])
+        c = self.connector(stream.split(":", 1)[0])
+        return c.stream if c is not None else None
 
     def stream(self, stream: str, option: str = "--stream") -> StreamKind:
         """The kind of a stream named `<connector>:<name>`."""
-        kind = self.streams.get(stream.split(":", 1)[0])
+        kind = self.kind_of(stream)
         if kind is None:
             valid = ", ".join(f"{k}:<name>" for k in sorted(self.streams))
             raise ConfigFieldError(option, stream, f"unknown kind of stream; valid: {valid}")
@@ -271,15 +339,9 @@ class Connectors:
 
 
 def load(group: str = ENTRY_POINT_GROUP) -> Connectors:
-    """The connectors installed under the entry-point `group`."""
-    found = []
-    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
-        connector = ep.load()
-        if not isinstance(connector, Connector):
-            raise DrstreamError(f"entry point {ep.name} = {ep.value} of group {group} is "
-                                "not a Connector")
-        found.append(connector)
-    return Connectors(tuple(found))
+    """The connectors installed under the entry-point `group` (each entry point's name is
+    its connector's), each imported when first needed."""
+    return Connectors(lazy={ep.name: ep.load for ep in entry_points(group=group)})
 
 
 @functools.cache
