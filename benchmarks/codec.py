@@ -61,6 +61,7 @@ import zstandard
 from confluent_kafka import Message
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from benchmarks.common import commit
 from drstream.connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER
 from drstream.connectors.kafka.source import RECORD_OVERHEAD_BYTES, message_columns
 from drstream.daemon import accel
@@ -456,15 +457,6 @@ def instructions(segments: int, partitions: int) -> dict[str, float]:
                       if line.startswith("totals:")]
             counts.append(int(totals[0].split()[1]))
     return {name: count / n_records for name, count in zip(names, counts, strict=True)}
-
-
-def commit() -> dict[str, Any]:
-    """The commit measured (and whether the tree had changes on top of it)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD") or None,
-            "tree_changed": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def environment() -> dict[str, Any]:

@@ -19,6 +19,7 @@ import platform
 import random
 import signal
 import string
+import subprocess
 import sys
 import threading
 import time
@@ -65,9 +66,20 @@ def _cpu_model() -> str | None:
     return None
 
 
+def commit() -> dict[str, Any]:
+    """The commit measured (and whether the tree had changes on top of it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "tree_changed": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def machine_facts() -> dict[str, Any]:
-    """nproc, memory, CPU model, Python, library and Kafka versions, current load."""
+    """nproc, memory, CPU model, Python, library and Kafka versions, current load, and the
+    commit measured."""
     facts: dict[str, Any] = {
+        **commit(),
         "nproc": os.cpu_count(),
         "sched_affinity_cpus": len(os.sched_getaffinity(0)),
         "mem_total_bytes": _meminfo_total_bytes(),
@@ -88,8 +100,6 @@ def machine_facts() -> dict[str, Any]:
 
         facts["kafka"] = KAFKA_VERSION
     with contextlib.suppress(Exception):
-        import subprocess
-
         out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
         facts["java"] = (out.stderr or out.stdout).splitlines()[0]
     with contextlib.suppress(ImportError):

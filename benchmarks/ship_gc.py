@@ -43,8 +43,8 @@ from typing import Any
 from confluent_kafka import Message
 
 import drstream.daemon.cli  # noqa: F401  everything ship imports, so the heap is the shipper's
-from benchmarks.codec import commit, environment
-from benchmarks.common import RecordFactory, write_results
+from benchmarks.codec import environment
+from benchmarks.common import RecordFactory, commit, write_results
 from drstream.connectors.kafka.source import message_columns
 from drstream.daemon.codec import Body, KafkaColumns, make_manifest
 from drstream.daemon.config import DEFAULT_BUFFER_MAX_BYTES, DEFAULT_MAX_BYTES

@@ -31,8 +31,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from benchmarks.codec import commit
-from benchmarks.common import create_topic, kafka_cluster, summarize, write_results
+from benchmarks.common import commit, create_topic, kafka_cluster, summarize, write_results
 from benchmarks.ship import PRODUCE_HEADER, run_producer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "source_drain.json"

@@ -170,6 +170,18 @@ def freshness(path: Path, t0: float, t1: float) -> dict[str, Any]:
     return {"signals": 0}
 
 
+# S3 Standard request prices (us-east-1): PUT, COPY, POST, LIST $0.005 per 1,000;
+# GET, HEAD and the rest $0.0004 per 1,000; DELETE free. A month of 730 hours.
+S3_USD_PER_1000 = {"PUT": 0.005, "LIST": 0.005, "GET": 0.0004, "HEAD": 0.0004}
+MINUTES_PER_MONTH = 730 * 60
+
+
+def s3_request_usd_per_month(per_min: dict[str, float]) -> float:
+    """What the store requests per minute would cost a month at S3 Standard prices."""
+    return round(sum(per_min.get(op, 0) * MINUTES_PER_MONTH / 1000 * usd
+                     for op, usd in S3_USD_PER_1000.items()), 2)
+
+
 def store_facts(rep: Replicator, case: dict[str, Any], produce_ns: array.array[int],
                 arrival: array.array[int], first: int, payload: int, c0: float, c1: float,
                 wall_minus_mono: float) -> dict[str, Any]:
@@ -248,6 +260,7 @@ def store_facts(rep: Replicator, case: dict[str, Any], produce_ns: array.array[i
             all_per_min[op] = round(all_per_min.get(op, 0) + v, 1)
     return {
         "type": case["store"],
+        "s3_request_usd_per_month": s3_request_usd_per_month(all_per_min),
         "rpo_ms": summarize_ms(rpo), "rpo_unmapped_records": unmapped,
         "lag_breakdown_ms": {k: summarize_ms(v) for k, v in stages.items()},
         "segments": len(segs), "data_segments": len(data),

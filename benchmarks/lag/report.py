@@ -67,6 +67,21 @@ def breakdown_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list
     return headers, rows
 
 
+def store_cost_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["case", "store", "PUT/min (ship)", "GET/min (apply)", "HEAD/min", "LIST/min",
+               "segments", "S3 requests $/month"]
+    rows = []
+    for r in results:
+        st = r.get("store")
+        if not st:
+            continue
+        q = st["requests_per_min"]
+        rows.append([r["case"], st["type"], *(fmt(q.get(op, 0), ".1f")
+                                             for op in ("PUT", "GET", "HEAD", "LIST")),
+                     st["segments"], fmt(st.get("s3_request_usd_per_month"), ",.2f")])
+    return headers, rows
+
+
 def freshness_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     headers = ["case", "system", "freshness signal", "signals/min", "max gap s",
                "signal age p50 ms", "records", "record lag max ms", "CPU s/min",
@@ -106,6 +121,13 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         md += ["Where drstream's lag goes (per record, from the store operations timed inside "
                "ship and apply and the segments' created_at):", "", md_table(bh, brows), ""]
         txt += ["drstream lag breakdown:", text_table(bh, brows), ""]
+    ch, crows = store_cost_table(results)
+    if crows:
+        md += ["drstream's store requests over the load (ship's PUTs, apply's GETs) and what "
+               "they would cost a month at S3 Standard request prices ($0.005 per 1,000 PUT "
+               "or LIST, $0.0004 per 1,000 GET or HEAD, 730 hours):", "",
+               md_table(ch, crows), ""]
+        txt += ["store requests and their price:", text_table(ch, crows), ""]
     idle = [r for r in results if r["case"].startswith("idle")]
     if idle:
         fh, frows = freshness_table(idle)
