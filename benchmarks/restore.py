@@ -290,11 +290,13 @@ def s3_copy(workdir: Path) -> tuple[Any, str, dict[str, str]]:
 
 
 def check_targets(primary: Any, standby: Any, topics: list[str]) -> dict[str, Any]:
+    from drstream.connectors.kafka.common import Cluster
     from drstream.connectors.kafka.verify import partition_digests
 
     progress("checking every target topic against the primary", force=True)
-    want = {p: v for (_, p), v in partition_digests(primary.bootstrap_servers, [TOPIC]).items()}
-    got = partition_digests(standby.bootstrap_servers, topics)
+    source = partition_digests(Cluster(primary.bootstrap_servers), [TOPIC])
+    want = {p: v for (_, p), v in source.items()}
+    got = partition_digests(Cluster(standby.bootstrap_servers), topics)
     out = {}
     for topic in topics:
         have = {p: v for (t, p), v in got.items() if t == topic}

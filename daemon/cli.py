@@ -1,68 +1,128 @@
 """The `drstream` command line. Every subcommand listed here works; each takes the same config.
 
-Exit codes: 0 success, 1 the command ran and found problems (verify), 2 bad usage or
-config, 3 a runtime failure (store down, key missing).
+Exit codes: 0 success, 1 the command ran and found problems (verify, drill, status), 2
+bad usage or config (one line per bad option or field, naming it and its value; secrets
+never shown), 3 a runtime failure (names the service or object: store down, key
+missing, a cluster that does not answer). Nothing ends in a traceback, and a command
+that fails creates and deletes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from drstream.daemon import __version__, render
-from drstream.daemon.config import Config, load_config
+from drstream.daemon.config import Config, load_config, parse_config
 from drstream.daemon.errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_PROBLEMS,
     EXIT_USAGE,
+    HIDDEN,
+    MISSING,
     ConfigError,
     ConfigFieldError,
     DrstreamError,
 )
-from drstream.daemon.keyring import KeyRing, generate_key_file, load_key
+from drstream.daemon.keyring import KEY_ID_RE, KeyRing, generate_key_file, load_key
 from drstream.daemon.layout import LOGS, after_log, log_id_of
-from drstream.daemon.logging import configure_logging
-from drstream.daemon.plan import ReplayPlan, parse_duration_s, parse_time_ms
+from drstream.daemon.logging import configure_logging, get_logger, json_mode, pin
+from drstream.daemon.plan import ReplayPlan, parse_assignments, parse_duration_s, parse_time_ms
 from drstream.daemon.plugins import Connectors, installed
+from drstream.daemon.secrets import CREDENTIAL_NAME, SecretError, check_file, is_secret_ref
 from drstream.daemon.store import Store
 
+# replay --parallel: segment fetches in flight (apply.prefetch takes the same range)
+MAX_PARALLEL = 64
 
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run the command's coroutine on uvloop (the CLI is the only place that picks a loop)."""
+
+def run_async(coro: Coroutine[Any, Any, int], *, interruptible: bool = True) -> int:
+    """Run the command's coroutine on uvloop (the CLI is the only place that picks a loop).
+
+    An interruptible command (every one but ship and apply, which drain on a signal)
+    ends at once on SIGINT or SIGTERM: its client threads may be blocked in a
+    connect or metadata call for up to its timeout, and waiting them out made Ctrl-C
+    take 8-28 s. Ending without them is safe: every write drstream makes is atomic (a
+    store object, a Kafka transaction), exactly as after kill -9."""
     import uvloop
 
-    return uvloop.run(coro)
+    async def main() -> int:
+        if interruptible:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, _interrupted, sig)
+        get_logger("drstream").debug("command_started", interruptible=interruptible)
+        return await coro
+
+    return uvloop.run(main())
+
+
+def _interrupted(sig: signal.Signals) -> None:
+    _report_failure(128 + sig, f"interrupted by {sig.name}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + sig)
+
+
+# -- secrets from the command line --------------------------------------------------------
+
+
+def _refs(values: list[str] | None, option: str, name_re: str) -> dict[str, str]:
+    """`NAME=REF` arguments (--key, --credential): each REF must be a secret reference.
+    Nothing that might be a secret is ever echoed."""
+    refs = parse_assignments(values, option, name_re=name_re, secret=True)
+    for name, ref in refs.items():
+        if not is_secret_ref(ref):
+            raise ConfigFieldError(f"{option} {name}", HIDDEN, "must be a secret reference: "
+                                   "env:NAME, file:/absolute/path or credential:NAME")
+    return refs
+
+
+def _key_refs(args: argparse.Namespace) -> dict[str, str]:
+    return _refs(getattr(args, "key", None), "--key", KEY_ID_RE.pattern)
+
+
+def _credential_refs(args: argparse.Namespace) -> dict[str, str]:
+    return _refs(getattr(args, "credential", None), "--credential", CREDENTIAL_NAME)
+
+
+def _config(args: argparse.Namespace, connectors: Connectors) -> Config:
+    """--config, with --key / --credential overriding the references it names; its
+    logging section takes effect (the command line's --log-* win)."""
+    config = load_config(args.config, connectors, keys=_key_refs(args),
+                         credentials=_credential_refs(args))
+    configure_logging(config.logging.level, config.logging.format)
+    return config
 
 
 def keyring_from_config(config: Config) -> KeyRing:
-    """Every key of the config's key ring; a key that cannot be loaded is a config error
-    naming its field."""
-    keys = {}
-    for key_id, ref in config.keyring.keys.items():
+    """Every key of the config's key ring; every key that cannot be loaded is reported,
+    each as a config error naming its field."""
+    return _keyring(config.keyring.keys, config.keyring.active, "keyring.keys.")
+
+
+def _keyring(refs: dict[str, str], active: str, field: str) -> KeyRing:
+    keys, errors = {}, []
+    for key_id, ref in refs.items():
         try:
             keys[key_id] = load_key(ref)
         except DrstreamError as e:
-            raise ConfigError(
-                "keyring", [ConfigFieldError(f"keyring.keys.{key_id}", ref, str(e))]
-            ) from e
-    return KeyRing(keys, config.keyring.active)
+            errors.append(ConfigFieldError(f"{field}{key_id}", ref, str(e)))
+    if errors:
+        raise ConfigError("keyring", errors)
+    return KeyRing(keys, active)
 
 
-def keyring_from_args(specs: list[str]) -> KeyRing:
-    """`--key ID=REF` (repeatable; the first is active)."""
-    refs: dict[str, str] = {}
-    for spec in specs:
-        key_id, sep, ref = spec.partition("=")
-        if not sep:
-            raise ConfigError("--key", [ConfigFieldError("--key", spec, "expected ID=REF")])
-        refs[key_id] = ref
-    return KeyRing.from_refs(refs, next(iter(refs)))
+# -- output --------------------------------------------------------------------------------
 
 
 def _emit(lines: list[str]) -> None:
@@ -74,16 +134,42 @@ def _emit_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2, default=str))
 
 
+def _report_failure(code: int, message: str, fields: list[str] | None = None) -> None:
+    """The command's last word on stderr: `drstream: ...` on a terminal, one JSON line in
+    JSON mode (every stderr line is then JSON)."""
+    if json_mode():
+        get_logger("drstream").error("command_failed", exit_code=code, error=message,
+                                     **({"errors": fields} if fields else {}))
+    else:
+        print(f"drstream: {message}", file=sys.stderr)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
 async def _validate(args: argparse.Namespace, connectors: Connectors) -> int:
-    config = load_config(args.config, connectors)
+    config = _config(args, connectors)
     if args.check_keys:
         keyring_from_config(config)
+    else:  # what can be checked without reading a key: files exist, owner-only
+        errors = []
+        for key_id, ref in config.keyring.keys.items():
+            try:
+                check_file(ref)
+            except SecretError as e:
+                errors.append(ConfigFieldError(f"keyring.keys.{key_id}", ref, str(e)))
+        if errors:
+            raise ConfigError(args.config, errors)
     print(f"{args.config}: ok (log_id {config.log_id}, store {config.store.type})")
     return EXIT_OK
 
 
 async def _keys_generate(args: argparse.Namespace, connectors: Connectors) -> int:
+    if not KEY_ID_RE.fullmatch(args.id):
+        raise ConfigFieldError("--id", args.id, f"a key id must match {KEY_ID_RE.pattern}")
     path = Path(args.path)
+    if os.path.lexists(path):
+        raise ConfigFieldError("PATH", str(path), "exists: a key file is never overwritten")
     generate_key_file(path)
     print(f"wrote a new 256-bit key to {path} (mode 0600)")
     print("reference it in the config as:")
@@ -95,25 +181,31 @@ async def _verify(args: argparse.Namespace, connectors: Connectors) -> int:
     from drstream.daemon.deltalog import DeltaLog
     from drstream.daemon.verify import verify_log
 
-    config = load_config(args.config, connectors) if args.config else None
+    if args.from_seq < 1 or (args.to_seq is not None and args.to_seq < args.from_seq):
+        raise ConfigFieldError("--from-seq/--to-seq", f"{args.from_seq}..{args.to_seq}",
+                               "need 1 <= --from-seq <= --to-seq")
+    keys = _key_refs(args)
+    config = _config(args, connectors) if args.config else None
     if args.url:
         store_config = connectors.store_config_from_url(args.url)
     elif config is not None:
         store_config = config.store
     else:
-        raise ConfigError("verify", [ConfigFieldError("URL", None, "give a store URL or --config")])
+        raise ConfigFieldError("URL", MISSING, "give a store URL or --config")
     keyring = None
-    if args.key:
-        keyring = keyring_from_args(args.key)
-    elif config is not None and args.deep:
+    if config is not None and (args.deep or keys):
         keyring = keyring_from_config(config)
+    elif keys:
+        keyring = _keyring(keys, next(iter(keys)), "--key ")
+    if args.deep and keyring is None:
+        raise ConfigFieldError("--deep", MISSING, "decrypts every segment: give --key ID=REF "
+                               "or --config")
     async with connectors.open_store(store_config) as store:
         log_ids = [args.log_id] if args.log_id else (
             [config.log_id] if config is not None else await _discover_logs(store)
         )
         if not log_ids:
-            print(f"no logs under {store.url}", file=sys.stderr)
-            return EXIT_PROBLEMS
+            raise ConfigFieldError("URL", store.url, "no logs in this store")
         reports = [await verify_log(DeltaLog(store, log_id), keyring=keyring, deep=args.deep,
                                     from_seq=args.from_seq, to_seq=args.to_seq,
                                     progress=render.verify_progress(), connectors=connectors)
@@ -145,37 +237,44 @@ async def _serve(args: argparse.Namespace, connectors: Connectors, role: str) ->
     from drstream.daemon.pipeline import Shipper
     from drstream.daemon.service import Factory, Service
 
-    config = load_config(args.config, connectors)
-    configure_logging(config.logging.level, config.logging.format)
-    section, factory, need = (
-        ("sources", Shipper, "ship needs a source") if role == "ship"
-        else ("sinks", functools.partial(Applier, tip_channel=True), "apply needs a sink"))
-    if not getattr(config, section):
-        raise ConfigError(args.config, [ConfigFieldError(section, [], need)])
+    config = _config(args, connectors)
+    section, factory, need = (("sources", Shipper, "ship needs a source") if role == "ship"
+                              else ("sinks", functools.partial(Applier, tip_channel=True),
+                                    "apply needs a sink"))
+    _require(config, args.config, section, need)
     keyring = keyring_from_config(config)
     component: Factory = factory
     return await Service(role, args.config, config).run(keyring, component)
 
 
-async def _status(args: argparse.Namespace, connectors: Connectors) -> int:
-    from drstream.daemon.status import status
+def _require(config: Config, path: str, section: str, why: str) -> None:
+    if not getattr(config, section):
+        raise ConfigError(path, [ConfigFieldError(section, [], why)])
 
-    config = load_config(args.config, connectors)
+
+async def _status(args: argparse.Namespace, connectors: Connectors) -> int:
+    from drstream.daemon.status import Thresholds, status
+
+    config = _config(args, connectors)
+    for flag, value in (("--max-rpo", args.max_rpo), ("--max-lag", args.max_lag)):
+        if value is not None and not 0 <= value < float("inf"):
+            raise ConfigFieldError(flag, value, "seconds, 0 or more")
     keyring = keyring_from_config(config)
     async with connectors.open_store(config.store) as store:
-        report = await status(config, store, keyring)
+        report = await status(config, store, keyring, Thresholds(args.max_rpo, args.max_lag))
     if args.json:
         _emit_json(report.to_json())
     else:
         _emit(render.status(report))
-    return EXIT_OK
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
 async def _failover(args: argparse.Namespace, connectors: Connectors) -> int:
     from drstream.daemon.status import failover
 
-    config = load_config(args.config, connectors)
-    configure_logging(config.logging.level, config.logging.format)
+    config = _config(args, connectors)
+    _require(config, args.config, "sinks", "failover applies the log to the config's sinks: "
+             "use the standby's (apply) config")
     keyring = keyring_from_config(config)
     async with connectors.open_store(config.store) as store:
         report = await failover(config, store, keyring)
@@ -188,16 +287,14 @@ async def _failover(args: argparse.Namespace, connectors: Connectors) -> int:
 
 def _log_config(args: argparse.Namespace, connectors: Connectors) -> Config:
     """--config, or --store URL + --log-id + --key (replaying a log without its config)."""
-    from drstream.daemon.config import parse_config
-
     if args.config:
-        return load_config(args.config, connectors)
+        return _config(args, connectors)
     missing = [f for f, v in (("--store", args.store), ("--log-id", args.log_id),
                               ("--key", args.key)) if not v]
     if missing:
-        raise ConfigError("arguments", [ConfigFieldError(
-            ", ".join(missing), None, "give --config, or --store, --log-id and --key")])
-    keys = dict(spec.partition("=")[::2] for spec in args.key)
+        raise ConfigFieldError(", ".join(missing), MISSING,
+                               "give --config, or --store, --log-id and --key")
+    keys = _key_refs(args)
     store = connectors.store_config_from_url(args.store).model_dump()
     return parse_config({"log_id": args.log_id, "store": store,
                          "keyring": {"active": next(iter(keys)), "keys": keys}}, "arguments",
@@ -208,11 +305,16 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+def _given(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _plan(args: argparse.Namespace, connectors: Connectors) -> ReplayPlan:
     """The replay plan of the command line: the stream (by default that of the kind whose
-    target option is given), and the options of its kind; another kind's options are
-    usage errors."""
-    given = {opt.flag: getattr(args, _dest(opt.flag)) for _, opt in connectors.stream_options()}
+    target option is given), and the options of its kind; another kind's options and
+    values that cannot work are usage errors, found before anything is read."""
+    given = {opt.flag: _given(getattr(args, _dest(opt.flag)))
+             for _, opt in connectors.stream_options()}
     stream = args.stream or _default_stream(connectors, given)
     kind = connectors.stream(stream)
     usage = []
@@ -225,35 +327,45 @@ def _plan(args: argparse.Namespace, connectors: Connectors) -> ReplayPlan:
         usage.append(ConfigFieldError(opt.flag, value, why))
     if usage:
         raise ConfigError("arguments", usage)
-    return ReplayPlan(
+    if not 1 <= args.parallel <= MAX_PARALLEL:
+        raise ConfigFieldError("--parallel", args.parallel, f"must be 1 to {MAX_PARALLEL}")
+    if args.until_seq is not None and args.until_seq < 1:
+        raise ConfigFieldError("--until-seq", args.until_seq, "segments are numbered from 1")
+    if args.until is not None and args.until_seq is not None:
+        raise ConfigFieldError("--until/--until-seq", f"{args.until} / {args.until_seq}",
+                               "give one point, a time or a seq")
+    plan = ReplayPlan(
         stream=stream, until_ms=parse_time_ms(args.until) if args.until else None,
         until_seq=args.until_seq, name=getattr(args, "name", "replay"), parallel=args.parallel,
         options={opt.flag: given[opt.flag] for opt in kind.options},
         dry_run=getattr(args, "dry_run", False))
+    kind.check(plan)
+    return plan
 
 
-def _default_stream(connectors: Connectors, given: dict[str, str | None]) -> str:
+def _default_stream(connectors: Connectors, given: dict[str, Any]) -> str:
     kinds = list(connectors.streams.values())
     chosen = next((k for k in kinds if given.get(k.traits.target_option)),
                   kinds[0] if kinds else None)
     if chosen is None:
-        raise ConfigError("arguments", [ConfigFieldError("--stream", None, "no connector "
-                                                         "offers streams to replay")])
+        raise ConfigFieldError("--stream", MISSING, "no connector offers streams to replay")
     return chosen.traits.default_stream
 
 
 async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
-    from drstream.daemon.replay import replay
+    from drstream.daemon.replay import check_log, replay
 
     config = _log_config(args, connectors)
     plan = _plan(args, connectors)
     kind = connectors.stream(plan.stream)
     if not plan.dry_run and not plan.option(kind.traits.target_option):
-        raise ConfigError("arguments", [ConfigFieldError(
-            kind.traits.target_option, None,
-            f"name the {kind.traits.target_noun} to write to, or use --dry-run")])
+        raise ConfigFieldError(kind.traits.target_option, MISSING,
+                               f"name the {kind.traits.target_noun} to write to, or use "
+                               "--dry-run")
     keyring = keyring_from_config(config)
     async with connectors.open_store(config.store) as store:
+        await check_log(store, keyring, config.log_id,
+                        "--log-id" if args.store else "log_id", plan.stream)
         result = await replay(config, store, keyring, plan,
                               render.replay_progress(kind.traits.unit))
     print(file=sys.stderr)
@@ -263,16 +375,15 @@ async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
 
 async def _drill(args: argparse.Namespace, connectors: Connectors) -> int:
     from drstream.daemon.drill import drill, drill_stamp
+    from drstream.daemon.replay import check_log
 
-    config = load_config(args.config, connectors)
+    config = _config(args, connectors)
     plan = _plan(args, connectors)
     kind = connectors.stream(plan.stream)
     keyring = keyring_from_config(config)
-    try:
-        scratch = kind.drill(plan, config.log_id, config.sinks, drill_stamp())
-    except ConfigFieldError as e:
-        raise ConfigError(args.config, [e]) from None
+    scratch = kind.drill(plan, config.log_id, config.sinks, drill_stamp())
     async with connectors.open_store(config.store) as store:
+        await check_log(store, keyring, config.log_id, "log_id", plan.stream)
         report = await drill(config, store, keyring, scratch, args.keep,
                              render.replay_progress(kind.traits.unit))
     print(file=sys.stderr)
@@ -286,12 +397,39 @@ async def _drill(args: argparse.Namespace, connectors: Connectors) -> int:
 async def _prune(args: argparse.Namespace, connectors: Connectors) -> int:
     from drstream.daemon.prune import prune
 
-    config = load_config(args.config, connectors)
+    config = _config(args, connectors)
     older = parse_duration_s(args.older_than)
+    if not config.sinks and not args.no_sink_check:
+        raise ConfigError(args.config, [ConfigFieldError(
+            "sinks", [], "prune keeps every segment a sink has not applied, and this config "
+            "has none (a ship config?): run it with the standby's (apply) config, or give "
+            "--no-sink-check to prune by age alone")])
     async with connectors.open_store(config.store) as store:
         result = await prune(config, store, older, dry_run=args.dry_run)
     _emit(render.prune(config.log_id, result, args.dry_run))
     return EXIT_OK
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+
+def _add_secret_args(p: argparse.ArgumentParser, *, keys: bool = True) -> None:
+    """How an operator hands over what the service gets from systemd credentials."""
+    if keys:
+        p.add_argument("--key", action="append", default=[], metavar="ID=REF",
+                       help="load key ID from REF instead of the config's reference, e.g. "
+                       "k1=file:/etc/drstream/k1.key where the config says "
+                       "credential:drstream-k1 (repeatable; a new ID joins the key ring)")
+    p.add_argument("--credential", action="append", default=[], metavar="NAME=REF",
+                   help="resolve every credential:NAME of the config (store keys, Kafka "
+                   "secret_properties) from REF instead, e.g. "
+                   "kafka-password=file:/etc/drstream/kafka.pw (repeatable)")
+
+
+def _add_config(p: argparse.ArgumentParser, *, required: bool = True,
+                keys: bool = True, help: str = "path of the YAML config") -> None:
+    p.add_argument("--config", required=required, help=help)
+    _add_secret_args(p, keys=keys)
 
 
 def _add_replay_args(p: argparse.ArgumentParser, connectors: Connectors,
@@ -302,7 +440,7 @@ def _add_replay_args(p: argparse.ArgumentParser, connectors: Connectors,
                    "segments written (when the change was observed) at or before it")
     p.add_argument("--until-seq", type=int, metavar="N", help="segments up to N (inclusive)")
     p.add_argument("--parallel", type=int, default=4, metavar="N",
-                   help="segment fetches in flight (applied in order)")
+                   help=f"segment fetches in flight, 1 to {MAX_PARALLEL} (applied in order)")
     if not stream_options:
         return
     kinds = list(connectors.streams.values())
@@ -311,7 +449,10 @@ def _add_replay_args(p: argparse.ArgumentParser, connectors: Connectors,
     p.add_argument("--stream", default=None,
                    help=f"stream in the log to replay (default {default})")
     for _, opt in connectors.stream_options():
-        p.add_argument(opt.flag, metavar=opt.metavar, help=opt.help)
+        if opt.repeat:
+            p.add_argument(opt.flag, metavar=opt.metavar, help=opt.help, action="append")
+        else:
+            p.add_argument(opt.flag, metavar=opt.metavar, help=opt.help)
 
 
 STREAM_COMMANDS = ("replay", "drill")
@@ -322,6 +463,7 @@ HANDLERS: dict[str, Handler] = {
     "apply": functools.partial(_serve, role="apply"), "status": _status, "failover": _failover,
     "replay": _replay, "drill": _drill, "prune": _prune,
 }
+SERVICES = ("ship", "apply")  # drain on a signal instead of ending at once
 
 
 def build_parser(connectors: Connectors, *, stream_options: bool = True
@@ -330,34 +472,41 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     stream kind (those import every connector)."""
     parser = argparse.ArgumentParser(
         prog="drstream",
-        description="Disaster-recovery replication through an encrypted, hash-chained delta log.",
+        description="Disaster-recovery replication through an encrypted, hash-chained delta "
+        "log. Exit codes: 0 ok, 1 problems found (verify, drill, status), 2 bad usage or "
+        "config, 3 runtime failure.",
     )
     parser.add_argument("--version", action="version", version=f"drstream {__version__}")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    parser.add_argument("--log-level", default=None,
+                        choices=["debug", "info", "warning", "error"],
+                        help="wins over the config's logging.level (default info)")
+    parser.add_argument("--log-format", default=None, choices=["auto", "json", "console"],
+                        help="wins over the config's logging.format (default auto: console "
+                        "on a terminal, else JSON lines, the command's error line included)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a config file; exit 2 with every error found")
     p.add_argument("config", help="path of the YAML config")
     p.add_argument("--check-keys", action="store_true",
-                   help="also load every key of the key ring (file modes, sizes)")
+                   help="also load every key of the key ring (without it, key files are "
+                   "checked for existence and mode only)")
+    _add_secret_args(p)
     p.set_defaults(handler="validate")
 
     keys = sub.add_parser("keys", help="manage encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     p = keys_sub.add_parser("generate", help="write a new random 256-bit key file (mode 0600)")
     p.add_argument("path", help="where to write the key; an existing file is never overwritten")
-    p.add_argument("--id", default="k1", help="key id to show in the config snippet")
+    p.add_argument("--id", default="k1",
+                   help="key id to show in the config snippet ([A-Za-z0-9._-], up to 64)")
     p.set_defaults(handler="keys generate")
 
     p = sub.add_parser("verify", help="walk a log's hash chain; --deep also checks every MAC")
     p.add_argument("url", nargs="?", help="store URL (file:///path, s3://bucket/prefix)")
-    p.add_argument("--config", help="take store, log_id and keys from this config")
+    _add_config(p, required=False, help="take store, log_id and keys from this config")
     p.add_argument("--log-id", help="verify only this log (default: every log in the store)")
-    p.add_argument("--key", action="append", default=[], metavar="ID=REF",
-                   help="a key for --deep, e.g. k1=file:/etc/drstream/k1.key (repeatable)")
-    p.add_argument("--deep", action="store_true", help="decrypt and decode every segment")
+    p.add_argument("--deep", action="store_true",
+                   help="decrypt and decode every segment (needs the keys: --config or --key)")
     p.add_argument("--from-seq", type=int, default=1, metavar="N")
     p.add_argument("--to-seq", type=int, default=None, metavar="N")
     p.add_argument("--json", action="store_true", help="machine-readable report")
@@ -371,14 +520,19 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--config", required=True, help="path of the YAML config")
     p.set_defaults(handler="apply")
 
-    p = sub.add_parser("status", help="ship lag, durable head, applied seq, apply lag, RPO")
-    p.add_argument("--config", required=True, help="path of the YAML config")
+    p = sub.add_parser("status", help="durable head, ship lag and RPO per source, apply lag "
+                       "per sink; exit 1 on a problem (unreachable, over a threshold)")
+    _add_config(p)
+    p.add_argument("--max-rpo", type=float, metavar="SECONDS",
+                   help="a problem when a stream's RPO is unknown or over this")
+    p.add_argument("--max-lag", type=float, metavar="SECONDS",
+                   help="a problem when a sink's apply lag is over this")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler="status")
 
     p = sub.add_parser("failover", help="apply every durable segment, sync consumer-group "
                        "offsets, report and record the final RPO")
-    p.add_argument("--config", required=True, help="path of the YAML config")
+    _add_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler="failover")
 
@@ -387,8 +541,7 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--config", help="take store, log_id and keys from this config")
     p.add_argument("--store", metavar="URL", help="or: the store URL (file://, s3://)")
     p.add_argument("--log-id", help="with --store: the log to replay")
-    p.add_argument("--key", action="append", default=[], metavar="ID=REF",
-                   help="with --store: a key (repeatable), e.g. k1=file:/etc/drstream/k1.key")
+    _add_secret_args(p)
     _add_replay_args(p, connectors, stream_options)
     p.add_argument("--name", default="replay",
                    help="names this replay's checkpoint: rerun with the same name to resume")
@@ -397,46 +550,57 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
 
     p = sub.add_parser("drill", help="replay into scratch topics (or a scratch registry "
                        "with --target-mlflow), compare with the log, report RTO/RPO; exit 1 on "
-                       "any mismatch")
-    p.add_argument("--config", required=True, help="path of the YAML config")
+                       "any mismatch or bad segment, 3 when the target cannot be reached")
+    _add_config(p)
     _add_replay_args(p, connectors, stream_options)
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch topics (or the models in the scratch registry)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler="drill")
 
-    p = sub.add_parser("prune", help="delete old segments no reader still needs")
-    p.add_argument("--config", required=True, help="path of the YAML config")
+    p = sub.add_parser("prune", help="delete old segments no sink of the config still needs")
+    _add_config(p, keys=False, help="the standby's (apply) config: its sinks' progress "
+                "decides what may go")
     p.add_argument("--older-than", required=True, metavar="DURATION",
                    help="e.g. 7d, 12h: only segments written before now minus this")
     p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    p.add_argument("--no-sink-check", action="store_true",
+                   help="allow a config without sinks: prune by age and the head alone, "
+                   "whatever a standby has applied")
     p.set_defaults(handler="prune")
+
     return parser
 
 
 def main(argv: list[str] | None = None, connectors: Connectors | None = None) -> int:
     """The command line; `connectors` default to the installed ones (entry points)."""
-    connectors = connectors if connectors is not None else installed()
-    words = sys.argv[1:] if argv is None else argv
-    # Only replay and drill take every stream kind's options: other commands (ship,
-    # apply) then import just the connectors their config names.
-    streams = any(w in STREAM_COMMANDS for w in words)
-    args = build_parser(connectors, stream_options=streams).parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
     try:
-        code: int = run_async(HANDLERS[args.handler](args, connectors))
+        connectors = connectors if connectors is not None else installed()
+        words = sys.argv[1:] if argv is None else argv
+        # Only replay and drill take every stream kind's options: other commands (ship,
+        # apply) then import just the connectors their config names.
+        streams = any(w in STREAM_COMMANDS for w in words)
+        args = build_parser(connectors, stream_options=streams).parse_args(argv)
+        pin(args.log_level, args.log_format)
+        configure_logging()
+        code: int = run_async(HANDLERS[args.handler](args, connectors),
+                              interruptible=args.handler not in SERVICES)
     except ConfigError as e:
-        print(f"drstream: {e}", file=sys.stderr)
+        _report_failure(EXIT_USAGE, str(e), [str(f) for f in e.errors])
         return EXIT_USAGE
     except ConfigFieldError as e:
-        print(f"drstream: invalid argument: {e}", file=sys.stderr)
+        _report_failure(EXIT_USAGE, f"invalid argument: {e}")
         return EXIT_USAGE
     except DrstreamError as e:
-        print(f"drstream: error: {e}", file=sys.stderr)
+        _report_failure(EXIT_FAILURE, f"error: {e}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print("drstream: interrupted", file=sys.stderr)
+        _report_failure(130, "interrupted")
         return 130
+    except Exception as e:  # a bug or an unwrapped library error: one line, exit 3
+        get_logger("drstream").debug("unexpected_error", exc_info=True)
+        _report_failure(EXIT_FAILURE, f"error: unexpected {type(e).__name__}: {e}")
+        return EXIT_FAILURE
     return code
 
 

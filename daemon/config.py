@@ -10,7 +10,7 @@ connector registry it was validated with, so whatever it builds later uses the s
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,7 +35,14 @@ from drstream.daemon.keyring import KEY_ID_RE
 from drstream.daemon.layout import LOG_ID_PATTERN
 from drstream.daemon.logging import LogFormat, LogLevel
 from drstream.daemon.metrics import DEFAULT_STALL_AFTER_S
-from drstream.daemon.plugins import ConnectorConfig, Connectors, Context, installed
+from drstream.daemon.plugins import (
+    MAX_SECONDS,
+    ConnectorConfig,
+    Connectors,
+    Context,
+    ListenAddress,
+    installed,
+)
 from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 LOG_ID_FIELD = rf"^{LOG_ID_PATTERN}$"
@@ -46,7 +53,8 @@ DEFAULT_LOG_FORMAT: LogFormat = "auto"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf and nan are YAML floats too: no duration or size may be one
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _secret_ref(value: str) -> str:
@@ -113,14 +121,15 @@ class ShipConfig(Strict):
                                     description="cut a segment this long after its first "
                                                 "record even while an upload is in flight")
     max_in_flight: int = Field(DEFAULT_MAX_IN_FLIGHT, ge=1, le=64)
-    heartbeat_interval_s: float = Field(DEFAULT_HEARTBEAT_INTERVAL_S, gt=0)
+    heartbeat_interval_s: float = Field(DEFAULT_HEARTBEAT_INTERVAL_S, gt=0, le=86400)
     buffer_max_bytes: int = Field(DEFAULT_BUFFER_MAX_BYTES, ge=1 << 20,
                                   description="consumed but not yet encoded bytes before "
                                               "the source pauses its partitions")
-    drain_deadline_s: float = Field(DEFAULT_DRAIN_DEADLINE_S, gt=0)
+    drain_deadline_s: float = Field(DEFAULT_DRAIN_DEADLINE_S, gt=0, le=MAX_SECONDS)
     zstd_level: int = Field(DEFAULT_ZSTD_LEVEL, ge=-7, le=22)
     upload_retry_deadline_s: float | None = Field(
-        None, gt=0, description="give up on a segment upload after this long (default: never)"
+        None, gt=0, le=MAX_SECONDS,
+        description="give up on a segment upload after this long (default: never)"
     )
 
 
@@ -139,7 +148,7 @@ class ApplyConfig(Strict):
                               description="longest wait between probes for the next segment")
     prefetch: int = Field(DEFAULT_APPLY_PREFETCH, ge=1, le=64,
                           description="segments fetched ahead while one is applied")
-    group_sync_interval_s: float = Field(DEFAULT_GROUP_SYNC_INTERVAL_S, gt=0)
+    group_sync_interval_s: float = Field(DEFAULT_GROUP_SYNC_INTERVAL_S, gt=0, le=86400)
     batch_max_segments: int = Field(
         DEFAULT_APPLY_BATCH_MAX_SEGMENTS, ge=1, le=256,
         description="segments already fetched are committed together, up to this many "
@@ -160,12 +169,11 @@ DEFAULT_APPLY_METRICS_LISTEN = "127.0.0.1:9465"
 class ServiceConfig(Strict):
     """Running under systemd: metrics/health endpoints and readiness."""
 
-    ship_metrics_listen: str | None = Field(
-        DEFAULT_SHIP_METRICS_LISTEN, pattern=r"^[^:]*:\d+$",
+    ship_metrics_listen: ListenAddress | None = Field(
+        DEFAULT_SHIP_METRICS_LISTEN,
         description="host:port for /metrics, /healthz, /readyz of ship (null: off)")
-    apply_metrics_listen: str | None = Field(DEFAULT_APPLY_METRICS_LISTEN,
-                                             pattern=r"^[^:]*:\d+$")
-    stall_after_s: float = Field(DEFAULT_STALL_AFTER_S, gt=0,
+    apply_metrics_listen: ListenAddress | None = DEFAULT_APPLY_METRICS_LISTEN
+    stall_after_s: float = Field(DEFAULT_STALL_AFTER_S, gt=0, le=MAX_SECONDS,
                                  description="/readyz fails when the main loop is idle this long")
 
 
@@ -292,11 +300,59 @@ def parse_config(data: Any, source: str = "<config>",
         if "store" not in data:
             errors.append(ConfigFieldError("store", MISSING, "required key is missing"))
         raise ConfigError(source, errors) from None
-    errors += _region_errors(config)
+    errors += _region_errors(config) + _wiring_errors(config)
     if errors:
         raise ConfigError(source, errors)
     config._connectors = registry
     return config
+
+
+def _wiring_errors(config: Config) -> list[ConfigFieldError]:
+    """Names that must be unique (a source's stream, a sink's checkpoint) and sinks that
+    apply a stream no source of this config writes (when it has sources: a config
+    with only sinks applies a log written elsewhere)."""
+    errors = []
+    named = (("sources", [s.stream for s in config.sources], config.sources),
+             ("sinks", [s.sink_name for s in config.sinks], config.sinks))
+    for section, names, items in named:
+        seen: dict[str, int] = {}
+        for i, (name, item) in enumerate(zip(names, items, strict=True)):
+            if name is None:
+                continue
+            if name in seen:
+                errors.append(ConfigFieldError(
+                    f"{section}[{i}].name", getattr(item, "name", name),
+                    f"{section}[{seen[name]}] has this name too: each must be unique"))
+            seen.setdefault(name, i)
+    streams = [s.stream for s in config.sources if s.stream is not None]
+    if streams:
+        for i, sink in enumerate(config.sinks):
+            if sink.applies is not None and sink.applies not in streams:
+                errors.append(ConfigFieldError(f"sinks[{i}].source", sink.applies,
+                                               f"names no source of this config {streams}"))
+    return errors
+
+
+def override_secrets(data: Any, keys: Mapping[str, str],
+                     credentials: Mapping[str, str]) -> Any:
+    """The parsed YAML with the operator's overrides: `keys` (key id -> reference) replace
+    or join the key ring's references, and every `credential:NAME` value anywhere is
+    replaced by `credentials[NAME]` (a shell has no $CREDENTIALS_DIRECTORY)."""
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        if isinstance(value, str) and value.startswith("credential:"):
+            return credentials.get(value.removeprefix("credential:"), value)
+        return value
+
+    out = swap(data) if credentials else data
+    if keys and isinstance(out, dict) and isinstance(out.get("keyring"), dict):
+        ring = out["keyring"]
+        out = {**out, "keyring": {**ring, "keys": {**(ring.get("keys") or {}), **keys}}}
+    return out
 
 
 def _region_errors(config: Config) -> list[ConfigFieldError]:
@@ -317,15 +373,40 @@ def _region_errors(config: Config) -> list[ConfigFieldError]:
     return errors
 
 
-def load_config(path: str | Path, connectors: Connectors | None = None) -> Config:
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML where a key given twice in one mapping is an error, not the last one winning
+    (`log_id` twice would silently pick one log)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: the config model refuses it
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep)
+        return mapping
+
+
+def read_config_data(path: str | Path) -> Any:
+    """The parsed YAML document of a config file (not yet validated)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         reason = e.strerror or str(e)
         raise ConfigError(str(path), [ConfigFieldError("(file)", str(path), reason)]) from e
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [ConfigFieldError(
+            "(file)", MISSING, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+            f"{e.start})")]) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "(file)"
@@ -333,4 +414,11 @@ def load_config(path: str | Path, connectors: Connectors | None = None) -> Confi
         raise ConfigError(
             str(path), [ConfigFieldError(where, MISSING, f"YAML syntax: {problem}")]
         ) from e
+
+
+def load_config(path: str | Path, connectors: Connectors | None = None, *,
+                keys: Mapping[str, str] | None = None,
+                credentials: Mapping[str, str] | None = None) -> Config:
+    """The config at `path`, with the operator's secret overrides (override_secrets)."""
+    data = override_secrets(read_config_data(path), keys or {}, credentials or {})
     return parse_config(data, str(path), connectors)

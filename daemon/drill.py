@@ -5,6 +5,7 @@ to rebuild), the RPO at the drill point and every mismatch, and store the report
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 from drstream.daemon.audit import store_report
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import DeltaLog
-from drstream.daemon.errors import DrstreamError
+from drstream.daemon.errors import BlobError, DrstreamError, SegmentError
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.plugins import Drill, StreamFilter
 from drstream.daemon.replay import Progress, replay
@@ -47,15 +48,23 @@ async def drill(config: Config, store: Store, keyring: KeyRing, d: Drill, keep: 
                               "target": d.target, "until_ms": plan.until_ms,
                               "until_seq": plan.until_seq, **d.report}
     async with d:
-        started = time.monotonic()
         seen: list[StreamFilter] = []
         try:
             result = await replay(config, store, keyring, d.plan, progress, seen.append)
-        except DrstreamError as e:
-            report.update(ok=False, error=str(e), rto_s=round(time.monotonic() - started, 3))
+        except (SegmentError, BlobError) as e:
+            # The log cannot be restored from: what the drill is there to find. Reported
+            # and stored, without an RTO (nothing was rebuilt).
+            report.update(ok=False, error=str(e), rto_s=None)
             if not keep:  # what the failed replay wrote so far
                 report.update(await d.clean(seen[0] if seen else None))
             return await _finish(store, config, report, d.lines(report))
+        except DrstreamError:
+            # A runtime failure (the target or the store went away): no finding about the
+            # log, so no report is stored; the scratch target is cleaned if it can be.
+            if not keep:
+                with contextlib.suppress(DrstreamError):
+                    await d.clean(seen[0] if seen else None)
+            raise
         report["rto_s"] = round(result.seconds, 3)
         check = await d.compare(result.filter)
         newest = result.filter.newest_ms

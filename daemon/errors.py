@@ -51,6 +51,9 @@ class ConfigError(DrstreamError):
     def __init__(self, source: str, errors: list[ConfigFieldError]) -> None:
         self.source = source
         self.errors = errors
+        if len(errors) == 1:  # one mistake, one line
+            super().__init__(f"invalid config {source}: {errors[0]}")
+            return
         lines = "\n".join(f"  {e}" for e in errors)
         super().__init__(f"invalid config {source}:\n{lines}")
 

@@ -36,7 +36,7 @@ from drstream.daemon import envelope
 from drstream.daemon.envelope import KEY_SIZE
 from drstream.daemon.errors import KeyRingError
 from drstream.daemon.files import write_fsynced
-from drstream.daemon.secrets import SecretError, resolve
+from drstream.daemon.secrets import SCHEMES, SecretError, resolve
 
 __all__ = [
     "HKDF_INFO_PREFIX",
@@ -168,7 +168,9 @@ def load_key(ref: str) -> bytes:
     try:
         text = resolve(ref, max_bytes=_MAX_KEY_TEXT)
     except SecretError as e:
-        raise KeyRingError(f"key {ref}: {e}") from None
+        # a value that is not a reference may be the key itself: never echo it
+        shown = ref if isinstance(ref, str) and ref.startswith(SCHEMES) else "reference"
+        raise KeyRingError(f"key {shown}: {e}") from None
     return _parse_key_text(text, ref)
 
 

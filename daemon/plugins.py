@@ -17,9 +17,9 @@ import functools
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from drstream.daemon.codec import Body
 from drstream.daemon.errors import ConfigFieldError, DrstreamError
@@ -33,15 +33,46 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "drstream.connectors"
 
+# The longest duration any config field may hold: beyond it a value is a typo (1e308,
+# seconds meant as milliseconds), and timers and client libraries overflow on it.
+MAX_SECONDS = 7 * 86400.0
+
+
+def _listen_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port with a port from 0 to 65535 (0: any free port)")
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+"""host:port to listen on."""
+
 
 class ConnectorConfig(BaseModel):
     """What the core reads of any connector's config section; the connector's own model
     (registered with its type) adds and checks everything else."""
 
-    model_config = ConfigDict(extra="forbid")
+    # .inf and nan are YAML floats too: no duration or size may be one
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: str
     region: str | None = None  # where it runs, for the allowed_regions guard
+
+    @property
+    def stream(self) -> str | None:
+        """A source section: the stream it writes into the log ("kafka:primary")."""
+        return None
+
+    @property
+    def applies(self) -> str | None:
+        """A sink section: the stream of the log it applies."""
+        return None
+
+    @property
+    def sink_name(self) -> str | None:
+        """A sink section: the name its checkpoint is kept under ("kafka:standby")."""
+        return None
 
 
 C = TypeVar("C", bound=ConnectorConfig)
@@ -92,6 +123,7 @@ class ReplayOption:
     metavar: str | None = None
     why: str = ""  # what it does, said when it is given for another kind's stream
     default: str | None = None  # the value that counts as "not given"
+    repeat: bool = False  # may be given several times (its values are a tuple)
 
 
 class StreamFilter(Protocol):
@@ -180,6 +212,11 @@ class StreamKind(Protocol):
                      first: Callable[[], Awaitable[tuple[int, Any] | None]]) -> StreamFilter:
         """The replay filter; `first()` reads (seq, this stream's positions) of the oldest
         stored segment when the log was pruned (None when it was not)."""
+        ...
+
+    def check(self, plan: ReplayPlan) -> None:
+        """Refuse, before anything is read, options of the plan that cannot work (a bad
+        regex or template, a malformed property): ConfigFieldError naming the option."""
         ...
 
     def target(self, plan: ReplayPlan, sink_name: str) -> ConnectorConfig:

@@ -29,8 +29,10 @@ async def prune(config: Config, store: Store, older_than_s: float, *,
                 dry_run: bool = False) -> PruneResult:
     """Delete the oldest segments written before now - older_than_s, as a prefix only
     (the log stays contiguous), never the head (it holds the newest position map), never
-    one a sink has not applied yet (nor the one it applied last: apply re-reads it to
-    check the chain on restart), never one still under Object Lock retention."""
+    one a sink of `config` has not applied yet (nor the one it applied last: apply re-reads
+    it to check the chain on restart), never one still under Object Lock retention.
+    A config without sinks protects no apply: the command line refuses one unless told
+    to prune by age alone."""
     log_ = DeltaLog(store, config.log_id)
     first, head = await log_.first_seq(), await log_.head_seq()
     result = PruneResult(first, head, None)
@@ -58,7 +60,8 @@ async def prune(config: Config, store: Store, older_than_s: float, *,
             await store.delete(log_.key(seq))
         result.deleted.append(seq)
     result.kept_reason = why
-    log.info("prune_done", log_id=config.log_id, deleted=len(result.deleted), reason=why)
+    counted = {"would_delete" if dry_run else "deleted": len(result.deleted)}
+    log.info("prune_done", log_id=config.log_id, dry_run=dry_run, reason=why, **counted)
     return result
 
 

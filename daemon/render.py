@@ -25,9 +25,16 @@ def age(ms: int | None) -> str:
     return "-" if ms is None else f"{iso(ms)} ({(time.time() * 1000 - ms) / 1000:.1f}s ago)"
 
 
+def seconds(value: float | None, digits: int = 2) -> str:
+    """A duration in seconds for a person; None is "unknown", never "Nones"."""
+    return "unknown" if value is None else f"{value:.{digits}f}s"
+
+
 def verify(report: Report) -> list[str]:
+    span = (f" (seq {report.first_seq}..{report.last_seq})"
+            if report.first_seq is not None and report.last_seq is not None else "")
     out = [f"log {report.log_id}: {'OK' if report.ok else 'FAILED'}",
-           f"  segments   {report.segments} (seq {report.first_seq}..{report.last_seq}), "
+           f"  segments   {report.segments}{span}, "
            f"{report.stored_bytes / 2**20:.2f} MiB stored"]
     if report.first_created_ms is not None and report.last_created_ms is not None:
         out.append(f"  written    {iso(report.first_created_ms)} .. "
@@ -49,22 +56,29 @@ def verify(report: Report) -> list[str]:
 
 
 def status(r: StatusReport) -> list[str]:
-    out = [f"log {r.log_id} at {r.store}",
-           f"  durable head   seq {r.durable_head_seq}, written {age(r.head_written_at_ms)}"]
+    head = ("no segments yet" if r.durable_head_seq is None else
+            f"seq {r.durable_head_seq}, written {age(r.head_written_at_ms)}")
+    out = [f"log {r.log_id} at {r.store}: {'OK' if r.ok else 'PROBLEMS'}",
+           f"  durable head   {head}"]
     out += [_stream_status(stream, s) for stream, s in r.streams.items()]
     for sink, s in r.sinks.items():
-        lag = "-" if s["apply_lag_s"] is None else f"{s['apply_lag_s']:.2f}s"
+        if not s["reachable"]:
+            out.append(f"  {sink:<14} UNREACHABLE ({s['error']})")
+            continue
+        behind = "-" if s["apply_lag_segments"] is None else s["apply_lag_segments"]
+        lag = "-" if s["apply_lag_s"] is None else seconds(s["apply_lag_s"])
         out.append(f"  {sink:<14} applied seq {s['applied_seq']}, "
-                   f"{s['apply_lag_segments']} segments behind, apply lag {lag}")
+                   f"{behind} segments behind, apply lag {lag}")
+    out += [f"  PROBLEM        {p}" for p in r.problems]
     return out
 
 
 def _stream_status(stream: str, s: dict[str, Any]) -> str:
     if not s["reachable"]:
         return (f"  {stream:<14} UNREACHABLE ({s['error']}); RPO <= "
-                f"{s['rpo_s_upper_bound']}s (last heartbeat)")
+                f"{seconds(s['rpo_s_upper_bound'], 1)} (since the last segment)")
     rpo = "unknown (pending changes carry no time)" if s["rpo_s"] is None \
-        else f"{s['rpo_s']:.2f}s"
+        else seconds(s["rpo_s"])
     return f"  {stream:<14} pending {s['pending_records']} records, ship lag / RPO {rpo}"
 
 
@@ -77,7 +91,8 @@ def failover(r: FailoverReport) -> list[str]:
                        f"{s['records_not_replicated']} records not replicated")
         else:
             out.append(f"  {stream}: primary unreachable; last heartbeat "
-                       f"{age(s['last_heartbeat_ms'])}; RPO <= {s['rpo_s_upper_bound']}s")
+                       f"{age(s['last_heartbeat_ms'])}; RPO <= "
+                       f"{seconds(s['rpo_s_upper_bound'], 1)}")
     for sink, groups in r.groups_committed.items():
         out.append(f"  {sink}: group offsets committed for {sorted(groups) or 'no groups'}")
     out.append(f"  audit record: {r.audit_object}")
@@ -95,7 +110,7 @@ def drill(report: DrillReport) -> list[str]:
     r = report.doc
     out = [f"drill of log {r['log_id']} into {r['target']}: "
            f"{'PASSED' if r['ok'] else 'FAILED'}",
-           f"  RTO (time to rebuild)  {r['rto_s']}s"]
+           f"  RTO (time to rebuild)  {seconds(r['rto_s'], 3)}"]
     if "error" in r:
         out.append(f"  error                  {r['error']}")
     return [*out, *report.lines, f"  report                 {r['audit_object']}"]
@@ -137,6 +152,7 @@ def replay_progress(unit: str) -> Progress:
     show = _throttled(lambda _: 0.0)
 
     def line(seq: int, end: int, records: int, nbytes: int, elapsed: float) -> None:
+        seq, end = max(seq, 0), max(end, 0)
         pct = 100.0 * seq / end if end else 100.0
         rate = nbytes / elapsed / 2**20 if elapsed > 0 else 0.0
         eta = elapsed * (end - seq) / seq if seq else 0.0

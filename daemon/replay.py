@@ -20,7 +20,7 @@ from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import Body
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import DeltaLog
-from drstream.daemon.errors import DrstreamError
+from drstream.daemon.errors import ConfigFieldError, DrstreamError
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.plan import ReplayPlan
@@ -94,6 +94,36 @@ async def pruned_start(store: Store, keyring: KeyRing, log_id: str, stream: str
         raise DrstreamError(f"replay: segment {first} of log {log_id} vanished while starting")
     _, manifest = read_manifest(data, keyring, expect_log_id=log_id, expect_seq=first)
     return first, manifest.positions.get(stream, {})
+
+
+async def streams_of(store: Store, keyring: KeyRing, log_id: str) -> list[str]:
+    """The streams the log holds: those of its oldest and of its newest segment's
+    position maps (every manifest names every stream its shipper tracked). Empty when
+    the log has no segment."""
+    log_ = DeltaLog(store, log_id)
+    seqs = {await log_.first_seq(), await log_.head_seq()} - {None}
+    found: set[str] = set()
+    for seq in seqs:
+        assert seq is not None
+        data = await log_.fetch(seq)
+        if data is not None:
+            _, manifest = await asyncio.to_thread(read_manifest, data, keyring,
+                                                  expect_log_id=log_id, expect_seq=seq)
+            found.update(manifest.positions)
+    return sorted(found)
+
+
+async def check_log(store: Store, keyring: KeyRing, log_id: str, log_option: str,
+                    stream: str | None = None) -> None:
+    """Refuse, before anything is replayed, a log that has no segment (a mistyped log id
+    or store) or that does not hold `stream` (a mistyped --stream): ConfigFieldError
+    naming the option."""
+    streams = await streams_of(store, keyring, log_id)
+    if not streams:
+        raise ConfigFieldError(log_option, log_id, f"no segments of this log in {store.url}")
+    if stream is not None and stream not in streams:
+        raise ConfigFieldError("--stream", stream, f"log {log_id} holds no such stream "
+                               f"(streams: {', '.join(streams)})")
 
 
 async def replay(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan,

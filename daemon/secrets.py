@@ -21,7 +21,7 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from drstream.daemon.errors import ConfigFieldError, DrstreamError
+from drstream.daemon.errors import HIDDEN, ConfigFieldError, DrstreamError
 
 CREDENTIAL_NAME: Final = r"[A-Za-z0-9._@:-]{1,255}"
 SECRET_REF_RE = re.compile(
@@ -99,10 +99,30 @@ def resolve(ref: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
         if not directory:
             raise SecretError(
                 "environment variable CREDENTIALS_DIRECTORY is not set (systemd sets it when "
-                f"the unit has LoadCredential={name}:...)")
+                f"the unit has LoadCredential={name}:...; from a shell, give the file with "
+                f"--credential {name}=file:/path, or a key with --key ID=file:/path)")
         return _read_private_file(os.path.join(directory, name), max_bytes)
-    raise SecretError(f"unknown secret reference {kind!r}: valid forms are "
-                      + ", ".join(f"{s}..." for s in SCHEMES))
+    # Never echo it: a value that is not a reference may be the secret itself.
+    raise SecretError("not a secret reference (value hidden: it may be the secret itself); "
+                      "valid forms are " + ", ".join(f"{s}..." for s in SCHEMES))
+
+
+def check_file(ref: str) -> None:
+    """For a `file:` reference, what can be checked without reading the secret: the file
+    exists, is a regular file and only its owner may read it. Other kinds pass (they
+    resolve only where the service runs)."""
+    kind, _, path = ref.partition(":")
+    if kind != "file" or not path:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SecretError(f"file {path} does not exist") from None
+    except OSError as e:
+        raise SecretError(f"cannot stat {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SecretError(f"{path} is not a regular file")
+    check_private_mode(path, st.st_mode)
 
 
 def read_secret_bytes(ref: str, field: str) -> bytes:
@@ -110,7 +130,8 @@ def read_secret_bytes(ref: str, field: str) -> bytes:
     try:
         return resolve(ref)
     except SecretError as e:
-        raise ConfigFieldError(field, ref, f"cannot read secret: {e}") from e
+        shown = ref if ref.startswith(SCHEMES) else HIDDEN
+        raise ConfigFieldError(field, shown, f"cannot read secret: {e}") from e
 
 
 def read_secret(ref: str, field: str) -> str:

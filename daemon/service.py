@@ -51,6 +51,13 @@ Factory = Callable[[Config, Store, KeyRing], Component]
 FROZEN_ON_RELOAD = ("log_id", "store", "keyring")
 
 
+def _exit_now(code: int) -> None:
+    """End the process without waiting for client threads blocked in a library call."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class Service:
     def __init__(self, role: str, config_path: str, config: Config) -> None:
         self.role = role
@@ -112,11 +119,18 @@ class Service:
 
     def _on_stop(self, signame: str) -> None:
         if self.stop.is_set():
-            print(f"drstream: second {signame}: exiting without draining", file=sys.stderr)
-            os._exit(EXIT_FAILURE)
+            log.warning("second_stop_signal", signal=signame, action="exit without draining")
+            _exit_now(EXIT_FAILURE)
         log.info("stop_requested", signal=signame)
         self.notifier.stopping()
         self.stop.set()
+        started = self.component is not None and self.component.ready.is_set()
+        if not started:
+            # Still starting: nothing read, nothing to drain. A connect blocked on a broker
+            # that does not answer would otherwise hold the stop for connect_timeout_s and
+            # end in exit 3, leaving `systemctl stop` with a failed unit.
+            log.info("stopped_while_starting", role=self.role)
+            _exit_now(0)
 
     def _on_reload(self) -> None:
         self.notifier.reloading()

@@ -17,6 +17,7 @@ from drstream.daemon.audit import store_report
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import DeltaLog
+from drstream.daemon.errors import DrstreamError
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.records import Checkpoint
@@ -61,10 +62,19 @@ async def probe_sources(config: Config, positions: dict[str, Any],
     return out
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """What `status` treats as a problem besides an unreachable source or sink (None: not
+    checked): a stream's RPO and a sink's apply lag, in seconds."""
+
+    max_rpo_s: float | None = None
+    max_lag_s: float | None = None
+
+
 @dataclass
 class StatusReport:
     """`drstream status`: the log head, each stream's ship lag and RPO, each sink's apply
-    lag (its JSON is `to_json()`, field for field)."""
+    lag, and the problems found (its JSON is `to_json()`, field for field)."""
 
     log_id: str
     store: str
@@ -73,9 +83,14 @@ class StatusReport:
     head_age_s: float | None
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "ok": self.ok}
 
 
 @dataclass
@@ -101,35 +116,86 @@ class FailoverReport:
         return doc
 
 
-async def status(config: Config, store: Store, keyring: KeyRing) -> StatusReport:
-    """Per stream: ship lag and RPO estimate; per sink: applied seq and apply lag."""
+async def status(config: Config, store: Store, keyring: KeyRing,
+                 thresholds: Thresholds = Thresholds()) -> StatusReport:
+    """Per stream: ship lag and RPO estimate; per sink: applied seq and apply lag; the
+    problems (an unreachable source or sink, a threshold passed)."""
+    blobs = BlobStore(store, config.log_id, keyring)
+    # Checkpoints before the head: apply only applies what is durable, so a head read
+    # after them is never behind them (read the other way round, a heartbeat landing in
+    # between showed a standby ahead of the log: a negative lag).
+    checkpoints = await peek_each(config, blobs)
     head = await read_head(DeltaLog(store, config.log_id), keyring)
     now = now_ms()
     report = StatusReport(
         log_id=config.log_id, store=store.url, durable_head_seq=head.seq,
         head_written_at_ms=head.created_at_ms,
         head_age_s=None if head.created_at_ms is None else (now - head.created_at_ms) / 1000)
-    blobs = BlobStore(store, config.log_id, keyring)
     for stream, probe in (await probe_sources(config, head.positions, blobs)).items():
         report.streams[stream] = _stream_status(probe, head, now)
-    for name, cp in (await peek_checkpoints(config, blobs)).items():
-        report.sinks[name] = {
-            "applied_seq": cp.seq,
-            "apply_lag_segments": None if head.seq is None else head.seq - cp.seq,
-            "apply_lag_s": None if head.created_at_ms is None or not cp.created_at_ms
-            else max(0.0, (head.created_at_ms - cp.created_at_ms) / 1000),
-            "newest_applied_record_ms": cp.max_record_ms,
-        }
+    for name, cp in checkpoints.items():
+        report.sinks[name] = _sink_status(cp, head)
+    report.problems = _problems(report, thresholds)
     return report
+
+
+def _sink_status(cp: Checkpoint | DrstreamError, head: LogHead) -> dict[str, Any]:
+    if isinstance(cp, DrstreamError):
+        return {"reachable": False, "error": str(cp)}
+    return {
+        "reachable": True,
+        "applied_seq": cp.seq,
+        "apply_lag_segments": None if head.seq is None else max(0, head.seq - cp.seq),
+        "apply_lag_s": None if head.created_at_ms is None or not cp.created_at_ms
+        else max(0.0, (head.created_at_ms - cp.created_at_ms) / 1000),
+        "newest_applied_record_ms": cp.max_record_ms,
+    }
+
+
+def _problems(r: StatusReport, t: Thresholds) -> list[str]:
+    out = []
+    for stream, s in r.streams.items():
+        if not s["reachable"]:
+            out.append(f"{stream}: source unreachable ({s['error']})")
+        rpo = s["rpo_s"] if s["reachable"] else s["rpo_s_upper_bound"]
+        if t.max_rpo_s is not None and (rpo is None or rpo > t.max_rpo_s):
+            shown = "unknown" if rpo is None else f"{rpo:.1f}s"
+            out.append(f"{stream}: RPO {shown} is over --max-rpo {t.max_rpo_s:g}s")
+    for sink, s in r.sinks.items():
+        if not s["reachable"]:
+            out.append(f"{sink}: sink unreachable ({s['error']})")
+            continue
+        lag = s["apply_lag_s"]
+        if lag is None and r.durable_head_seq is not None and not s["applied_seq"]:
+            lag = r.head_age_s  # nothing applied yet: behind since the log began at least
+        if t.max_lag_s is not None and lag is not None and lag > t.max_lag_s:
+            out.append(f"{sink}: apply lag {lag:.1f}s ({s['apply_lag_segments']} segments) "
+                       f"is over --max-lag {t.max_lag_s:g}s")
+    return out
+
+
+async def peek_each(config: Config, blobs: BlobStore | None = None
+                    ) -> dict[str, Checkpoint | DrstreamError]:
+    """Each configured sink's committed checkpoint, read without fencing a running apply,
+    or why it could not be read."""
+    out: dict[str, Checkpoint | DrstreamError] = {}
+    for s in config.sinks:
+        async with config.connectors.sink(s, config.context(blobs)) as sink:
+            try:
+                out[sink.name] = await sink.peek()
+            except DrstreamError as e:
+                out[sink.name] = e
+    return out
 
 
 async def peek_checkpoints(config: Config,
                            blobs: BlobStore | None = None) -> dict[str, Checkpoint]:
-    """Each configured sink's committed checkpoint, read without fencing a running apply."""
+    """Each configured sink's committed checkpoint; the first that cannot be read raises."""
     out = {}
-    for s in config.sinks:
-        async with config.connectors.sink(s, config.context(blobs)) as sink:
-            out[sink.name] = await sink.peek()
+    for name, cp in (await peek_each(config, blobs)).items():
+        if isinstance(cp, DrstreamError):
+            raise cp
+        out[name] = cp
     return out
 
 

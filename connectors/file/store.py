@@ -132,19 +132,18 @@ class FileStore(Starting):
         return f"FileStore({self.url})"
 
     async def start(self) -> None:
-        """Create the root directory (durably) unless it exists."""
+        """Check the root: a directory, or nothing yet. It is created (durably) with the
+        first object written, so a reader given a mistyped path creates nothing."""
         if not self._started:
-            await asyncio.to_thread(self._open_root)
+            await asyncio.to_thread(self._check_root)
             self._started = True
 
     async def close(self) -> None:
         self._started = False  # nothing is held open between calls
 
-    def _open_root(self) -> None:
-        try:
-            _makedirs_durable(self.root)
-        except OSError as e:
-            raise StoreError(f"store {self.url}: cannot create root directory: {e}") from e
+    def _check_root(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {self.url}: the root is not a directory")
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))

@@ -6,14 +6,16 @@ import re
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from drstream.connectors.kafka.common import combined_error, property_errors
 from drstream.daemon.plugins import ConnectorConfig
 from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 DEFAULT_DISCOVERY_INTERVAL_S = 5.0
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
 DEFAULT_CONSUME_BATCH = 2000
+MAX_CONNECT_TIMEOUT_S = 3600.0
 # Internal topics are never replicated, whatever the include list says.
 ALWAYS_EXCLUDED = (r"__.*", r"_confluent.*", r"drstream\..*")
 
@@ -60,17 +62,36 @@ class _Cluster(ConnectorConfig):
     type: Literal["kafka"]
     region: str | None = Field(None, description="where the cluster runs (allowed_regions)")
     bootstrap_servers: str = Field(min_length=1)
-    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0, le=MAX_CONNECT_TIMEOUT_S)
     properties: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="extra librdkafka properties (security, tuning)")
     secret_properties: dict[str, str] = Field(
         default_factory=dict, description="librdkafka properties whose values are secrets, "
         "by reference (e.g. sasl.password: env:KAFKA_PASSWORD)")
 
+    @field_validator("properties")
+    @classmethod
+    def _known(cls, props: dict[str, str | int | float | bool]
+               ) -> dict[str, str | int | float | bool]:
+        errors = property_errors(props, secret=False)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return props
+
     @field_validator("secret_properties")
     @classmethod
     def _refs(cls, props: dict[str, str]) -> dict[str, str]:
+        errors = property_errors(props, secret=True)
+        if errors:
+            raise ValueError("; ".join(errors))
         return _check_secret_refs(props)
+
+    @model_validator(mode="after")
+    def _together(self) -> _Cluster:
+        reason = combined_error(self.properties, self.secret_properties)
+        if reason is not None:
+            raise ValueError(f"properties and secret_properties together: {reason}")
+        return self
 
 
 class KafkaSourceConfig(_Cluster):
@@ -82,7 +103,7 @@ class KafkaSourceConfig(_Cluster):
                             "used only for partitions the log has no position for")
     group_id: str | None = Field(None, description="consumer group for visibility commits "
                                  "(default drstream-<log_id>); never read back")
-    discovery_interval_s: float = Field(DEFAULT_DISCOVERY_INTERVAL_S, gt=0)
+    discovery_interval_s: float = Field(DEFAULT_DISCOVERY_INTERVAL_S, gt=0, le=86400)
     consume_batch: int = Field(DEFAULT_CONSUME_BATCH, ge=1, le=100_000)
     skip_origins: list[str] = Field(
         default_factory=lambda: ["*"], description="records that drstream applied from these "
@@ -100,9 +121,12 @@ class KafkaSourceConfig(_Cluster):
     def _start(cls, value: str) -> str:
         if value not in ("earliest", "latest"):
             try:
-                datetime.fromisoformat(value)
+                zone = datetime.fromisoformat(value).tzinfo
             except ValueError:
                 raise ValueError("must be earliest, latest or an RFC 3339 time") from None
+            if zone is None:
+                raise ValueError("the time needs a zone (Z or +hh:mm): without one it would "
+                                 "be read in the host's local time")
         return value
 
     @property
@@ -136,7 +160,7 @@ class KafkaSinkConfig(_Cluster):
     replication_factor: int = Field(-1, description="for created topics; -1: broker default")
     sync_groups: bool = Field(True, description="commit translated consumer-group offsets "
                               "for groups with no active members on this cluster")
-    transaction_timeout_s: float = Field(60.0, gt=0)
+    transaction_timeout_s: float = Field(60.0, gt=0, le=MAX_CONNECT_TIMEOUT_S)
 
     @field_validator("topic_template")
     @classmethod
@@ -146,6 +170,14 @@ class KafkaSinkConfig(_Cluster):
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"only {{topic}} and {{cluster}} may appear: {e}") from None
         return value
+
+    @property
+    def applies(self) -> str:
+        return self.source
+
+    @property
+    def sink_name(self) -> str:
+        return f"kafka:{self.name}"
 
     def target_topic(self, topic: str, cluster: str) -> str:
         return self.topic_template.format(topic=topic, cluster=cluster)

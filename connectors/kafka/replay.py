@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from drstream.connectors.kafka.common import SOURCE_OFFSET_HEADER
 from drstream.connectors.kafka.config import DEFAULT_TOPIC_TEMPLATE, KafkaSinkConfig
-from drstream.connectors.kafka.verify import delete_topics, partition_digests
+from drstream.connectors.kafka.verify import delete_topics, partition_digests, reachable
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import (
     Body,
@@ -29,7 +31,8 @@ from drstream.daemon.codec import (
     make_manifest,
     update_record_digest,
 )
-from drstream.daemon.errors import ConfigFieldError
+from drstream.daemon.errors import HIDDEN, MISSING, ConfigFieldError
+from drstream.daemon.plan import parse_assignments
 from drstream.daemon.plugins import (
     ConnectorConfig,
     DrillCheck,
@@ -45,6 +48,11 @@ if TYPE_CHECKING:
 TARGET = "--target-bootstrap"
 TOPICS = "--topics"
 RENAME = "--rename"
+PROPERTY = "--target-property"
+SECRET_PROPERTY = "--target-secret-property"
+# what each target sink field is called on the command line, in errors
+_OPTION_OF_FIELD = {"bootstrap_servers": TARGET, "topic_template": RENAME,
+                    "properties": PROPERTY, "secret_properties": SECRET_PROPERTY}
 _EMPTY = hashlib.sha256().hexdigest()
 _key, _value, _timestamp = attrgetter("key"), attrgetter("value"), attrgetter("timestamp")
 
@@ -57,14 +65,33 @@ class PartitionTally:
     digest: Any = field(default_factory=hashlib.sha256)
 
 
+def _topics_re(plan: ReplayPlan) -> re.Pattern[str] | None:
+    topics = plan.option(TOPICS)
+    try:
+        return re.compile(topics) if topics else None
+    except re.error as e:
+        raise ConfigFieldError(TOPICS, topics, f"not a regular expression: {e}") from None
+
+
+def _rename(plan: ReplayPlan) -> str:
+    """The --rename template, checked: only {topic} and {cluster} expand."""
+    rename = plan.option(RENAME, DEFAULT_TOPIC_TEMPLATE) or DEFAULT_TOPIC_TEMPLATE
+    try:
+        rename.format(topic="t", cluster="c")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigFieldError(RENAME, rename, f"only {{topic}} and {{cluster}} may appear "
+                               f"in braces ({type(e).__name__}: {e})") from None
+    return rename
+
+
 class KafkaFilter:
     """Keeps the records of the plan's stream and topics up to its time; tallies them per
     source partition (and, for drills, a checksum of each partition's records)."""
 
     def __init__(self, plan: ReplayPlan) -> None:
         self.plan = plan
-        topics = plan.option(TOPICS)
-        self.topic_re = re.compile(topics) if topics else None
+        self.topic_re = _topics_re(plan)
+        self.rename = _rename(plan)
         self.tally: dict[tuple[str, int], PartitionTally] = {}
         # Kafka sinks that open segments themselves hand this filter bodies decoded as
         # produce() arguments (ProduceBatch), with timestamps clamped to >= 0: a drill's
@@ -146,9 +173,7 @@ class KafkaFilter:
         return max((v.newest_ms or 0 for v in self.tally.values()), default=0) or None
 
     def target_topic(self, topic: str) -> str:
-        rename = self.plan.option(RENAME, DEFAULT_TOPIC_TEMPLATE)
-        assert rename is not None
-        return rename.format(topic=topic, cluster=self.plan.stream.split(":")[-1])
+        return self.rename.format(topic=topic, cluster=self.plan.stream.split(":")[-1])
 
     def lines(self, plan: ReplayPlan) -> list[str]:
         return [f"  {self.target_topic(topic)}[{p}]: {t.records} records"
@@ -158,15 +183,21 @@ class KafkaFilter:
 class KafkaDrill:
     """A drill into scratch topics `<topic>.drill-<stamp>` of one cluster."""
 
-    def __init__(self, plan: ReplayPlan, target: str, stamp: str) -> None:
-        self.target = target
+    def __init__(self, plan: ReplayPlan, cluster: KafkaSinkConfig, stamp: str) -> None:
+        self.target = cluster.bootstrap_servers
+        self.cluster = cluster  # its address, properties and secrets
         self.suffix = f".drill-{stamp}"
-        options = {**plan.options, RENAME: "{topic}" + self.suffix, TARGET: target}
+        options = {**plan.options, RENAME: "{topic}" + self.suffix, TARGET: self.target,
+                   PROPERTY: tuple(f"{k}={v}" for k, v in cluster.properties.items()),
+                   SECRET_PROPERTY: tuple(f"{k}={v}"
+                                          for k, v in cluster.secret_properties.items())}
         self.plan = dataclasses.replace(plan, name=f"drill-{stamp}", options=options,
                                         digests=True)
         self.report: dict[str, Any] = {"scratch_suffix": self.suffix}
 
     async def __aenter__(self) -> KafkaDrill:
+        # a target that does not answer fails the drill before anything is replayed
+        await asyncio.to_thread(reachable, self.cluster, self.cluster.connect_timeout_s)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -179,7 +210,7 @@ class KafkaDrill:
         assert isinstance(filt, KafkaFilter)
         expected = {(self._scratch(t), p): (v.records, v.digest.hexdigest())
                     for (t, p), v in filt.tally.items()}
-        actual = await asyncio.to_thread(partition_digests, self.target,
+        actual = await asyncio.to_thread(partition_digests, self.cluster,
                                          sorted({t for t, _ in expected}))
         mismatches = [
             {"topic": t, "partition": p, "log": expected.get((t, p)),
@@ -192,7 +223,7 @@ class KafkaDrill:
     async def clean(self, filt: StreamFilter | None) -> dict[str, Any]:
         if isinstance(filt, KafkaFilter):
             scratch = sorted({self._scratch(t) for t, _ in filt.tally})
-            await asyncio.to_thread(delete_topics, self.target, scratch)
+            await asyncio.to_thread(delete_topics, self.cluster, scratch)
         return {}
 
     def lines(self, report: dict[str, Any]) -> list[str]:
@@ -200,7 +231,7 @@ class KafkaDrill:
             return []
         out = [f"  records                {report['records']} in {report['partitions']} "
                f"partitions, through seq {report['applied_through_seq']}",
-               f"  RPO at the point       {report['rpo_at_point_s']}s",
+               f"  RPO at the point       {_rpo(report['rpo_at_point_s'])}",
                f"  mismatches             {len(report['mismatches'])}"]
         out += [f"    {m['topic']}[{m['partition']}]: log {m['log']} target {m['target']}"
                 for m in report["mismatches"][:10]]
@@ -218,6 +249,13 @@ class KafkaStreams:
                      "selects Kafka topics"),
         ReplayOption(RENAME, "target topic name, e.g. '{topic}.restored'", "TEMPLATE",
                      "renames Kafka topics", DEFAULT_TOPIC_TEMPLATE),
+        ReplayOption(PROPERTY, "a librdkafka property of the target cluster, e.g. "
+                     "security.protocol=SASL_SSL (repeatable; as `properties` in the config)",
+                     "KEY=VALUE", "configures a Kafka client", repeat=True),
+        ReplayOption(SECRET_PROPERTY, "a librdkafka property whose value is a secret, by "
+                     "reference, e.g. sasl.password=env:KAFKA_PASSWORD (repeatable; as "
+                     "`secret_properties` in the config)", "KEY=REF",
+                     "configures a Kafka client", repeat=True),
     )
 
     def blob_refs(self, positions: Any, events: Sequence[Mapping[str, Any]]) -> set[str]:
@@ -230,16 +268,43 @@ class KafkaStreams:
                      first: Callable[[], Awaitable[tuple[int, Any] | None]]) -> KafkaFilter:
         return KafkaFilter(plan)
 
-    def target(self, plan: ReplayPlan, sink_name: str) -> ConnectorConfig:
-        return KafkaSinkConfig.model_validate({
+    def check(self, plan: ReplayPlan) -> None:
+        _topics_re(plan)
+        _rename(plan)
+        if plan.option(TARGET):
+            self.target(plan, "check")
+        elif plan.values(PROPERTY) or plan.values(SECRET_PROPERTY):
+            flag = PROPERTY if plan.values(PROPERTY) else SECRET_PROPERTY
+            raise ConfigFieldError(flag, MISSING, f"configures the target cluster: give {TARGET}")
+
+    def target(self, plan: ReplayPlan, sink_name: str) -> KafkaSinkConfig:
+        fields = {
             "type": "kafka", "name": sink_name, "bootstrap_servers": plan.option(TARGET),
-            "source": plan.stream, "topic_template": plan.option(RENAME, DEFAULT_TOPIC_TEMPLATE),
-            "sync_groups": False})
+            "source": plan.stream, "topic_template": _rename(plan), "sync_groups": False,
+            "properties": parse_assignments(plan.values(PROPERTY), PROPERTY),
+            "secret_properties": parse_assignments(plan.values(SECRET_PROPERTY),
+                                                   SECRET_PROPERTY, secret=True)}
+        try:
+            return KafkaSinkConfig.model_validate(fields)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            loc = str(err["loc"][0]) if err["loc"] else ""
+            option = _OPTION_OF_FIELD.get(loc, TARGET)
+            value = HIDDEN if option == SECRET_PROPERTY else err.get("input")
+            raise ConfigFieldError(option, value,
+                                   str(err["msg"]).removeprefix("Value error, ")) from None
 
     def drill(self, plan: ReplayPlan, log_id: str, sinks: Sequence[ConnectorConfig],
               stamp: str) -> KafkaDrill:
-        target = plan.option(TARGET) or next(
-            (s.bootstrap_servers for s in sinks if isinstance(s, KafkaSinkConfig)), None)
-        if target is None:
-            raise ConfigFieldError(TARGET, None, "no Kafka sink in the config to drill against")
-        return KafkaDrill(plan, target, stamp)
+        """Into `--target-bootstrap` (with the options' properties), or by default into
+        the cluster of the config's first Kafka sink, with that sink's properties."""
+        if plan.option(TARGET):
+            return KafkaDrill(plan, self.target(plan, "drill"), stamp)
+        sink = next((s for s in sinks if isinstance(s, KafkaSinkConfig)), None)
+        if sink is None:
+            raise ConfigFieldError(TARGET, MISSING, "no Kafka sink in the config to drill against")
+        return KafkaDrill(plan, sink, stamp)
+
+
+def _rpo(value: float | None) -> str:
+    return "unknown (no record kept)" if value is None else f"{value}s"

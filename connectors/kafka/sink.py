@@ -50,7 +50,7 @@ OffsetMap = dict[str, dict[str, list[int]]]
 class KafkaSink(Closing):
     def __init__(self, config: KafkaSinkConfig, ctx: Context) -> None:
         self.config = config
-        self.name = f"kafka:{config.name}"
+        self.name = config.sink_name
         self.log_id = log_id = ctx.log_id
         self.cluster = config.source.split(":", 1)[-1]
         self.txn_id = config.transactional_id or f"drstream-apply-{log_id}-{config.name}"
@@ -99,7 +99,7 @@ class KafkaSink(Closing):
             self._topics.refresh(self.config.connect_timeout_s)
         except KafkaException as e:
             raise SinkError(
-                f"cannot reach standby Kafka cluster {self.config.name!r} at "
+                f"{self.name}: cannot reach Kafka cluster {self.config.name!r} at "
                 f"{self.config.bootstrap_servers} within {self.config.connect_timeout_s:g}s: "
                 f"{e.args[0] if e.args else e}", retriable=True) from e
         self._topics.ensure_checkpoint_topic(self.config.checkpoint_topic)
@@ -193,6 +193,7 @@ class KafkaSink(Closing):
         work = []
         admin = self._topics
         assert admin is not None
+        admin.admin.poll(0)  # hands its queued log lines to the logger (common.client_config)
         for seg in segments:
             extra = seg.body.manifest.extra.get(self.config.source, {})
             if extra.get("topics"):

@@ -9,7 +9,12 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from drstream.connectors.kafka.common import ORIGIN_HEADER, SOURCE_OFFSET_HEADER
+from drstream.connectors.kafka.common import (
+    ORIGIN_HEADER,
+    SOURCE_OFFSET_HEADER,
+    ClientSettings,
+    client_config,
+)
 from drstream.daemon.codec import update_record_digest
 from drstream.daemon.errors import SinkError
 
@@ -17,9 +22,21 @@ READ_TIMEOUT_S = 120.0
 DRSTREAM_HEADERS = (ORIGIN_HEADER, SOURCE_OFFSET_HEADER)
 
 
-def partition_digests(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], tuple[int, str]]:
+def reachable(cluster: ClientSettings, timeout_s: float) -> None:
+    """Raise SinkError naming the cluster unless it answers a metadata request."""
+    admin = AdminClient(client_config(cluster))
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as e:
+        raise SinkError(f"cannot reach Kafka cluster {cluster.bootstrap_servers} within "
+                        f"{timeout_s:g}s: {e.args[0] if e.args else e}", retriable=True) from e
+
+
+def partition_digests(cluster: ClientSettings, topics: list[str]
+                      ) -> dict[tuple[str, int], tuple[int, str]]:
     """(count, sha256) of every committed record per partition, drstream headers removed."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "drstream-drill-reader",
+    bootstrap = cluster.bootstrap_servers
+    consumer = Consumer({**client_config(cluster), "group.id": "drstream-drill-reader",
                          "enable.auto.commit": False, "isolation.level": "read_committed",
                          "enable.partition.eof": False})
     try:
@@ -63,10 +80,10 @@ def _digest(consumer: Consumer, topic: str, p: int) -> tuple[int, str]:
     raise SinkError(f"drill: timed out reading {topic}[{p}] on the target")
 
 
-def delete_topics(bootstrap: str, topics: list[str]) -> None:
+def delete_topics(cluster: ClientSettings, topics: list[str]) -> None:
     if not topics:
         return
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(cluster))
     for fut in admin.delete_topics(topics).values():
         with contextlib.suppress(KafkaException):  # best effort: the report names them
             fut.result(60)

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from drstream.daemon.blobs import MAX_CHUNK
-from drstream.daemon.plugins import ConnectorConfig
+from drstream.daemon.plugins import MAX_SECONDS, ConnectorConfig, ListenAddress
 from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
@@ -41,7 +41,7 @@ def _http_url(value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSelection(_Strict):
@@ -70,8 +70,8 @@ class ModelSelection(_Strict):
 class WebhookConfig(_Strict):
     """Receive MLflow webhooks (a latency hint: reconcile at once on a valid one)."""
 
-    listen: str = Field(DEFAULT_WEBHOOK_LISTEN, pattern=r"^[^:]+:\d+$",
-                        description="host:port to listen on (port 0: any free port)")
+    listen: ListenAddress = Field(DEFAULT_WEBHOOK_LISTEN,
+                                  description="host:port to listen on (port 0: any free port)")
     secret: SecretRef = Field(description="HMAC secret shared with the registry's webhook")
     tolerance_s: float = Field(DEFAULT_WEBHOOK_TOLERANCE_S, gt=0, le=86400,
                                description="reject deliveries whose timestamp is older")
@@ -101,7 +101,7 @@ class MlflowSourceConfig(_Section):
                              description="artifact files are shipped in blobs of this size")
     models: ModelSelection = Field(default_factory=lambda: ModelSelection.model_validate({}))
     webhook: WebhookConfig | None = None
-    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0)
+    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, le=MAX_SECONDS)
 
     @field_validator("tracking_uri")
     @classmethod
@@ -123,9 +123,17 @@ class MlflowSinkConfig(_Section):
     artifact_prefix: str = Field(DEFAULT_ARTIFACT_PREFIX, pattern=r"^[A-Za-z0-9._/-]{1,200}$",
                                  description="where replicated artifacts go in the standby's "
                                              "artifact store")
-    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0)
+    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, le=MAX_SECONDS)
 
     @field_validator("tracking_uri")
     @classmethod
     def _uri(cls, value: str) -> str:
         return _http_url(value)
+
+    @property
+    def applies(self) -> str:
+        return self.source
+
+    @property
+    def sink_name(self) -> str:
+        return f"mlflow:{self.name}"

@@ -34,7 +34,7 @@ from drstream.connectors.mlflow.events import (
 from drstream.connectors.mlflow.verify import compare_registry, delete_replica, replicated_models
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
-from drstream.daemon.errors import ConfigFieldError, DrstreamError
+from drstream.daemon.errors import MISSING, ConfigFieldError, DrstreamError
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import (
     ConnectorConfig,
@@ -205,7 +205,7 @@ class RegistryDrill:
                f"  checked                {report['models']} models, {report['versions']} "
                f"versions, {report['files']} files ({report['file_bytes'] / 2**20:.2f} MiB "
                "by sha256)",
-               f"  RPO at the point       {report['rpo_at_point_s']}s",
+               f"  RPO at the point       {_rpo(report['rpo_at_point_s'])}",
                f"  mismatches             {len(report['mismatches'])}"]
         for m in report["mismatches"][:20]:
             where = f"model {m['model']!r}" + (
@@ -257,6 +257,12 @@ class MlflowStreams:
                     models=len(state["models"]))
         return RegistryFilter(plan, (seq, events))
 
+    def check(self, plan: ReplayPlan) -> None:
+        if plan.option(TARGET):
+            self.target(plan, "check")
+        elif plan.option(TOKEN):
+            raise ConfigFieldError(TOKEN, MISSING, f"is the token of the target: give {TARGET}")
+
     def target(self, plan: ReplayPlan, sink_name: str) -> ConnectorConfig:
         fields = {"type": "mlflow", "name": sink_name, "tracking_uri": plan.option(TARGET),
                   "source": plan.stream, "token": plan.option(TOKEN)}
@@ -273,6 +279,10 @@ class MlflowStreams:
               stamp: str) -> RegistryDrill:
         target = plan.option(TARGET)
         if not target:
-            raise ConfigFieldError(TARGET, None, "name a scratch MLflow registry to drill into "
+            raise ConfigFieldError(TARGET, MISSING, "name a scratch MLflow registry to drill into "
                                    "(an empty one, never the standby: models keep their names)")
         return RegistryDrill(plan, target, stamp, log_id)
+
+
+def _rpo(value: float | None) -> str:
+    return "unknown (no record kept)" if value is None else f"{value}s"

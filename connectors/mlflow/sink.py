@@ -70,7 +70,7 @@ MAX_GAP_VERSIONS = 100_000  # sanity bound on placeholder versions for one gap
 class MlflowSink(Closing):
     def __init__(self, config: MlflowSinkConfig, ctx: Context) -> None:
         self.config = config
-        self.name = f"mlflow:{config.name}"
+        self.name = config.sink_name
         self.log_id = log_id = ctx.log_id
         self.blobs = ctx.blobs
         self.stream = config.source

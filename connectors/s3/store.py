@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from drstream.daemon.errors import ConfigFieldError, StoreError, StoreUnavailableError
 from drstream.daemon.lifecycle import Starting
 from drstream.daemon.logging import get_logger
-from drstream.daemon.plugins import ConnectorConfig
+from drstream.daemon.plugins import MAX_SECONDS, ConnectorConfig
 from drstream.daemon.retry import Backoff, retrying
 from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref, read_secret
 from drstream.daemon.store import check_key, check_prefix
@@ -86,13 +86,13 @@ class S3StoreConfig(ConnectorConfig):
     object_lock: ObjectLockConfig | None = None
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     max_attempts: int = Field(default=6, ge=1, le=100)
-    backoff_base_s: float = Field(default=0.2, gt=0)
-    backoff_max_s: float = Field(default=10.0, gt=0)
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=30.0, gt=0)
+    backoff_base_s: float = Field(default=0.2, gt=0, le=MAX_SECONDS)
+    backoff_max_s: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
+    read_timeout_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
     # Hard limit for one attempt, whatever stalls (an upload the server stops reading):
     # aiohttp's connect/read timeouts do not cover writes.
-    request_timeout_s: float = Field(default=300.0, gt=0)
+    request_timeout_s: float = Field(default=300.0, gt=0, le=MAX_SECONDS)
 
     @field_validator("bucket")
     @classmethod

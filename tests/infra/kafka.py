@@ -208,9 +208,13 @@ class KafkaCluster:
 
     def __init__(
         self, name: str = "kafka", workdir: Path | None = None, *, heap: str = "512m",
-        config: dict[str, str] | None = None,
+        config: dict[str, str] | None = None, sasl_users: dict[str, str] | None = None,
     ) -> None:
         self.name = name
+        # with users: a second listener, SASL_PLAINTEXT with mechanism PLAIN, for clients
+        # that must authenticate (a secured cluster); user -> password
+        self.sasl_users = dict(sasl_users or {})
+        self.sasl_port = 0
         if workdir is None:
             (RUN_DIR / "kafka").mkdir(parents=True, exist_ok=True)
             workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=RUN_DIR / "kafka"))
@@ -229,6 +233,12 @@ class KafkaCluster:
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        """The SASL_PLAINTEXT listener (a cluster made with `sasl_users`)."""
+        assert self.sasl_port, f"{self.name} has no SASL listener"
+        return f"127.0.0.1:{self.sasl_port}"
 
     @property
     def pid(self) -> int | None:
@@ -322,6 +332,8 @@ class KafkaCluster:
         listeners = _read_properties(self.properties_path)["listeners"]
         self.port = _listener_port(listeners, "PLAINTEXT")
         self.controller_port = _listener_port(listeners, "CONTROLLER")
+        if self.sasl_users:
+            self.sasl_port = _listener_port(listeners, "SASL_PLAINTEXT")
         self.cluster_id = _read_properties(self.data_dir / "meta.properties")["cluster.id"]
 
     def _first_start(self, jars: Path, timeout: float) -> None:
@@ -329,6 +341,7 @@ class KafkaCluster:
         # race, so a bind failure is retried with new ports on a fresh data dir.
         for attempt in range(3):
             self.port, self.controller_port = _new_port(), _new_port()
+            self.sasl_port = _new_port() if self.sasl_users else 0
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self._write_properties()
             self._format(jars)
@@ -356,10 +369,27 @@ class KafkaCluster:
             # which keeps the data dir valid for restarts on the same ports.
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
             "log.dirs": str(self.data_dir),
+            **self._sasl_config(),
             **self.overrides,
         }
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.properties_path.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
+
+    def _sasl_config(self) -> dict[str, str]:
+        if not self.sasl_users:
+            return {}
+        users = " ".join(f'user_{u}="{pw}"' for u, pw in self.sasl_users.items())
+        sasl = f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+        return {
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},{sasl},"
+                         f"CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},{sasl}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,"
+                                              "SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+        }
 
     def _format(self, jars: Path) -> None:
         """Write meta.properties and the bootstrap metadata (`kafka-storage.sh format`)."""

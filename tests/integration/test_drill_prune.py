@@ -22,6 +22,7 @@ import pytest
 import yaml
 from confluent_kafka.admin import AdminClient
 
+from drstream.connectors.kafka.common import Cluster
 from drstream.connectors.kafka.verify import delete_topics
 from drstream.daemon.deltalog import seq_from_key
 from tests.infra.kafka import KafkaCluster
@@ -215,7 +216,7 @@ def test_drill_of_a_tampered_log_fails_naming_the_segment(
     left = topics_with_suffix(standby_kafka.bootstrap_servers, report["scratch_suffix"])
     if left:  # a failed drill leaves what it wrote before the bad segment
         print(f"scratch topics left by the failed drill: {left}")
-        delete_topics(standby_kafka.bootstrap_servers, left)
+        delete_topics(Cluster(standby_kafka.bootstrap_servers), left)
     print(f"drill failed as it must: {error}")
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from drstream.daemon.config import load_config, parse_config
 from drstream.daemon.errors import ConfigError
+from drstream.daemon.keyring import generate_key_file
 
 GOOD = {
     "log_id": "east-1",
@@ -103,7 +104,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_validate_ok_exits_0(tmp_path: Path) -> None:
-    result = run_cli("validate", str(write(tmp_path, GOOD)))
+    key = tmp_path / "k1.key"
+    generate_key_file(key)
+    good = {**GOOD, "keyring": {"active": "k1", "keys": {"k1": f"file:{key}"}}}
+    result = run_cli("validate", str(write(tmp_path, good)))
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
 
