@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drstream.daemon.bench import percentile
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
 GiB = 1 << 30
@@ -458,16 +460,6 @@ class ProcSampler:
 # --------------------------------------------------------------------------- stats, output
 
 
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100) of an already sorted list."""
-    if not sorted_values:
-        return None
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def summarize(values: list[float]) -> dict[str, float | int | None]:

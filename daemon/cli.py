@@ -37,7 +37,13 @@ from drstream.daemon.keyring import KEY_ID_RE, KeyRing, generate_key_file, load_
 from drstream.daemon.layout import LOGS, after_log, log_id_of
 from drstream.daemon.logging import configure_logging, get_logger, json_mode, pin
 from drstream.daemon.plan import ReplayPlan, parse_assignments, parse_duration_s, parse_time_ms
-from drstream.daemon.plugins import Connectors, installed
+from drstream.daemon.plugins import (
+    BenchFactory,
+    BenchSpec,
+    ConnectorConfig,
+    Connectors,
+    installed,
+)
 from drstream.daemon.secrets import CREDENTIAL_NAME, SecretError, check_file, is_secret_ref
 from drstream.daemon.store import Store
 
@@ -410,6 +416,67 @@ async def _prune(args: argparse.Namespace, connectors: Connectors) -> int:
     return EXIT_OK
 
 
+async def _bench(args: argparse.Namespace, connectors: Connectors) -> int:
+    from drstream.daemon.bench import check_spec, run_bench
+
+    config = _config(args, connectors)
+    spec = BenchSpec(rate=args.rate, seconds=args.duration, record_bytes=args.record_bytes,
+                     partitions=args.partitions, name=args.topic)
+    check_spec(spec)
+    for flag, value in (("--ready-timeout", args.ready_timeout),
+                        ("--drain-timeout", args.drain_timeout)):
+        if not 0 < value <= 3600:
+            raise ConfigFieldError(flag, value, "seconds, more than 0 and at most 3600")
+    if args.out and not Path(args.out).parent.is_dir():
+        raise ConfigFieldError("--out", args.out, "its directory does not exist")
+    source, sink, bench = _bench_pair(config, connectors, args.stream)
+    load = bench(source, sink, spec)
+    keyring = keyring_from_config(config)
+    interrupt = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if interrupt.is_set():  # a second one: end at once (the topic stays)
+            _interrupted(sig)
+        interrupt.set()  # stop producing, remove the bench topic, report what arrived
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    async with connectors.open_store(config.store) as store:
+        report = await run_bench(store, keyring, config.log_id, load, spec,
+                                 ready_timeout_s=args.ready_timeout,
+                                 drain_timeout_s=args.drain_timeout,
+                                 progress=render.bench_progress(), interrupt=interrupt,
+                                 keep=args.keep)
+    print(file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report.doc, indent=2) + "\n")
+    if args.json:
+        _emit_json(report.doc)
+    else:
+        _emit(render.bench(report))
+    if interrupt.is_set():
+        return 128 + signal.SIGINT
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def _bench_pair(config: Config, connectors: Connectors, stream: str | None
+                ) -> tuple[ConnectorConfig, ConnectorConfig, BenchFactory]:
+    """The source the bench writes through, a sink of the config applying its stream, and
+    the source connector's bench."""
+    for source in config.sources:
+        if stream is not None and source.stream != stream:
+            continue
+        sink = next((s for s in config.sinks if s.applies == source.stream), None)
+        bench = connectors.bench(source.type) if sink is not None else None
+        if bench is not None and sink is not None:
+            return source, sink, bench
+    wanted = f"stream {stream}" if stream else "a stream"
+    raise ConfigFieldError("sources/sinks", MISSING, f"bench needs {wanted} that the config "
+                           "both reads (sources: where it writes) and applies (sinks: where "
+                           "it reads back), of a kind that offers bench (kafka)")
+
+
 # -- the parser ----------------------------------------------------------------------------
 
 
@@ -461,7 +528,7 @@ HANDLERS: dict[str, Handler] = {
     "validate": _validate, "keys generate": _keys_generate, "verify": _verify,
     "ship": functools.partial(_serve, role="ship"),
     "apply": functools.partial(_serve, role="apply"), "status": _status, "failover": _failover,
-    "replay": _replay, "drill": _drill, "prune": _prune,
+    "replay": _replay, "drill": _drill, "prune": _prune, "bench": _bench,
 }
 SERVICES = ("ship", "apply")  # drain on a signal instead of ending at once
 
@@ -569,6 +636,34 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
                    "whatever a standby has applied")
     p.set_defaults(handler="prune")
 
+    p = sub.add_parser("bench", help="replication-lag benchmark through the running ship and "
+                       "apply: stamped records into a bench topic on the primary (created and "
+                       "removed by it), read on the standby; lag and RPO percentiles, JSON")
+    _add_config(p, help="a config with the source (primary) and the sink (standby) the "
+                "running ship and apply use")
+    p.add_argument("--rate", type=float, default=1000, metavar="N",
+                   help="records per second (default 1000)")
+    p.add_argument("--duration", type=float, default=60, metavar="SECONDS",
+                   help="how long to produce (default 60)")
+    p.add_argument("--record-bytes", type=int, default=1000, metavar="N",
+                   help="value size of each record, random bytes (default 1000)")
+    p.add_argument("--partitions", type=int, default=6, metavar="N",
+                   help="partitions of the bench topic (default 6)")
+    p.add_argument("--topic", metavar="NAME", help="the bench topic (default "
+                   "drstream-bench-<time>-<random>); the source's topics.include must select "
+                   "it and it must not exist")
+    p.add_argument("--stream", help="the source to write through, e.g. kafka:primary "
+                   "(default: the first one the config also applies)")
+    p.add_argument("--ready-timeout", type=float, default=60, metavar="SECONDS",
+                   help="how long ship and apply may take to bring the new topic to the "
+                   "standby (default 60)")
+    p.add_argument("--drain-timeout", type=float, default=60, metavar="SECONDS",
+                   help="after the load, how long to wait for the last records (default 60)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the bench topic and its standby copy (default: both removed)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", metavar="PATH", help="also write the JSON report to PATH")
+    p.set_defaults(handler="bench")
     return parser
 
 

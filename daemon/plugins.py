@@ -14,6 +14,7 @@ arguments), and what it reads back is typed by the protocols below.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -233,6 +234,69 @@ class StreamKind(Protocol):
 
 
 @dataclass(frozen=True)
+class BenchSpec:
+    """What `drstream bench` asks for: records per second for `seconds`, each carrying
+    about `record_bytes` of payload, over `partitions` partitions of a source object of its
+    own named `name` (None: the connector names it)."""
+
+    rate: float
+    seconds: float
+    record_bytes: int
+    partitions: int
+    name: str | None = None
+
+
+class BenchLoad(Protocol):
+    """`drstream bench` through a running ship and apply: stamped records written where a
+    source reads, read back where its sink writes. `produce` and `read` block (the core
+    runs them on threads); record ids count from 0 in produce order."""
+
+    target: str  # what is written where, for people ("topic t on A -> topic t on B")
+    stream: str  # the log stream the records travel in
+
+    def prepare(self, timeout_s: float) -> None:
+        """Create the bench's own object on the source side and wait until the running
+        ship and apply have made it on the sink side (DrstreamError when they do not)."""
+        ...
+
+    def produce(self, spec: BenchSpec, stop: threading.Event) -> None:
+        """Write spec.rate records a second for spec.seconds (or until `stop`)."""
+        ...
+
+    def read(self, stop: threading.Event) -> None:
+        """Record each record's first arrival on the sink side until `stop`."""
+        ...
+
+    def produced_ns(self) -> Sequence[int]:
+        """Per id: when it was produced (wall clock ns), 0 if its write failed."""
+        ...
+
+    def arrival_ns(self) -> Sequence[int]:
+        """Per id: when it was first read on the sink side (wall clock ns), 0 if not yet."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """sent, acked, failed, arrived, duplicates, unknown (read but never produced)."""
+        ...
+
+    def take_window(self) -> list[float]:
+        """Lags (ms) of the records that arrived since the last call (progress lines)."""
+        ...
+
+    def covered(self, positions: Any) -> list[int]:
+        """Ids newly below `positions` (this stream's, from a segment's manifest): in the
+        log once that segment is durable."""
+        ...
+
+    def remove(self) -> list[str]:
+        """Delete what prepare made on both sides; what was removed, for the report."""
+        ...
+
+
+BenchFactory = Callable[[ConnectorConfig, ConnectorConfig, BenchSpec], BenchLoad]
+
+
+@dataclass(frozen=True)
 class Connector:
     """What one connector package offers (the object its entry point names)."""
 
@@ -241,6 +305,7 @@ class Connector:
     source: SourceType[Any] | None = None
     sink: SinkType[Any] | None = None
     stream: StreamKind | None = None
+    bench: BenchFactory | None = None  # (source section, sink section, spec) -> a load
 
 
 class Connectors:
@@ -314,6 +379,15 @@ class Connectors:
     @property
     def streams(self) -> dict[str, StreamKind]:
         return {c.name: c.stream for c in self.all() if c.stream}
+
+    def bench(self, source_type: str) -> BenchFactory | None:
+        """What `drstream bench` runs through a source of `source_type` (None: its
+        connector offers no bench)."""
+        named = self.connector(source_type)
+        if named is not None and named.source is not None and named.source.name == source_type:
+            return named.bench
+        return next((c.bench for c in self.all() if c.bench and c.source
+                     and c.source.name == source_type), None)
 
     def store_type(self, config: ConnectorConfig) -> StoreType[Any]:
         found = self.store_named(config.type)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from drstream.daemon.bench import BenchReport
 from drstream.daemon.drill import DrillReport
 from drstream.daemon.plan import ReplayPlan
 from drstream.daemon.plugins import StreamKind
@@ -124,6 +125,32 @@ def prune(log_id: str, r: PruneResult, dry_run: bool) -> list[str]:
     if r.locked:
         out.append(f"  under Object Lock, not deleted: seq {r.locked[0]} and later")
     return out
+
+
+def bench(report: BenchReport) -> list[str]:
+    r = report.doc
+    rec, lag, rpo = r["records"], r["lag_ms"], r["rpo_ms"]
+
+    def pcts(s: dict[str, Any]) -> str:
+        if not s["count"]:
+            return "-"
+        return f"p50 {s['p50']} ms, p95 {s['p95']} ms, p99 {s['p99']} ms, max {s['max']} ms"
+
+    state = "INTERRUPTED" if r.get("interrupted") else ("OK" if r["ok"] else "PROBLEMS")
+    return [f"bench of log {r['log_id']} ({r['stream']}): {state}",
+            f"  through      {r['target']}",
+            f"  load         {rec['produced']:,} records in {r['load_s']:.1f}s "
+            f"({r['records_per_s']} records/s, {r['spec']['record_bytes']} bytes each)",
+            f"  arrived      {rec['arrived']:,}; missing {rec['missing']}, duplicates "
+            f"{rec['duplicates']}, unknown {rec['unknown']}, failed to produce {rec['failed']}",
+            f"  lag          {pcts(lag)} (produce on the primary -> read on the standby)",
+            f"  RPO          {pcts(rpo)} (produce -> in a durable segment; "
+            f"{r['rpo_unseen_records']} records not seen in one)",
+            f"  removed      {', '.join(r['removed']) or 'nothing'}"]
+
+
+def bench_progress() -> Callable[[str], None]:
+    return _throttled(lambda interactive: 1.0 if interactive else 5.0)
 
 
 def _throttled(interval: Callable[[bool], float]) -> Callable[[str], None]:

@@ -14,17 +14,7 @@ from benchmarks.common import GiB, percentile
 from benchmarks.lag.base import CpuTrack, Replicator, StatusFile
 from benchmarks.lag.read import load_arrivals
 from benchmarks.lag.wrapper import read_ops
-
-
-def summarize_ms(values: list[float]) -> dict[str, float | int | None]:
-    v = sorted(values)
-
-    def r(x: float | None) -> float | None:
-        return None if x is None else round(x, 1)
-
-    return {"count": len(v), "p50": r(percentile(v, 50)), "p95": r(percentile(v, 95)),
-            "p99": r(percentile(v, 99)), "max": r(v[-1] if v else None),
-            "mean": r(sum(v) / len(v) if v else None)}
+from drstream.daemon.bench import summarize_ms
 
 
 def match_records(produce_ns: array.array[int], arrival: array.array[int],

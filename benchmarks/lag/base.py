@@ -18,12 +18,14 @@ from benchmarks.common import (
     Progress,
 )
 
+# `drstream bench` stamps its records alike: either reader times the other's records
+from drstream.connectors.kafka.bench import ID_HEADER as ID_HEADER
+from drstream.connectors.kafka.bench import TS_HEADER as TS_HEADER
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 CASES_DIR = BENCHMARKS / "cases"
 RESULTS_DIR = BENCHMARKS / "results"
-ID_HEADER = "bench.id"
-TS_HEADER = "bench.ts"
 SYSTEMS = ("drstream", "mm2")
 SYSTEM_LABEL = {"drstream": "drstream", "mm2": "MirrorMaker 2"}
 STATUS_EVERY_S = 0.25

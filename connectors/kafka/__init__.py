@@ -1,6 +1,7 @@
 """The `kafka` connector: the source that `ship` tails, the sink that `apply` writes, and
 what replay and drill know of Kafka streams."""
 
+from drstream.connectors.kafka.bench import kafka_bench
 from drstream.connectors.kafka.config import KafkaSinkConfig, KafkaSourceConfig
 from drstream.connectors.kafka.replay import KafkaStreams
 from drstream.connectors.kafka.sink import KafkaSink
@@ -13,6 +14,7 @@ CONNECTOR = Connector(
                       restart_fields=("bootstrap_servers",)),
     sink=SinkType("kafka", KafkaSinkConfig, KafkaSink),
     stream=KafkaStreams(),
+    bench=kafka_bench,
 )
 
 __all__ = ["CONNECTOR", "KafkaSink", "KafkaSinkConfig", "KafkaSource", "KafkaSourceConfig"]

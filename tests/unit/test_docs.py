@@ -260,7 +260,7 @@ def test_the_checks_catch_rot() -> None:
     with pytest.raises(pytest.fail.Exception):
         parse(["prune", "--config", "c.yaml", "--older"])
     with pytest.raises(AssertionError):
-        check_mention("drstream bench --config F")
+        check_mention("drstream benchmark --config F")
     with pytest.raises(AssertionError):
         check_mention("drstream verify --deeper")
     with pytest.raises(AssertionError):
