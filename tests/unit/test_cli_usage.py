@@ -452,3 +452,27 @@ def test_status_with_the_primary_unreachable_or_over_a_threshold_exits_1(
     assert code == 1, out
     assert "PROBLEM        kafka:primary: source unreachable" in out
     assert "is over --max-rpo 0s" in out and "None" not in out
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--rate", "0"), ("--duration", "-1"), ("--record-bytes", "0"), ("--partitions", "0"),
+    ("--ready-timeout", "0"), ("--out", "/nonexistent/dir/bench.json")])
+def test_bench_refuses_a_run_it_cannot_honour_before_touching_a_cluster(
+        setup: Setup, capsys: pytest.CaptureFixture[str], option: str, value: str) -> None:
+    path = setup.config(sources=[kafka_source(dead_cluster())],
+                        sinks=[kafka_sink(dead_cluster())])
+    line = usage_error(capsys, "bench", "--config", path, f"{option}={value}")
+    assert option in line and value in line
+
+
+def test_bench_needs_a_stream_the_config_both_reads_and_applies(
+        setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    path = setup.config(sources=[kafka_source(dead_cluster())])
+    assert "sources/sinks" in usage_error(capsys, "bench", "--config", path)
+    path = setup.config(sources=[kafka_source(dead_cluster())],
+                        sinks=[kafka_sink(dead_cluster())])
+    line = usage_error(capsys, "bench", "--config", path, "--stream", "kafka:other")
+    assert "kafka:other" in line
