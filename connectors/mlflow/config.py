@@ -85,28 +85,30 @@ class WebhookConfig(_Strict):
 
 
 class _Section(ConnectorConfig):
+    """What a source and a sink both say of the registry they talk to."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MlflowSourceConfig(_Section):
     type: Literal["mlflow"]
-    name: str = Field("primary", pattern=NAME_RE,
-                      description="registry name; the stream is 'mlflow:<name>'")
     region: str | None = Field(None, description="where the registry runs (allowed_regions)")
-    tracking_uri: str = Field(description="http(s) URL of the MLflow tracking server")
+    tracking_uri: str = Field(description="http(s) URL of the registry's tracking server")
     token: SecretRef | None = Field(None, description="bearer token, by reference")
-    interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, le=86400,
-                              description="reconcile the whole registry this often")
-    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES,
-                             description="artifact files are shipped in blobs of this size")
-    models: ModelSelection = Field(default_factory=lambda: ModelSelection.model_validate({}))
-    webhook: WebhookConfig | None = None
     request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, le=MAX_SECONDS)
 
     @field_validator("tracking_uri")
     @classmethod
     def _uri(cls, value: str) -> str:
         return _http_url(value)
+
+
+class MlflowSourceConfig(_Section):
+    name: str = Field("primary", pattern=NAME_RE,
+                      description="registry name; the stream is 'mlflow:<name>'")
+    interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, le=86400,
+                              description="reconcile the whole registry this often")
+    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES,
+                             description="artifact files are shipped in blobs of this size")
+    models: ModelSelection = Field(default_factory=lambda: ModelSelection.model_validate({}))
+    webhook: WebhookConfig | None = None
 
     @property
     def stream(self) -> str:
@@ -114,21 +116,11 @@ class MlflowSourceConfig(_Section):
 
 
 class MlflowSinkConfig(_Section):
-    type: Literal["mlflow"]
     name: str = Field("standby", pattern=NAME_RE, description="this registry's name")
-    region: str | None = Field(None, description="where the registry runs (allowed_regions)")
-    tracking_uri: str = Field(description="http(s) URL of the standby tracking server")
-    token: SecretRef | None = Field(None, description="bearer token, by reference")
     source: str = Field("mlflow:primary", description="the stream in the log to apply")
     artifact_prefix: str = Field(DEFAULT_ARTIFACT_PREFIX, pattern=r"^[A-Za-z0-9._/-]{1,200}$",
                                  description="where replicated artifacts go in the standby's "
                                              "artifact store")
-    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0, le=MAX_SECONDS)
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _uri(cls, value: str) -> str:
-        return _http_url(value)
 
     @property
     def applies(self) -> str:
