@@ -61,7 +61,7 @@ class Applier(Starting):
         as the apply service does (daemon/tip.py)."""
         self.config = config
         self.keyring = keyring
-        self.log = DeltaLog(store, config.log_id)
+        self.log = DeltaLog(store, config.log_id, keyring)
         self.blobs = BlobStore(store, config.log_id, keyring)
         ctx = config.context(self.blobs)
         self.sinks: list[Sink] = [config.connectors.sink(s, ctx) for s in config.sinks]
@@ -113,12 +113,15 @@ class Applier(Starting):
         if data is None:
             raise ChainError("oldest segment vanished while starting", log_id=self.log.log_id,
                              seq=first)
-        self._prev_digest = parse_header(data)[0].prev_digest
+        self._prev_digest = parse_header(data, expect_log_id=self.log.log_id,
+                                         expect_seq=first)[0].prev_digest
         log.warning("apply_from_pruned_log", log_id=self.log.log_id, first_seq=first)
         return first - 1
 
-    async def run(self, stop: asyncio.Event, *, until_seq: int | None = None) -> int:
+    async def run(self, stop: asyncio.Event, *, until_seq: int | None = None,
+                  known_end: int | None = None) -> int:
         """Apply until `stop` (or through `until_seq`); returns the last applied seq.
+        `known_end`: a head the log was seen to reach (a missing seq up to it is a gap).
 
         Segments already fetched when one is taken are applied together (up to
         apply.batch_max_segments / batch_max_bytes): a sink that supports it commits them
@@ -131,7 +134,8 @@ class Applier(Starting):
         queue: asyncio.Queue[Item | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.config.apply.prefetch)
         self._sealed = self._sealed_sink()
-        feeder = asyncio.create_task(self._feed(after, stop, until_seq, queue, slots))
+        feeder = asyncio.create_task(self._feed(after, stop, until_seq, known_end, queue,
+                                                slots))
         tasks = [feeder] + ([asyncio.create_task(self.tip.run(stop))] if self.tip else [])
         async with paced_gc():
             try:
@@ -158,7 +162,8 @@ class Applier(Starting):
         return cast(SealedApply, apply_sealed)
 
     async def _feed(self, after: int, stop: asyncio.Event, until_seq: int | None,
-                    queue: asyncio.Queue[Item | None], slots: asyncio.Semaphore) -> None:
+                    known_end: int | None, queue: asyncio.Queue[Item | None],
+                    slots: asyncio.Semaphore) -> None:
         """Fetch ahead of the sinks (and, unless the sink opens segments itself, check
         and decode, overlapping with writing the current ones); the first bad segment
         ends the feed after every segment before it has been queued."""
@@ -167,7 +172,8 @@ class Applier(Starting):
         try:
             async for seq, data in self.log.follow(after, stop, prefetch=cfg.prefetch,
                                                    poll_max_s=cfg.poll_max_s,
-                                                   tick=self.health.tick, tip=self.tip):
+                                                   tick=self.health.tick, tip=self.tip,
+                                                   known_end=known_end):
                 seg: Item
                 if self._sealed is not None:
                     seg = SealedSegment(seq, data)
@@ -223,10 +229,10 @@ class Applier(Starting):
             self._applied(seg)
 
     async def _decode(self, seq: int, data: bytes, prev: bytes) -> AppliedSegment:
-        header, _ = parse_header(data)
+        header, _ = parse_header(data, expect_log_id=self.log.log_id, expect_seq=seq)
         if chain_break(seq, header, prev) is not None:
             raise ChainError("prev_digest does not match the segment applied before it",
-                             log_id=self.log.log_id, seq=seq, key=self.log.key(seq))
+                             log_id=self.log.log_id, seq=seq)
         header, body, digest = await asyncio.to_thread(self._decode_sync, seq, data)
         if self.transform is not None:
             body = self.transform(seq, body, header.created_at_ms)

@@ -1,4 +1,5 @@
-"""Audit records: what an operator action (drill, failover) did, stored beside the log.
+"""Audit records: what an operator action (drill, failover, prune, log truncate) did,
+stored beside the log.
 
 Each record is one JSON object under `audit/` (daemon.layout.audit_key), written
 create-if-absent so a record is never replaced.
@@ -10,8 +11,10 @@ import json
 from typing import Any
 
 from drstream.daemon.errors import DrstreamError
-from drstream.daemon.layout import audit_key
+from drstream.daemon.layout import AUDIT, audit_key, audit_of
 from drstream.daemon.store import Store
+
+MAX_AUDIT_BYTES = 16 << 20  # a report names at most a few thousand objects
 
 
 async def store_report(store: Store, log_id: str, report: dict[str, Any]) -> dict[str, Any]:
@@ -21,3 +24,38 @@ async def store_report(store: Store, log_id: str, report: dict[str, Any]) -> dic
         raise DrstreamError(f"audit object {key} already exists; report not stored")
     report["audit_object"] = key
     return report
+
+
+async def audit_records(store: Store, action: str, log_id: str) -> list[dict[str, Any]]:
+    """Every stored audit record of `action` on `log_id`, oldest first."""
+    out = []
+    async for key in store.list(AUDIT):
+        if audit_of(key, action, log_id):
+            raw = await store.get(key, max_bytes=MAX_AUDIT_BYTES)
+            try:
+                doc = json.loads(raw or b"null")
+            except ValueError:
+                continue  # not ours to judge here; verify reports the log, not audit/
+            if isinstance(doc, dict):
+                out.append(doc)
+    return out
+
+
+async def pruned_ranges(store: Store, log_id: str) -> list[tuple[int, int]]:
+    """The seqs `drstream prune` removed, as (first, last) ranges from its audit records."""
+    return sorted((int(r.get("deleted_from_seq") or 0), int(r.get("deleted_through_seq") or 0))
+                  for r in await audit_records(store, "prune", log_id))
+
+
+def uncovered(lo: int, hi: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of lo..hi that no (first, last) range of the sorted `ranges` covers."""
+    out, cursor = [], lo
+    for a, b in ranges:
+        if cursor > hi:
+            break
+        if a > cursor:
+            out.append((cursor, min(a - 1, hi)))
+        cursor = max(cursor, b + 1)
+    if cursor <= hi:
+        out.append((cursor, hi))
+    return out

@@ -33,6 +33,9 @@ from drstream.daemon.store import Store
 MAGIC: Final = b"DRB1"
 VERSION: Final = 1
 MAX_CHUNK: Final = 16 << 20
+# Largest stored blob a reader downloads: header (255-byte key id), zstd's worst case for
+# a MAX_CHUNK chunk (input + 1/128, above ZSTD_compressBound) and the GCM tag.
+MAX_STORED_BLOB: Final = 6 + 255 + 28 + MAX_CHUNK + MAX_CHUNK // 128 + (64 << 10)
 HKDF_INFO_PREFIX: Final = b"drstream/blob/v1"
 BLOB_ID_RE: Final = re.compile(r"[0-9a-f]{64}")
 _PRE_S = struct.Struct(">4sBB")
@@ -82,9 +85,17 @@ def decode_blob(raw: bytes, keyring: KeyRing, log_id: str, bid: str) -> bytes:
     if compressed is None:
         raise BlobError("authentication failed (tampered, moved, or wrong key)", key=where)
     try:
+        declared = zstandard.frame_content_size(compressed)
+        # max_output_size only binds frames that do not declare their size: check the
+        # declaration first, so no frame decompresses past the chunk limit.
+        if declared > MAX_CHUNK:
+            raise BlobError(f"zstd frame declares {declared} bytes, over the {MAX_CHUNK}-byte "
+                            "chunk limit", key=where)
         data = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=MAX_CHUNK)
     except zstandard.ZstdError as e:
         raise BlobError(f"zstd: {e}", key=where) from e
+    if len(data) > MAX_CHUNK:
+        raise BlobError(f"{len(data)} bytes, over the {MAX_CHUNK}-byte chunk limit", key=where)
     if blob_id(data) != bid:
         raise BlobError("content does not match its SHA-256 name", key=where)
     return data
@@ -123,7 +134,7 @@ class BlobStore:
     async def get(self, bid: str) -> bytes:
         if not BLOB_ID_RE.fullmatch(bid):
             raise BlobError(f"malformed blob id {bid[:80]!r}")
-        raw = await self.store.get(self.key(bid))
+        raw = await self.store.get(self.key(bid), max_bytes=MAX_STORED_BLOB)
         if raw is None:
             raise BlobError("missing from the store", key=self.key(bid))
         return await asyncio.to_thread(decode_blob, raw, self.keyring, self.log_id, bid)

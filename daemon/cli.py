@@ -185,7 +185,7 @@ async def _keys_generate(args: argparse.Namespace, connectors: Connectors) -> in
 
 async def _verify(args: argparse.Namespace, connectors: Connectors) -> int:
     from drstream.daemon.deltalog import DeltaLog
-    from drstream.daemon.verify import verify_log
+    from drstream.daemon.verify import check_readers, verify_log
 
     if args.from_seq < 1 or (args.to_seq is not None and args.to_seq < args.from_seq):
         raise ConfigFieldError("--from-seq/--to-seq", f"{args.from_seq}..{args.to_seq}",
@@ -216,6 +216,9 @@ async def _verify(args: argparse.Namespace, connectors: Connectors) -> int:
                                     from_seq=args.from_seq, to_seq=args.to_seq,
                                     progress=render.verify_progress(), connectors=connectors)
                    for log_id in log_ids]
+        if config is not None and args.to_seq is None:
+            for report in reports:
+                await check_readers(config, DeltaLog(store, report.log_id), report)
     if args.json:
         print(json.dumps([r.to_json() for r in reports], indent=2))
     else:
@@ -373,7 +376,7 @@ async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
         await check_log(store, keyring, config.log_id,
                         "--log-id" if args.store else "log_id", plan.stream)
         result = await replay(config, store, keyring, plan,
-                              render.replay_progress(kind.traits.unit))
+                              render.replay_progress(kind.traits.unit), pin=not plan.dry_run)
     print(file=sys.stderr)
     _emit(render.replay(config.log_id, plan, kind, result))
     return EXIT_OK
@@ -410,8 +413,11 @@ async def _prune(args: argparse.Namespace, connectors: Connectors) -> int:
             "sinks", [], "prune keeps every segment a sink has not applied, and this config "
             "has none (a ship config?): run it with the standby's (apply) config, or give "
             "--no-sink-check to prune by age alone")])
+    grace = parse_duration_s(args.blob_grace, "--blob-grace")
+    keyring = keyring_from_config(config)
     async with connectors.open_store(config.store) as store:
-        result = await prune(config, store, older, dry_run=args.dry_run)
+        result = await prune(config, store, keyring, older, dry_run=args.dry_run,
+                             blob_grace_s=grace)
     _emit(render.prune(config.log_id, result, args.dry_run))
     return EXIT_OK
 
@@ -477,6 +483,23 @@ def _bench_pair(config: Config, connectors: Connectors, stream: str | None
                            "it reads back), of a kind that offers bench (kafka)")
 
 
+async def _log_truncate(args: argparse.Namespace, connectors: Connectors) -> int:
+    from drstream.daemon.truncate import truncate
+
+    config = _config(args, connectors)
+    if args.after < 0:
+        raise ConfigFieldError("--after", args.after, "must be a seq >= 0")
+    configure_logging(config.logging.level, config.logging.format)
+    async with connectors.open_store(config.store) as store:
+        result = await truncate(config, store, args.after, dry_run=args.dry_run,
+                                reason=args.reason or "")
+    if args.json:
+        _emit_json(result.to_json())
+    else:
+        _emit(render.truncate(result, args.dry_run))
+    return EXIT_OK
+
+
 # -- the parser ----------------------------------------------------------------------------
 
 
@@ -529,6 +552,7 @@ HANDLERS: dict[str, Handler] = {
     "ship": functools.partial(_serve, role="ship"),
     "apply": functools.partial(_serve, role="apply"), "status": _status, "failover": _failover,
     "replay": _replay, "drill": _drill, "prune": _prune, "bench": _bench,
+    "log truncate": _log_truncate,
 }
 SERVICES = ("ship", "apply")  # drain on a signal instead of ending at once
 
@@ -626,10 +650,13 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.set_defaults(handler="drill")
 
     p = sub.add_parser("prune", help="delete old segments no sink of the config still needs")
-    _add_config(p, keys=False, help="the standby's (apply) config: its sinks' progress "
-                "decides what may go")
+    _add_config(p, help="the standby's (apply) config: its sinks' progress decides what "
+                "may go")
     p.add_argument("--older-than", required=True, metavar="DURATION",
                    help="e.g. 7d, 12h: only segments written before now minus this")
+    p.add_argument("--blob-grace", default="1d", metavar="DURATION",
+                   help="delete a blob no segment names only once it is this old (a running "
+                   "ship uploads a version's files before the segment naming them)")
     p.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     p.add_argument("--no-sink-check", action="store_true",
                    help="allow a config without sinks: prune by age and the head alone, "
@@ -664,6 +691,19 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", metavar="PATH", help="also write the JSON report to PATH")
     p.set_defaults(handler="bench")
+
+    logs = sub.add_parser("log", help="repair a log the writer stopped on (audited)")
+    logs_sub = logs.add_subparsers(dest="log_command", required=True, metavar="ACTION")
+    p = logs_sub.add_parser("truncate", help="remove every segment after a seq (never one "
+                            "under Object Lock), storing an audit record first; ship then "
+                            "resumes after that seq")
+    _add_config(p, keys=False)
+    p.add_argument("--after", type=int, required=True, metavar="SEQ",
+                   help="the last segment to keep")
+    p.add_argument("--reason", help="why, for the audit record")
+    p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler="log truncate")
     return parser
 
 

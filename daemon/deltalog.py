@@ -12,17 +12,28 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Final
 
 from drstream.daemon.codec import Body, Manifest
-from drstream.daemon.errors import DrstreamError, FencedError, SegmentFormatError, StoreError
+from drstream.daemon.errors import (
+    DrstreamError,
+    FencedError,
+    LogGapError,
+    LogStateError,
+    SegmentError,
+    SegmentFormatError,
+    StoreError,
+    describe_seqs,
+)
 from drstream.daemon.keyring import KeyRing
-from drstream.daemon.layout import segment_key, segments_prefix, seq_from_key
+from drstream.daemon.layout import probe_key, segment_key, segments_prefix, seq_from_key
 from drstream.daemon.lifecycle import Starting
 from drstream.daemon.logging import get_logger
 from drstream.daemon.metrics import BYTES, ERRORS, UPLOAD_SECONDS
 from drstream.daemon.retry import Backoff, retrying
 from drstream.daemon.segment import (
+    MAX_SEGMENT_SIZE,
     ZERO_DIGEST,
     chain_break,
     encode_segment,
@@ -44,16 +55,56 @@ FOLLOW_FAST_WINDOW_S: Final = 1.0
 # heartbeat), the store is probed this often anyway: 2 GETs a minute while idle.
 TIP_PROBE_S: Final = 30.0
 ORPHAN_WINDOW: Final = 256
+# A follower that misses seq N for this long looks whether later segments are stored (one
+# LIST, then again at most every GAP_CHECK_INTERVAL_S): an upload in flight fills such a
+# hole within a second, a deleted segment never does. Steady state costs no LIST.
+GAP_CHECK_AFTER_S: Final = 3.0
+GAP_CHECK_INTERVAL_S: Final = 30.0
+# manifest.extra[LOG_EXTRA] = {"durable_seq": d}: when the writer encoded the segment,
+# every seq up to d was stored. A missing seq <= d is therefore a gap, never an upload
+# still in flight (the writer only runs max_in_flight seqs past its durable head).
+LOG_EXTRA: Final = "log"
 
 log = get_logger("drstream.deltalog")
 
 
-class DeltaLog:
-    """Read access to one log: locate the ends, fetch segments, follow the head."""
+@dataclass(frozen=True)
+class Tail:
+    """Where a log ends: the contiguous run from `first` to `head`, and the seqs stored
+    after the first hole behind it (`later`: uploads in flight, a crash's leftovers, or
+    the rest of a log with a gap: DeltaLog.end tells which)."""
 
-    def __init__(self, store: Store, log_id: str) -> None:
+    first: int | None
+    head: int | None
+    later: tuple[int, ...] = ()
+
+    @property
+    def missing(self) -> list[int]:
+        """The seqs absent between the head and the newest later segment."""
+        present = set(self.later)
+        start = (self.head or 0) + 1
+        return [s for s in range(start, max(self.later, default=0)) if s not in present]
+
+
+def durable_at_write(manifest: Manifest) -> int | None:
+    """The writer's durable head when it wrote the segment (None: not recorded)."""
+    info = manifest.extra.get(LOG_EXTRA)
+    d = info.get("durable_seq") if isinstance(info, dict) else None
+    return d if type(d) is int else None
+
+
+class DeltaLog:
+    """Read access to one log: locate the ends, fetch segments, follow the head.
+
+    With a key ring it tells a gap from the end of the log (`end`, `follow`): a later
+    segment names the writer's durable head when it was written, so a missing seq at or
+    below that head was deleted, not in flight.
+    """
+
+    def __init__(self, store: Store, log_id: str, keyring: KeyRing | None = None) -> None:
         self.store = store
         self.log_id = log_id
+        self.keyring = keyring
 
     def key(self, seq: int) -> str:
         return segment_key(self.log_id, seq)
@@ -69,20 +120,44 @@ class DeltaLog:
 
     async def head_seq(self) -> int | None:
         """The newest segment of the contiguous run (the durable head)."""
-        head, _ = await self.locate_head()
-        return head
+        return (await self.end()).head
 
-    async def locate_head(self) -> tuple[int | None, list[int]]:
-        """(durable head, orphans): O(log n) HEADs plus one LIST of a small window.
+    async def end(self) -> Tail:
+        """locate(), then: segments stored after a hole that a later segment proves was
+        durable once are a gap (LogGapError naming the missing seqs); otherwise they are
+        uploads in flight (or a crash's leftovers) and the head ends the log."""
+        tail = await self.locate()
+        if tail.later and self.keyring is not None:
+            await self._check_later(tail)
+        return tail
+
+    async def _check_later(self, tail: Tail) -> None:
+        newest = max(tail.later)
+        data = await self.fetch(newest)
+        if data is None:
+            return  # removed meanwhile (a writer's clean-up): nothing stored after the head
+        assert self.keyring is not None
+        _, manifest = await asyncio.to_thread(read_manifest, data, self.keyring,
+                                              expect_log_id=self.log_id, expect_seq=newest)
+        d = durable_at_write(manifest)
+        missing = tail.missing
+        if d is not None and missing and d >= missing[0]:
+            raise LogGapError(self.log_id, [m for m in missing if m <= d],
+                              f"seq {newest} is stored and was written when every seq up to "
+                              f"{d} was")
+
+    async def locate(self) -> Tail:
+        """The contiguous run and what is stored behind its first hole: O(log n) HEADs
+        plus one LIST of a small window.
 
         A writer killed with several uploads in flight can leave a hole with a few later
-        segments stored behind it ("orphans"). They were never durable (the head only
-        advances over a contiguous run), but they fool a plain binary search, so the
-        window just below the probed head is listed and cut at its first gap.
+        segments stored behind it. They were never durable (the head only advances over
+        a contiguous run), but they fool a plain binary search, so the window just below
+        the probed head is listed and cut at its first gap.
         """
         first = await self.first_seq()
         if first is None:
-            return None, []
+            return Tail(None, None)
         lo, step = first, 1
         while await self.exists(lo + step):
             lo, step = lo + step, step * 2
@@ -95,7 +170,7 @@ class DeltaLog:
                 hi = mid
         return await self._cut_at_first_gap(first, lo)
 
-    async def _cut_at_first_gap(self, first: int, probed: int) -> tuple[int, list[int]]:
+    async def _cut_at_first_gap(self, first: int, probed: int) -> Tail:
         start = max(first, probed - ORPHAN_WINDOW)
         seqs = []
         async for key in self.store.list(
@@ -106,16 +181,39 @@ class DeltaLog:
             if seq is not None:
                 seqs.append(seq)
         if not seqs:  # pruned between the two calls
-            return probed, []
+            return Tail(first, probed)
         head = seqs[0]
         for seq in seqs[1:]:
             if seq != head + 1:
                 break
             head = seq
-        return head, [s for s in seqs if s > head]
+        return Tail(first, head, tuple(s for s in seqs if s > head))
 
     async def fetch(self, seq: int) -> bytes | None:
-        return await self.store.get(self.key(seq))
+        """Segment `seq`'s bytes (None: not stored); larger than any segment can be is
+        refused before it is downloaded."""
+        return await self.store.get(self.key(seq), max_bytes=MAX_SEGMENT_SIZE)
+
+    async def _later_than(self, seq: int) -> tuple[int, ...]:
+        """Seqs stored after `seq` (one LIST of a window)."""
+        found = []
+        async for key in self.store.list(segments_prefix(self.log_id),
+                                         start_after=self.key(seq), limit=ORPHAN_WINDOW):
+            s = seq_from_key(key)
+            if s is not None:
+                found.append(s)
+        return tuple(found)
+
+    async def check_missing(self, seq: int, known_end: int | None) -> None:
+        """`seq` is not stored: raise LogGapError when that is a gap, not the end. It is
+        when this read knew a later head (`known_end`, from when it began), or when a
+        later stored segment was written after `seq` was durable."""
+        if known_end is not None and seq <= known_end:
+            raise LogGapError(self.log_id, [seq], f"the log reached seq {known_end} when this "
+                              "read began, and the segment is gone")
+        later = await self._later_than(seq)
+        if later and self.keyring is not None:
+            await self._check_later(Tail(None, seq - 1, later))
 
     async def follow(
         self,
@@ -126,6 +224,7 @@ class DeltaLog:
         poll_max_s: float = FOLLOW_POLL_MAX_S,
         tick: Callable[[], None] | None = None,
         tip: TipChannel | None = None,
+        known_end: int | None = None,
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Yield (seq, bytes) for after_seq+1, +2, ... as they appear.
 
@@ -135,10 +234,13 @@ class DeltaLog:
         the tip is silent for TIP_PROBE_S the store is probed once anyway (the store is
         the truth). Without the channel, probe: up to `prefetch` GETs run ahead while
         behind; once caught up the window drops to one probe, backing off while idle.
+        A seq that stays missing (and that the tip does not explain as not yet written)
+        is checked for being a gap (check_missing): LogGapError, never a skip.
         """
         seq, delay, window = after_seq + 1, FOLLOW_POLL_MIN_S, 1
         pending: dict[int, asyncio.Task[bytes | None]] = {}
         last_found = time.monotonic()
+        gap_check = [0.0]  # when the next LIST for a gap may run (monotonic)
         try:
             while stop is None or not stop.is_set():
                 if tick is not None:
@@ -161,6 +263,7 @@ class DeltaLog:
                     window = 1
                     if tip is not None and tip.up and tip.seq < seq:
                         continue  # caught up with the tip: wait for it again
+                    await self._gap_check(seq, known_end, last_found, gap_check)
                     if tip is not None and not tip.up:  # probing: wake when it is back
                         await tip.wait(seq - 1, delay, stop)
                     else:  # no channel, or the store is behind the tip it announced
@@ -174,10 +277,22 @@ class DeltaLog:
                     tip.vouch(seq, data)
                 yield seq, data
                 last_found = time.monotonic()
+                gap_check[0] = 0.0
                 seq, delay, window = seq + 1, FOLLOW_POLL_MIN_S, min(window * 2, prefetch)
         finally:
             for task in pending.values():
                 task.cancel()
+
+    async def _gap_check(self, seq: int, known_end: int | None, last_found: float,
+                         next_at: list[float]) -> None:
+        """A seq below a known end is a gap at once; otherwise one missing for
+        GAP_CHECK_AFTER_S is looked at, at most every GAP_CHECK_INTERVAL_S."""
+        now = time.monotonic()
+        if known_end is not None and seq <= known_end:
+            await self.check_missing(seq, known_end)
+        elif now - last_found > GAP_CHECK_AFTER_S and now >= next_at[0]:
+            next_at[0] = now + GAP_CHECK_INTERVAL_S
+            await self.check_missing(seq, None)
 
 
 async def _sleep_or_stop(delay: float, stop: asyncio.Event | None) -> None:
@@ -191,10 +306,14 @@ async def _sleep_or_stop(delay: float, stop: asyncio.Event | None) -> None:
 class LogWriter(Starting):
     """Appends segments to one log; the single writer of that log_id.
 
-    `append` assigns the next seq, encodes (in a thread) and starts the upload; at most
-    `max_in_flight` uploads run at once. `durable_seq` is the highest seq such that every
-    seq up to it is stored. A failed upload is retried with the same bytes; a create that
-    meets other bytes under the same key is split brain and stops the writer for good.
+    `append` assigns the next seq, encodes (in a thread) and starts the upload; it runs at
+    most `max_in_flight` seqs past `durable_seq` (the highest seq such that every seq up to
+    it is stored), so a crash leaves at most `max_in_flight - 1` segments behind a hole.
+    A failed upload is retried with the same bytes; a create that meets other bytes under
+    the same key is split brain and stops the writer for good.
+
+    The writer never destroys the log: on open it removes only what its own crash can
+    leave (see open); anything else stops it with LogStateError, changing nothing.
     """
 
     def __init__(
@@ -209,11 +328,11 @@ class LogWriter(Starting):
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
-        self.log = DeltaLog(store, log_id)
+        self.log = DeltaLog(store, log_id, keyring)
         self.keyring = keyring
         self.zstd_level = zstd_level
         self.retry_deadline_s = retry_deadline_s
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self.max_in_flight = max_in_flight
         self._append_lock = asyncio.Lock()
         self._durable_changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -252,16 +371,23 @@ class LogWriter(Starting):
         """Find the head and return its manifest: the positions to resume from
         (idempotent: a second call returns the same manifest).
 
-        Orphans left behind a hole by a crash are deleted: their records come after the
-        head's positions and will be read from the source again.
+        What a crash of this writer can leave is cleaned up: at most max_in_flight - 1
+        segments behind a hole, within max_in_flight of the head, each authenticated and
+        written before the hole was durable (their records come after the head's
+        positions and are read from the source again). Anything else (a longer or older
+        hole, a segment that fails authentication, a head that does not link onto its
+        predecessor, a segment hidden behind a delete marker right after the head) raises
+        LogStateError naming the objects and changes nothing: `drstream log truncate` or
+        a restore resolves it.
         """
         if self.opened:
             return self._head_manifest
-        head, orphans = await self.log.locate_head()
-        for seq in orphans:
-            log.warning("orphan_segment_deleted", log_id=self.log_id, seq=seq, durable_head=head)
-            await self.log.store.delete(self.log.key(seq))
-        head = await self._drop_stray_tail(head)
+        await self.log.store.check_create_if_absent(probe_key(self.log_id))
+        tail = await self.log.locate()
+        head = tail.head
+        await self._refuse_hidden_after(head or 0)
+        if tail.later:
+            await self._clean_crash_window(tail)
         if head is None:
             self._next_seq, self._prev_digest, self.durable_seq = 1, ZERO_DIGEST, 0
             self.opened = True
@@ -269,35 +395,113 @@ class LogWriter(Starting):
         data = await self.log.fetch(head)
         if data is None:
             raise SegmentFormatError("head segment vanished while opening", log_id=self.log_id,
-                                     seq=head, key=self.log.key(head))
+                                     seq=head)
         _, manifest = await asyncio.to_thread(
             read_manifest, data, self.keyring, expect_log_id=self.log_id, expect_seq=head
         )
+        if tail.first is not None and head > tail.first:
+            await self._check_link(head, data)
         self._next_seq, self._prev_digest, self.durable_seq = head + 1, segment_digest(data), head
         self.durable_nonce = parse_header(data)[0].nonce
         self._head_manifest, self.opened = manifest, True
         log.info("log_opened", log_id=self.log_id, head_seq=head)
         return manifest
 
+    def _stuck(self, what: str, head: int) -> LogStateError:
+        return LogStateError(
+            f"log {self.log_id}: {what}; the writer changed nothing and stops. Restore what "
+            f"is missing or damaged, or remove what follows the last good segment with "
+            f"`drstream log truncate --config CONFIG --after {head}` (audited); "
+            "`drstream verify --deep` shows the whole log")
+
+    async def _refuse_hidden_after(self, head: int) -> None:
+        """A segment right after the head that a versioned store only hides (a delete
+        marker) was durable once: writing over it would fork the log. Hidden segments
+        further on, within the crash window, are this writer's own clean-up."""
+        async for key in self.log.store.hidden(segments_prefix(self.log_id),
+                                               start_after=self.log.key(head)):
+            seq = seq_from_key(key)
+            if seq is None or (seq <= head + self.max_in_flight and seq != head + 1):
+                continue
+            raise self._stuck(f"segment {seq} ({key}) after the head {head} is hidden behind "
+                              "a delete marker (deleted in a versioned bucket, bytes kept)",
+                              head)
+
+    async def _clean_crash_window(self, tail: Tail) -> None:
+        head, later, missing = tail.head or 0, list(tail.later), tail.missing
+        keys = ", ".join(self.log.key(s) for s in later[:8])
+        if len(later) >= self.max_in_flight or later[-1] > head + self.max_in_flight:
+            raise self._stuck(
+                f"{describe_seqs(missing)} missing while {describe_seqs(later)} are stored "
+                f"after them ({keys}): more than a crash of this writer (max_in_flight "
+                f"{self.max_in_flight}) can leave", head)
+        prev: tuple[int, bytes] | None = None
+        for seq in later:
+            data = await self.log.fetch(seq)
+            if data is None:
+                continue
+            try:
+                header, manifest = await asyncio.to_thread(
+                    read_manifest, data, self.keyring, expect_log_id=self.log_id,
+                    expect_seq=seq)
+            except SegmentError as e:
+                raise self._stuck(f"{e} (stored after the hole at {describe_seqs(missing)})",
+                                  head) from e
+            why = chain_break(seq, header, segment_digest(prev[1])) \
+                if prev is not None and prev[0] == seq - 1 else None
+            d = durable_at_write(manifest)
+            if why is not None or (d is not None and d >= missing[0]):
+                raise self._stuck(
+                    f"segment {seq} ({self.log.key(seq)}) stored after the hole at "
+                    f"{describe_seqs(missing)} " + (f"does not link: {why}" if why else
+                    f"was written when seq {d} was durable: the hole is a gap"), head)
+            prev = (seq, data)
+        for seq in reversed(later):
+            log.warning("orphan_segment_deleted", log_id=self.log_id, seq=seq,
+                        key=self.log.key(seq), durable_head=head,
+                        reason="stored behind a hole by an earlier run's crash, never durable")
+            await self.log.store.delete(self.log.key(seq))
+
+    async def _check_link(self, head: int, data: bytes) -> None:
+        """The head must link onto its predecessor: a head that does not is another
+        writer's (a foreign chain) or sits on a damaged segment."""
+        prev = await self.log.fetch(head - 1)
+        if prev is None:
+            raise self._stuck(f"segment {head - 1} vanished below the head {head}", head - 2)
+        header, _ = parse_header(data, expect_log_id=self.log_id, expect_seq=head)
+        why = chain_break(head, header, segment_digest(prev))
+        if why is None:
+            return
+        try:
+            await asyncio.to_thread(read_manifest, prev, self.keyring,
+                                    expect_log_id=self.log_id, expect_seq=head - 1)
+        except SegmentError as e:
+            raise self._stuck(f"{e}; the head {head} ({self.log.key(head)}) was chained onto "
+                              "other bytes", head - 2) from e
+        raise self._stuck(f"the head {head} ({self.log.key(head)}) does not link onto segment "
+                          f"{head - 1} ({self.log.key(head - 1)}): {why} (a foreign chain: "
+                          "another writer's segment)", head - 1)
+
     async def append(self, body: Body) -> int:
-        """Encode `body` as the next segment and start uploading it; returns its seq."""
+        """Encode `body` as the next segment and start uploading it; returns its seq.
+        Waits while max_in_flight seqs past the durable head are started."""
         if not self.opened:
             raise DrstreamError("LogWriter.open() must run before append()")
         self._raise_if_failed()
-        await self._slots.acquire()
-        try:
-            async with self._append_lock:
-                self._raise_if_failed()
-                seq = self._next_seq
-                data = await asyncio.to_thread(
-                    encode_segment, body, log_id=self.log_id, seq=seq,
-                    prev_digest=self._prev_digest, keyring=self.keyring,
-                    zstd_level=self.zstd_level,
-                )
-                self._next_seq, self._prev_digest = seq + 1, segment_digest(data)
-        except BaseException:
-            self._slots.release()
-            raise
+        async with self._append_lock:
+            async with self._durable_changed:
+                await self._durable_changed.wait_for(
+                    lambda: self._next_seq <= self.durable_seq + self.max_in_flight
+                    or self.failure is not None)
+            self._raise_if_failed()
+            seq = self._next_seq
+            body = _with_durable_seq(body, self.durable_seq)
+            data = await asyncio.to_thread(
+                encode_segment, body, log_id=self.log_id, seq=seq,
+                prev_digest=self._prev_digest, keyring=self.keyring,
+                zstd_level=self.zstd_level,
+            )
+            self._next_seq, self._prev_digest = seq + 1, segment_digest(data)
         self._unsettled[seq] = data
         task = asyncio.create_task(self._upload(seq, data), name=f"upload-{seq}")
         self._tasks.add(task)
@@ -351,10 +555,8 @@ class LogWriter(Starting):
             UPLOAD_SECONDS.observe(time.monotonic() - started)
             BYTES.labels("encrypted").inc(len(data))
         except asyncio.CancelledError:
-            self._slots.release()
             raise
         except Exception as e:  # the writer stops for good: later appends re-raise it
-            self._slots.release()
             if self.failure is None:
                 self.failure = e
                 ERRORS.labels(type(e).__name__).inc()
@@ -365,7 +567,6 @@ class LogWriter(Starting):
                 self._durable_changed.notify_all()
             self._notify()
             return
-        self._slots.release()
         async with self._durable_changed:
             self._done.add(seq)
             while self.durable_seq + 1 in self._done:
@@ -381,43 +582,11 @@ class LogWriter(Starting):
         if self.on_durable is not None:
             self.on_durable()
 
-    async def _drop_stray_tail(self, head: int | None) -> int | None:
-        """Remove tail segments that do not link onto their predecessor: uploads of a
-        writer that was fenced while they were in flight (see _is_stray)."""
-        first = await self.log.first_seq()
-        for _ in range(ORPHAN_WINDOW):
-            if head is None or first is None or head <= first:
-                return head
-            data, prev = await self.log.fetch(head), await self.log.fetch(head - 1)
-            if data is None or prev is None:
-                return head
-            if chain_break(head, parse_header(data)[0], segment_digest(prev)) is None:
-                return head
-            log.warning("stray_segment_deleted", log_id=self.log_id, seq=head)
-            await self.log.store.delete(self.log.key(head))
-            head -= 1
-        return head
-
-    async def _is_stray(self, key: str, ours: bytes, existing: bytes) -> bool:
-        """True when `existing` cannot be part of the log: it does not link onto our own
-        predecessor, which is durable. Such a segment was uploaded in parallel by a writer
-        that was fenced just before it (it links to that writer's losing segment)."""
-        try:
-            theirs, _ = parse_header(existing)
-            mine, _ = parse_header(ours)
-        except DrstreamError:
-            return False
-        if theirs.prev_digest == mine.prev_digest or mine.seq <= 1:
-            return False  # a genuine competitor for this seq: split brain
-        async with self._durable_changed:  # our predecessor must be stored as ours first
-            await self._durable_changed.wait_for(
-                lambda: self.durable_seq >= mine.seq - 1 or self.failure is not None)
-        return self.durable_seq >= mine.seq - 1
-
     async def _retract_after(self, fenced_seq: int) -> None:
         """Fenced at `fenced_seq`: our later segments (uploaded in parallel) link to a
         segment that lost, so they would break the chain for the winner. Stop them and
-        delete those that landed, only where the stored bytes are still ours."""
+        delete those that landed, only where the stored bytes are still ours (never
+        durable: their predecessor is not in the log)."""
         current = asyncio.current_task()
         later = [t for t in self._tasks if t is not current]
         for task in later:
@@ -450,18 +619,17 @@ class LogWriter(Starting):
         if await self.log.store.put_if_absent(key, data):
             return
         # Exists already: our own earlier attempt (a retry after a lost reply) is fine;
-        # other bytes mean a second writer with the same log_id.
-        existing = await self.log.store.get(key)
-        if existing == data:
+        # other bytes are another writer's (with the same log_id): never replaced.
+        if await self.log.store.get(key, max_bytes=MAX_SEGMENT_SIZE) == data:
             return
-        if existing is not None and await self._is_stray(key, data, existing):
-            log.warning("stray_segment_replaced", log_id=self.log_id, key=key)
-            await self.log.store.delete(key)
-            if await self.log.store.put_if_absent(key, data):
-                return
         raise FencedError(
             f"object {key} already exists with other bytes: another writer is using "
             f"log_id {self.log_id!r} (split brain); this writer stops",
             key=key,
         )
 
+
+def _with_durable_seq(body: Body, durable_seq: int) -> Body:
+    """The body with the writer's durable head recorded in its manifest (LOG_EXTRA)."""
+    extra = {**body.manifest.extra, LOG_EXTRA: {"durable_seq": durable_seq}}
+    return Body(dataclasses.replace(body.manifest, extra=extra), body.batches)

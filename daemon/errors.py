@@ -8,6 +8,8 @@ segment, a fenced writer). Library errors are wrapped at the connector edge with
 
 from __future__ import annotations
 
+from drstream.daemon.layout import segment_key
+
 # Exit codes of every drstream command: problems found (verify, drill), bad usage or
 # config (the message names the field and value), a runtime failure (names the object).
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
@@ -93,6 +95,8 @@ class SegmentError(DrstreamError):
         seq: int | None = None,
         key: str | None = None,
     ) -> None:
+        if key is None and log_id is not None and seq is not None:
+            key = segment_key(log_id, seq)  # every damaged-segment error names its object
         self.log_id = log_id
         self.seq = seq
         self.key = key
@@ -121,6 +125,37 @@ class UnknownKeyError(SegmentError):
 
 class ChainError(SegmentError):
     """The hash chain is broken: wrong predecessor digest, a gap, or a moved segment."""
+
+
+class LogGapError(ChainError):
+    """Segments are missing from the middle of a log (later ones are stored): the log is
+    damaged, not shorter. Names the missing seqs and the segment that proves it."""
+
+    def __init__(self, log_id: str, missing: list[int], evidence: str) -> None:
+        self.missing = missing
+        super().__init__(f"{describe_seqs(missing)} missing from the middle of the log "
+                         f"({evidence}); restore them, or truncate the log with "
+                         "`drstream log truncate`", log_id=log_id, seq=missing[0])
+
+
+class LogStateError(DrstreamError):
+    """The store holds something a writer must not clean up on its own (a hole further
+    back than its own crash can leave, a segment that fails authentication, a foreign
+    chain, hidden versions): it changes nothing and waits for an operator."""
+
+
+def describe_seqs(seqs: list[int]) -> str:
+    """'seq 7', 'seqs 7..9', 'seqs 3, 7..9' for a sorted list."""
+    runs: list[str] = []
+    start = prev = None
+    for s in [*seqs, None]:
+        if s is not None and prev is not None and s == prev + 1:
+            prev = s
+            continue
+        if start is not None:
+            runs.append(str(start) if start == prev else f"{start}..{prev}")
+        start = prev = s
+    return ("seq " if len(seqs) == 1 else "seqs ") + ", ".join(runs)
 
 
 class BlobError(DrstreamError):

@@ -15,6 +15,7 @@ from drstream.daemon.plugins import StreamKind
 from drstream.daemon.prune import PruneResult
 from drstream.daemon.replay import Progress, ReplayResult
 from drstream.daemon.status import FailoverReport, StatusReport
+from drstream.daemon.truncate import TruncateResult
 from drstream.daemon.verify import Report
 
 
@@ -53,6 +54,7 @@ def verify(report: Report) -> list[str]:
             out.append(f"  blobs      {report.blobs_checked} named by segments, each fetched "
                        "and authenticated")
     out += [f"  PROBLEM    {problem}" for problem in report.problems]
+    out += [f"  WARNING    {warning}" for warning in report.warnings]
     return out
 
 
@@ -70,7 +72,11 @@ def status(r: StatusReport) -> list[str]:
         lag = "-" if s["apply_lag_s"] is None else seconds(s["apply_lag_s"])
         out.append(f"  {sink:<14} applied seq {s['applied_seq']}, "
                    f"{behind} segments behind, apply lag {lag}")
+    if r.in_flight_seqs:
+        out.append(f"  in flight      seqs {r.in_flight_seqs} stored after the head (uploads "
+                   "not yet durable)")
     out += [f"  PROBLEM        {p}" for p in r.problems]
+    out += [f"  WARNING        {w}" for w in r.warnings]
     return out
 
 
@@ -123,7 +129,27 @@ def prune(log_id: str, r: PruneResult, dry_run: bool) -> list[str]:
     out = [f"prune of log {log_id}: {verb} {len(r.deleted)} segments ({span}); kept from seq "
            f"{r.deleted[-1] + 1 if r.deleted else r.first_seq}: {r.kept_reason}"]
     if r.locked:
-        out.append(f"  under Object Lock, not deleted: seq {r.locked[0]} and later")
+        out.append(f"  under Object Lock until {iso(r.locked_until_ms or 0)}, not deleted: "
+                   f"seq {r.locked[0]} and later")
+    for name, seq in sorted(r.replays.items()):
+        out.append(f"  replay {name!r} is unfinished and needs seq {seq} on: kept")
+    if r.blobs is not None:
+        b = r.blobs
+        out.append(f"  blobs: {b.stored} stored, {b.needed} still named; {verb} "
+                   f"{len(b.deleted)} unnamed ones older than {b.grace_s:g}s; {b.fresh} "
+                   "unnamed but fresh kept (a running ship may name them soon)")
+    if r.audit_object:
+        out.append(f"  audit record: {r.audit_object}")
+    return out
+
+
+def truncate(r: TruncateResult, dry_run: bool) -> list[str]:
+    verb = "would remove" if dry_run else "removed"
+    out = [f"log {r.log_id}: {verb} {len(r.removed)} segments after seq {r.after_seq}"]
+    out += [f"  {x['key']}" + (" (hidden behind a delete marker)" if x["hidden"] else
+                               f" sha256 {x['sha256']}") for x in r.removed]
+    if r.audit_object:
+        out.append(f"  audit record: {r.audit_object}")
     return out
 
 

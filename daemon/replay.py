@@ -10,10 +10,12 @@ wrote the stream (daemon.plugins.StreamKind) supplies the filter and the target 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
 from drstream.daemon.applier import Applier
 from drstream.daemon.blobs import BlobStore
@@ -22,6 +24,12 @@ from drstream.daemon.config import Config
 from drstream.daemon.deltalog import DeltaLog
 from drstream.daemon.errors import ConfigFieldError, DrstreamError
 from drstream.daemon.keyring import KeyRing
+from drstream.daemon.layout import (
+    SEGMENT_SUFFIX,
+    replay_pin_key,
+    replay_pins_prefix,
+    seq_from_key,
+)
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.plan import ReplayPlan
 from drstream.daemon.plugins import ConnectorConfig, StreamFilter
@@ -128,9 +136,12 @@ async def check_log(store: Store, keyring: KeyRing, log_id: str, log_option: str
 
 async def replay(config: Config, store: Store, keyring: KeyRing, plan: ReplayPlan,
                  progress: Progress | None = None,
-                 on_filter: Callable[[StreamFilter], None] | None = None) -> ReplayResult:
+                 on_filter: Callable[[StreamFilter], None] | None = None,
+                 pin: bool = False) -> ReplayResult:
     """Replay the plan's stream into the target its options name (a dry run counts only).
-    `on_filter` sees the filter before anything is written (a drill cleans up after it)."""
+    `on_filter` sees the filter before anything is written (a drill cleans up after it).
+    `pin`: until it completes, the named replay pins the segments it still needs in the
+    store (replays/), so `prune` keeps them and an interrupted replay can resume."""
     kind = config.connectors.stream(plan.stream)
     blobs = BlobStore(store, config.log_id, keyring)
 
@@ -145,12 +156,17 @@ async def replay(config: Config, store: Store, keyring: KeyRing, plan: ReplayPla
     if on_filter is not None:
         on_filter(filt)
     applier.transform = filt
-    head = await DeltaLog(store, config.log_id).head_seq()
+    log_ = DeltaLog(store, config.log_id, keyring)
+    head = (await log_.end()).head  # a gap in the log: LogGapError naming the missing seqs
     end = min(head or 0, plan.until_seq) if plan.until_seq is not None else (head or 0)
     started = time.monotonic()
     reporter = asyncio.create_task(_report(applier, filt, end, started, progress))
     try:
-        last = await applier.run(asyncio.Event(), until_seq=end) if end > 0 else 0
+        pinned = await _pin(store, log_, plan, applier) if pin and end > 0 else None
+        last = await applier.run(asyncio.Event(), until_seq=end, known_end=head) \
+            if end > 0 else 0
+        if pinned is not None:  # done: what it needed may go
+            await unpin(store, config.log_id, plan.name)
     finally:
         reporter.cancel()
         await applier.close()
@@ -158,6 +174,44 @@ async def replay(config: Config, store: Store, keyring: KeyRing, plan: ReplayPla
     if progress is not None:
         progress(last, end, filt.count, filt.bytes, elapsed)
     return ReplayResult(last, end, filt.count, filt.bytes, elapsed, filt, applier)
+
+
+def _pin_name(name: str) -> str:
+    """A replay name as one key segment ('/', '.' and the rest percent-encoded)."""
+    return quote(name, safe="-_").replace(".", "%2E") or "%00"
+
+
+async def _pin(store: Store, log_: DeltaLog, plan: ReplayPlan, applier: Applier) -> str:
+    """Record what this named replay still needs: from its checkpoint (or the oldest
+    segment, which a fresh replay of a pruned log seeds from) on. The new pin is stored
+    before the older ones of the same name go, so the segments are never unpinned."""
+    after = await applier.start()
+    keep_from = max(after, await log_.first_seq() or 1)
+    name = _pin_name(plan.name)
+    key = replay_pin_key(log_.log_id, name, keep_from)
+    doc = {"replay": plan.name, "log_id": log_.log_id, "stream": plan.stream,
+           "keep_from_seq": keep_from, "pinned_at_ms": int(time.time() * 1000)}
+    await store.put_if_absent(key, json.dumps(doc).encode())
+    async for old in store.list(replay_pins_prefix(log_.log_id, name)):
+        if old != key:
+            await store.delete(old)
+    return key
+
+
+async def unpin(store: Store, log_id: str, name: str) -> None:
+    async for key in store.list(replay_pins_prefix(log_id, _pin_name(name))):
+        await store.delete(key)
+
+
+async def replay_pins(store: Store, log_id: str) -> dict[str, int]:
+    """Named replays that are not finished: name -> the oldest seq they still need."""
+    pins: dict[str, int] = {}
+    async for key in store.list(replay_pins_prefix(log_id)):
+        name, _, leaf = key[len(replay_pins_prefix(log_id)):].partition("/")
+        seq = seq_from_key(leaf.replace(".json", SEGMENT_SUFFIX))
+        if seq is not None:
+            pins[unquote(name)] = min(seq, pins.get(unquote(name), seq))
+    return pins
 
 
 async def _report(applier: Applier, filt: StreamFilter, end: int, started: float,

@@ -52,6 +52,8 @@ __all__ = [
     "LOG_ID_RE",
     "MAGIC",
     "MAX_BODY_SIZE",
+    "MAX_HEADER_SIZE",
+    "MAX_SEGMENT_SIZE",
     "MIN_HEADER_SIZE",
     "NONCE_SIZE",
     "SALT_SIZE",
@@ -82,6 +84,11 @@ _SEQ_TIME_KEYLEN_S = struct.Struct(">QQB")  # seq, created_at_ms, key_id length
 _TAIL_S = struct.Struct(f">{SALT_SIZE}s{NONCE_SIZE}s{DIGEST_SIZE}sI")  # salt nonce prev len
 #: Smallest possible header: 1-byte log id and key id.
 MIN_HEADER_SIZE: Final = _PRE_S.size + 1 + _SEQ_TIME_KEYLEN_S.size + 1 + _TAIL_S.size
+#: Largest possible header (255-byte ids): a range read of this many bytes holds it.
+MAX_HEADER_SIZE: Final = _PRE_S.size + 255 + _SEQ_TIME_KEYLEN_S.size + 255 + _TAIL_S.size
+#: Largest stored segment a reader downloads: the header, zstd's worst case for a
+#: MAX_BODY_SIZE body (input + 1/128, a bound above ZSTD_compressBound) and the GCM tag.
+MAX_SEGMENT_SIZE: Final = MAX_HEADER_SIZE + MAX_BODY_SIZE + MAX_BODY_SIZE // 128 + (64 << 10)
 
 
 def segment_object_key(prefix: str, log_id: str, seq: int) -> str:
@@ -234,19 +241,26 @@ def encode_segment(
 # --------------------------------------------------------------------------- decode
 
 
-def parse_header(data: bytes) -> tuple[SegmentHeader, int]:
+def parse_header(data: bytes, *, expect_log_id: str | None = None,
+                 expect_seq: int | None = None, size: int | None = None
+                 ) -> tuple[SegmentHeader, int]:
     """The clear header and its length; no key needed (the chain verifier uses this).
 
     Strict: bad magic, unknown version, nonzero flags, invalid ids, seq 0, a prev_digest
     that is zero for seq > 1 (or not zero for seq 1), a body shorter than the GCM tag, a
     truncated segment and bytes after the body are all SegmentFormatError. Authenticity
     is NOT checked here (decrypt_segment does that).
+
+    expect_log_id / expect_seq: where the caller found the segment, so an error about
+    bytes too damaged to name themselves still names the object. `size`: the object's
+    full size when `data` is only its first bytes (at least MAX_HEADER_SIZE of them, or
+    all of it), read with a range request.
     """
-    return _parse_header(data, None, None)
+    return _parse_header(data, expect_log_id, expect_seq, size)
 
 
 def _parse_header(
-    data: bytes, hint_log: str | None, hint_seq: int | None
+    data: bytes, hint_log: str | None, hint_seq: int | None, size: int | None = None
 ) -> tuple[SegmentHeader, int]:
     log_id, seq = hint_log, hint_seq
 
@@ -257,7 +271,9 @@ def _parse_header(
         mv = memoryview(data)
     except TypeError:
         raise fail(f"segment must be bytes, got {type(data).__name__}") from None
-    total = len(mv)
+    total = len(mv) if size is None else size
+    if len(mv) < min(total, MAX_HEADER_SIZE):
+        raise fail(f"only {len(mv)} of the object's first bytes given to read its header")
     if total < _PRE_S.size:
         raise fail(f"truncated: {total} bytes is shorter than any segment header")
     magic, version, flags, log_len = _PRE_S.unpack_from(mv, 0)

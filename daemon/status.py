@@ -21,7 +21,7 @@ from drstream.daemon.errors import DrstreamError
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.records import Checkpoint
-from drstream.daemon.segment import read_manifest
+from drstream.daemon.segment import read_manifest, segment_digest
 from drstream.daemon.source import SourceProbe
 from drstream.daemon.store import Store
 
@@ -38,19 +38,53 @@ class LogHead:
     created_at_ms: int | None = None
     positions: dict[str, Any] = field(default_factory=dict)
     max_record_ms: int | None = None
+    in_flight: list[int] = field(default_factory=list)  # stored after a hole: not durable
 
 
 async def read_head(log: DeltaLog, keyring: KeyRing) -> LogHead:
-    seq = await log.head_seq()
+    """The durable head and its manifest; a gap in the log raises LogGapError (the end of
+    the log is never taken for a shorter log's head)."""
+    tail = await DeltaLog(log.store, log.log_id, keyring).end()
+    seq = tail.head
     if seq is None:
         return LogHead()
     data = await log.fetch(seq)
     if data is None:
-        return LogHead(seq=seq)
+        return LogHead(seq=seq, in_flight=list(tail.later))
     header, manifest = await asyncio.to_thread(
         read_manifest, data, keyring, expect_log_id=log.log_id, expect_seq=seq)
     return LogHead(seq=seq, created_at_ms=header.created_at_ms, positions=manifest.positions,
-                   max_record_ms=manifest.max_timestamp_ms)
+                   max_record_ms=manifest.max_timestamp_ms, in_flight=list(tail.later))
+
+
+# A head older than this many heartbeat intervals: the shipper is not writing (stopped,
+# cut off from the store) or the newest segments were removed.
+STALE_HEARTBEATS = 3
+
+
+async def log_findings(config: Config, log: DeltaLog, head: LogHead,
+                       checkpoints: dict[str, Checkpoint]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of a log against its readers: a sink that applied past the head
+    (the log was truncated) or a segment other than the one it applied (rewritten); a head
+    older than STALE_HEARTBEATS heartbeat intervals (a stale log)."""
+    problems, warnings = [], []
+    for name, cp in checkpoints.items():
+        if cp.seq and (head.seq is None or cp.seq > head.seq):
+            problems.append(f"truncated: sink {name} applied through seq {cp.seq} but the log "
+                            f"ends at {head.seq or 'nothing'}: segments were removed from "
+                            "the end of the log")
+        elif cp.seq and cp.digest:
+            data = await log.fetch(cp.seq)
+            if data is not None and segment_digest(data) != cp.digest:
+                problems.append(f"rewritten: segment {cp.seq} ({log.key(cp.seq)}) is not the "
+                                f"one sink {name} applied")
+    limit = STALE_HEARTBEATS * config.ship.heartbeat_interval_s
+    if head.created_at_ms is not None and (now_ms() - head.created_at_ms) / 1000 > limit:
+        age = (now_ms() - head.created_at_ms) / 1000
+        warnings.append(f"stale log: the head (seq {head.seq}) was written {age:.0f}s ago, "
+                        f"more than {STALE_HEARTBEATS} heartbeat intervals ({limit:g}s): ship "
+                        "is not writing, or the newest segments were removed")
+    return problems, warnings
 
 
 async def probe_sources(config: Config, positions: dict[str, Any],
@@ -83,7 +117,9 @@ class StatusReport:
     head_age_s: float | None
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # truncation, unreachable, thresholds
+    warnings: list[str] = field(default_factory=list)  # a stale log
+    in_flight_seqs: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -119,23 +155,28 @@ class FailoverReport:
 async def status(config: Config, store: Store, keyring: KeyRing,
                  thresholds: Thresholds = Thresholds()) -> StatusReport:
     """Per stream: ship lag and RPO estimate; per sink: applied seq and apply lag; the
-    problems (an unreachable source or sink, a threshold passed)."""
+    problems (an unreachable source or sink, a threshold passed, a truncated or
+    rewritten log) and warnings (a stale log)."""
     blobs = BlobStore(store, config.log_id, keyring)
+    log_ = DeltaLog(store, config.log_id, keyring)
     # Checkpoints before the head: apply only applies what is durable, so a head read
     # after them is never behind them (read the other way round, a heartbeat landing in
     # between showed a standby ahead of the log: a negative lag).
     checkpoints = await peek_each(config, blobs)
-    head = await read_head(DeltaLog(store, config.log_id), keyring)
+    head = await read_head(log_, keyring)
     now = now_ms()
     report = StatusReport(
         log_id=config.log_id, store=store.url, durable_head_seq=head.seq,
         head_written_at_ms=head.created_at_ms,
-        head_age_s=None if head.created_at_ms is None else (now - head.created_at_ms) / 1000)
+        head_age_s=None if head.created_at_ms is None else (now - head.created_at_ms) / 1000,
+        in_flight_seqs=head.in_flight)
     for stream, probe in (await probe_sources(config, head.positions, blobs)).items():
         report.streams[stream] = _stream_status(probe, head, now)
     for name, cp in checkpoints.items():
         report.sinks[name] = _sink_status(cp, head)
-    report.problems = _problems(report, thresholds)
+    read = {n: cp for n, cp in checkpoints.items() if not isinstance(cp, DrstreamError)}
+    report.problems, report.warnings = await log_findings(config, log_, head, read)
+    report.problems += _problems(report, thresholds)
     return report
 
 
@@ -221,7 +262,8 @@ async def failover(config: Config, store: Store, keyring: KeyRing) -> FailoverRe
     head = await read_head(log_, keyring)
     started = time.monotonic()
     async with Applier(config, store, keyring) as applier:
-        applied = await applier.run(asyncio.Event(), until_seq=head.seq or 0)
+        applied = await applier.run(asyncio.Event(), until_seq=head.seq or 0,
+                                    known_end=head.seq)
         groups = await applier.sync_groups_now()
         checkpoints = {s.name: s.checkpoint() for s in applier.sinks}
     probes = await probe_sources(config, head.positions, applier.blobs)

@@ -7,10 +7,20 @@ with` does both); the connector registry (daemon.plugins) builds one from its co
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from drstream.daemon.errors import StoreError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows of one object without reading it."""
+
+    size: int
+    modified_ms: int  # when it was written (ms since the epoch)
+    retain_until_ms: int | None = None  # Object Lock: no delete before this time
 
 
 @runtime_checkable
@@ -21,9 +31,20 @@ class Store(Protocol):
         """Create `key` with `data` atomically; False (and nothing written) if it exists."""
         ...
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         """The whole object, or None when it does not exist. Only a durable object is
-        returned: readers act on what they get (apply applies it)."""
+        returned: readers act on what they get (apply applies it). An object over
+        `max_bytes` raises ObjectTooLargeError before its body is read (a format's size
+        limit)."""
+        ...
+
+    async def get_prefix(self, key: str, length: int) -> tuple[bytes, int] | None:
+        """(up to `length` first bytes, the object's full size), None when absent: one
+        ranged read (a segment's header without its body)."""
+        ...
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Size, write time and retention of `key`, None when absent."""
         ...
 
     async def exists(self, key: str) -> bool: ...
@@ -34,8 +55,23 @@ class Store(Protocol):
         """Keys under `prefix`, in lexicographic order, strictly after `start_after`."""
         ...
 
+    def hidden(self, prefix: str, start_after: str | None = None) -> AsyncIterator[str]:
+        """Keys under `prefix` (sorted, after `start_after`) that are deleted but whose
+        bytes a versioned store still keeps behind a delete marker; none elsewhere."""
+        ...
+
     async def delete(self, key: str) -> None:
-        """Remove `key`; absent keys are not an error."""
+        """Remove `key`; absent keys are not an error (a versioned store keeps the bytes
+        behind a delete marker)."""
+        ...
+
+    async def purge(self, key: str) -> None:
+        """Remove `key` and every stored version of it (refused under retention)."""
+        ...
+
+    async def check_create_if_absent(self, probe_key: str) -> None:
+        """Prove that a second create of one key is refused (fencing rests on it): create
+        `probe_key` twice, then remove it; StoreError when the second create succeeds."""
         ...
 
     async def start(self) -> object:
@@ -49,6 +85,33 @@ class Store(Protocol):
     async def __aenter__(self) -> Store: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
+
+
+class ObjectTooLargeError(StoreError):
+    """An object bigger than anything the format can hold: refused before reading it."""
+
+    def __init__(self, store_url: str, key: str, size: int, limit: int) -> None:
+        super().__init__(f"store {store_url}: object {key!r} is {size} bytes, over the "
+                         f"{limit}-byte limit of what it can hold; not read", key=key)
+
+
+async def probe_create_if_absent(store: Store, key: str,
+                                 put: Callable[[str, bytes], Awaitable[bool]] | None = None
+                                 ) -> None:
+    """Create `key` twice with different bytes (through `put`, default put_if_absent) and
+    remove it: the second create must be refused, or two writers of one log would
+    overwrite each other silently (fencing rests on it)."""
+    put = put or store.put_if_absent
+    try:
+        first = await put(key, b"probe 1")
+        second = await put(key, b"probe 2")
+    finally:
+        await store.purge(key)
+    if first and second:
+        raise StoreError(
+            f"store {store.url}: a second create of {key!r} was accepted: the endpoint does "
+            "not honour create-if-absent (If-None-Match: *), so two writers of one log would "
+            "overwrite each other silently; refusing to write", key=key)
 
 
 # A key path segment may not start with this: the file store names its temp files so

@@ -14,10 +14,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from drstream.daemon.audit import pruned_ranges, uncovered
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import Body, EventBatch
+from drstream.daemon.config import Config
 from drstream.daemon.deltalog import DeltaLog
-from drstream.daemon.errors import ChainError, DrstreamError, SegmentAuthError, UnknownKeyError
+from drstream.daemon.errors import (
+    ChainError,
+    DrstreamError,
+    SegmentAuthError,
+    StoreError,
+    UnknownKeyError,
+)
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.layout import segments_prefix, seq_from_key
 from drstream.daemon.plugins import Connectors, installed
@@ -28,6 +36,7 @@ from drstream.daemon.segment import (
     parse_header,
     segment_digest,
 )
+from drstream.daemon.status import LogHead, log_findings, peek_checkpoints
 
 VERIFY_PREFETCH: Final = 8
 BLOB_CHECKS_IN_FLIGHT: Final = 8
@@ -37,7 +46,8 @@ BLOB_CHECKS_IN_FLIGHT: Final = 8
 class Problem:
     log_id: str
     seq: int | None
-    kind: str  # gap, format, chain, moved, auth, key, missing, stray, blob
+    kind: str  # gap, format, chain, moved, auth, key, missing, stray, blob, unreadable,
+    # hidden (deleted in a versioned store, bytes kept), truncated, rewritten
     message: str
 
     def __str__(self) -> str:
@@ -62,6 +72,7 @@ class Report:
     plaintext_bytes: int = 0
     stored_bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # a stale log
     blob_refs: dict[str, int] = field(default_factory=dict)  # blob id -> first naming seq
     blobs_checked: int = 0
     # offsets a source lost before shipping them (retention), as the log records them:
@@ -84,6 +95,7 @@ class Report:
             "blobs": self.blobs_checked if self.deep else None,
             "source_gaps": self.source_gaps if self.deep else None,
             "problems": [p.__dict__ for p in self.problems],
+            "warnings": self.warnings,
         }
 
 
@@ -105,12 +117,24 @@ async def _seqs(log: DeltaLog, report: Report, from_seq: int, to_seq: int | None
     return seqs
 
 
-async def _fetch_ahead(log: DeltaLog, seqs: list[int]) -> AsyncIterator[tuple[int, bytes | None]]:
+async def _fetch(log: DeltaLog, seq: int) -> bytes | StoreError | None:
+    """The segment, or the store's refusal to read it (too large, a link): a problem to
+    report, not the end of the audit."""
+    try:
+        return await log.fetch(seq)
+    except StoreError as e:
+        if e.retriable:
+            raise
+        return e
+
+
+async def _fetch_ahead(log: DeltaLog, seqs: list[int]
+                       ) -> AsyncIterator[tuple[int, bytes | StoreError | None]]:
     """Fetch in order with a bounded number of GETs running ahead."""
-    pending: list[asyncio.Task[bytes | None]] = []
+    pending: list[asyncio.Task[bytes | StoreError | None]] = []
     it = iter(seqs)
     for seq in it:
-        pending.append(asyncio.create_task(log.fetch(seq)))
+        pending.append(asyncio.create_task(_fetch(log, seq)))
         if len(pending) >= VERIFY_PREFETCH:
             break
     order = seqs[: len(pending)]
@@ -120,7 +144,7 @@ async def _fetch_ahead(log: DeltaLog, seqs: list[int]) -> AsyncIterator[tuple[in
             data = await pending.pop(0)
             yield order.pop(0), data
             if idx < len(seqs):
-                pending.append(asyncio.create_task(log.fetch(seqs[idx])))
+                pending.append(asyncio.create_task(_fetch(log, seqs[idx])))
                 order.append(seqs[idx])
                 idx += 1
     finally:
@@ -130,7 +154,7 @@ async def _fetch_ahead(log: DeltaLog, seqs: list[int]) -> AsyncIterator[tuple[in
 
 def _check_header(report: Report, seq: int, data: bytes) -> SegmentHeader | None:
     try:
-        header, _ = parse_header(data)
+        header, _ = parse_header(data, expect_log_id=report.log_id, expect_seq=seq)
     except DrstreamError as e:
         report.problems.append(Problem(report.log_id, seq, "format", str(e)))
         return None
@@ -244,8 +268,10 @@ async def verify_log(
                 log.log_id, prev_seq + 1, "gap", f"segments {prev_seq + 1}..{seq - 1} are missing"
             ))
             prev_digest = None
-        if data is None:  # listed, then gone: deleted while we ran
-            report.problems.append(Problem(log.log_id, seq, "missing", "segment disappeared"))
+        if data is None or isinstance(data, StoreError):  # gone while we ran, or refused
+            report.problems.append(Problem(log.log_id, seq, "missing", "segment disappeared")
+                                   if data is None else
+                                   Problem(log.log_id, seq, "unreadable", str(data)))
             prev_seq, prev_digest = seq, None
             continue
         header = _check_header(report, seq, data)
@@ -259,4 +285,42 @@ async def verify_log(
             progress(report)
     if deep and keyring is not None and report.blob_refs:
         await _check_blobs(report, BlobStore(log.store, log.log_id, keyring))
+    await _check_removed(log, report, from_seq, deep)
     return report
+
+
+async def _check_removed(log: DeltaLog, report: Report, from_seq: int, deep: bool) -> None:
+    """What is gone without a gap to show it: segments missing before the first one that
+    no `drstream prune` removed (its audit records say how far it went), and with `deep`
+    segments a versioned store only hides behind a delete marker."""
+    pruned = await pruned_ranges(log.store, log.log_id)
+    first = report.first_seq
+    lost = uncovered(1, first - 1, pruned) if from_seq <= 1 and first is not None else []
+    if lost:
+        seqs = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in lost)
+        report.problems.append(Problem(
+            log.log_id, lost[0][0], "missing",
+            f"seqs {seqs} missing at the start of the log ({log.key(lost[0][0])}..): no "
+            "`drstream prune` removed them"))
+    if not deep:
+        return
+    async for key in log.store.hidden(segments_prefix(log.log_id)):
+        seq = seq_from_key(key)
+        if seq is not None and seq >= from_seq and uncovered(seq, seq, pruned):
+            report.problems.append(Problem(
+                log.log_id, seq, "hidden",
+                f"{key} is deleted but its bytes are kept behind a delete marker (a "
+                "versioned bucket): restore it by deleting the delete marker (README: "
+                "hidden segments)"))
+    report.problems.sort(key=lambda p: (p.seq is None, p.seq or 0))
+
+
+async def check_readers(config: Config, log: DeltaLog, report: Report) -> None:
+    """With the config: the log against its sinks' checkpoints (truncated, rewritten) and
+    the age of its head (stale)."""
+    head = LogHead(seq=report.last_seq, created_at_ms=report.last_created_ms)
+    problems, warnings = await log_findings(config, log, head, await peek_checkpoints(config))
+    for problem in problems:
+        kind, _, message = problem.partition(": ")
+        report.problems.append(Problem(log.log_id, None, kind, message))
+    report.warnings += warnings

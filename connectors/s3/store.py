@@ -40,7 +40,13 @@ from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import MAX_SECONDS, ConnectorConfig
 from drstream.daemon.retry import Backoff, retrying
 from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref, read_secret
-from drstream.daemon.store import check_key, check_prefix
+from drstream.daemon.store import (
+    ObjectInfo,
+    ObjectTooLargeError,
+    check_key,
+    check_prefix,
+    probe_create_if_absent,
+)
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -183,6 +189,11 @@ def _status(e: ClientError) -> int:
 
 def _retriable(e: ClientError) -> bool:
     return _code(e) in _RETRIABLE_CODES or _status(e) >= 500 or _status(e) == 429
+
+
+def _ms(when: Any) -> int:
+    """A datetime from botocore as ms since the epoch (0 when the server sent none)."""
+    return int(when.timestamp() * 1000) if isinstance(when, dt.datetime) else 0
 
 
 def _describe(e: BaseException | None) -> str:
@@ -378,13 +389,7 @@ class S3Store(Starting):
         async def put() -> bool:
             nonlocal attempts
             attempts += 1
-            try:
-                await self._c.put_object(**args)
-            except ClientError as e:
-                if _code(e) == "PreconditionFailed" or _status(e) == 412:
-                    return False
-                raise
-            return True
+            return await self._create(args)
 
         created = await self._retrying("put", key, put)
         if created or attempts == 1:
@@ -393,7 +398,17 @@ class S3Store(Starting):
         # object holding our exact bytes is our own write, not another writer's.
         return await self.get(key) == bytes(data)
 
-    async def get(self, key: str) -> bytes | None:
+    async def _create(self, args: dict[str, Any]) -> bool:
+        """One conditional PUT: False when the key exists (412)."""
+        try:
+            await self._c.put_object(**args)
+        except ClientError as e:
+            if _code(e) == "PreconditionFailed" or _status(e) == 412:
+                return False
+            raise
+        return True
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         full = self._full(key)
 
         async def get() -> bytes | None:
@@ -404,26 +419,63 @@ class S3Store(Starting):
                     return None
                 raise
             async with resp["Body"] as body:  # read inside the retry: streams can break
+                size = int(resp.get("ContentLength", 0))
+                if max_bytes is not None and size > max_bytes:  # from the answer's headers
+                    raise ObjectTooLargeError(self.url, key, size, max_bytes)
                 data: bytes = await body.read()
             return data
 
         return await self._retrying("get", key, get)
+
+    async def get_prefix(self, key: str, length: int) -> tuple[bytes, int] | None:
+        full = self._full(key)
+
+        async def get() -> tuple[bytes, int] | None:
+            try:
+                resp = await self._c.get_object(Bucket=self.bucket, Key=full,
+                                                Range=f"bytes=0-{max(length, 1) - 1}")
+            except ClientError as e:
+                if _code(e) in _MISSING_KEY_CODES:
+                    return None
+                if _code(e) == "InvalidRange":  # an empty object has no byte 0
+                    return b"", 0
+                raise
+            async with resp["Body"] as body:
+                data: bytes = await body.read(length)
+            total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+            return data[:length], int(total) if total.isdigit() else len(data)
+
+        return await self._retrying("get", key, get)
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        resp = await self._head_object(key)
+        if resp is None:
+            return None
+        until = resp.get("ObjectLockRetainUntilDate")
+        return ObjectInfo(size=int(resp.get("ContentLength", 0)),
+                          modified_ms=_ms(resp.get("LastModified")),
+                          retain_until_ms=None if until is None else _ms(until))
 
     async def exists(self, key: str) -> bool:
         return await self.version_id(key) is not None
 
     async def version_id(self, key: str) -> str | None:
         """The current version id of `key` ('null' when unversioned), None when absent."""
+        resp = await self._head_object(key)
+        return None if resp is None else str(resp.get("VersionId") or "null")
+
+    async def _head_object(self, key: str) -> dict[str, Any] | None:
+        """HEAD `key` (retried), None when absent."""
         full = self._full(key)
 
-        async def head() -> str | None:
+        async def head() -> dict[str, Any] | None:
             try:
-                resp = await self._c.head_object(Bucket=self.bucket, Key=full)
+                resp: dict[str, Any] = await self._c.head_object(Bucket=self.bucket, Key=full)
             except ClientError as e:
                 if _code(e) in _MISSING_KEY_CODES:
                     return None
                 raise
-            return str(resp.get("VersionId") or "null")
+            return resp
 
         return await self._retrying("head", key, head)
 
@@ -447,6 +499,51 @@ class S3Store(Starting):
             "delete version", key,
             lambda: self._c.delete_object(Bucket=self.bucket, Key=full, VersionId=version),
         )
+
+    async def purge(self, key: str) -> None:
+        """Delete every version and delete marker of `key` (what a plain delete leaves in
+        a versioned bucket); a version under retention is refused: StoreError."""
+        full = self._full(key)
+        page = await self._retrying("list versions", key, lambda: self._c.list_object_versions(
+            Bucket=self.bucket, Prefix=full))
+        for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+            if v["Key"] == full:
+                await self.delete_version(key, v["VersionId"])
+        if not page.get("Versions") and not page.get("DeleteMarkers"):
+            await self.delete(key)  # an unversioned bucket lists no versions on some servers
+
+    async def hidden(self, prefix: str, start_after: str | None = None) -> AsyncIterator[str]:
+        """Keys whose newest version is a delete marker while older versions still hold
+        bytes: deleted in a versioned bucket, but restorable (and still there to see)."""
+        check_prefix(prefix)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._prefix + prefix}
+        if start_after:
+            args["KeyMarker"] = self._prefix + start_after
+        while True:
+            page = await self._retrying("list versions", prefix, functools.partial(
+                self._c.list_object_versions, **args))
+            marked = {m["Key"] for m in page.get("DeleteMarkers", []) if m.get("IsLatest")}
+            kept = {v["Key"] for v in page.get("Versions", [])}
+            for full in sorted(marked & kept):
+                yield full[len(self._prefix):]
+            if not page.get("IsTruncated"):
+                return
+            args["KeyMarker"] = page["NextKeyMarker"]
+            args["VersionIdMarker"] = page.get("NextVersionIdMarker")
+            if not args["VersionIdMarker"]:
+                args.pop("VersionIdMarker")
+
+    async def check_create_if_absent(self, probe_key: str) -> None:
+        """Fencing rests on `If-None-Match: *`: prove the endpoint refuses a second create
+        (probe objects carry no Object Lock, so they can be removed again)."""
+
+        async def put(key: str, data: bytes) -> bool:
+            args = {k: v for k, v in self._put_args(key, data).items()
+                    if not k.startswith("ObjectLock")}
+
+            return await self._retrying("put", key, lambda: self._create(args))
+
+        await probe_create_if_absent(self, probe_key, put)
 
     async def list(
         self, prefix: str, start_after: str | None = None, limit: int | None = None

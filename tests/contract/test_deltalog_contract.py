@@ -8,10 +8,10 @@ import os
 import pytest
 
 from drstream.daemon.codec import Body, KafkaBatch, KafkaRecord, make_manifest
-from drstream.daemon.deltalog import DeltaLog, LogWriter, segment_key
+from drstream.daemon.deltalog import DeltaLog, LogWriter, Tail, segment_key
 from drstream.daemon.errors import FencedError
 from drstream.daemon.keyring import KeyRing
-from drstream.daemon.segment import decode_segment, parse_header, segment_digest
+from drstream.daemon.segment import decode_segment, encode_segment, parse_header, segment_digest
 from drstream.daemon.store import Store
 from drstream.daemon.verify import verify_log
 
@@ -133,10 +133,15 @@ async def test_retry_of_own_upload_is_not_fencing(store: Store, keyring: KeyRing
 async def test_orphans_behind_a_hole_are_not_the_head(store: Store, keyring: KeyRing) -> None:
     await write_log(store, keyring, 10)
     # a writer killed with uploads in flight: 11 never landed, 12 and 13 did
-    for seq in (12, 13):
-        await store.put_if_absent(segment_key(LOG, seq), b"orphan")
+    prev = segment_digest(await store.get(segment_key(LOG, 10)) or b"")
+    for seq in (11, 12, 13):
+        data = encode_segment(body(1, start=30 + seq), log_id=LOG, seq=seq, prev_digest=prev,
+                              keyring=keyring)
+        prev = segment_digest(data)
+        if seq != 11:
+            await store.put_if_absent(segment_key(LOG, seq), data)
     log = DeltaLog(store, LOG)
-    assert await log.locate_head() == (10, [12, 13])
+    assert await log.locate() == Tail(1, 10, (12, 13))
     writer = LogWriter(store, LOG, keyring)
     assert (await writer.open()) is not None
     assert writer.next_seq == 11

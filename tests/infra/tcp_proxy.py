@@ -6,7 +6,13 @@ talks to the proxy, and the test switches it at runtime between
   refuse     accept and reset every connection at once
   blackhole  accept, swallow requests, never answer
   delay      forward, but hold every chunk for `delay_s` first
+  jitter     forward, holding every chunk a random 0..`delay_s` (connections overtake
+             each other: uploads started in order complete out of order)
+  flaky      forward, but reset the connection at a request chunk with probability
+             `fail_p` (requests fail at random and are retried, in any order)
   mute       forward requests, drop every answer: the write lands, its reply is lost
+In any forwarding mode `rewrite = (old, new)` replaces bytes in requests (an endpoint that
+ignores a header: rename it on the way), and `answered` counts the bytes of answers.
 Switching mode resets the connections that are open, as a network change would, so a
 pooled keep-alive connection cannot slip past the new mode.
 
@@ -18,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import struct
 import threading
 from typing import Literal
 
-Mode = Literal["pass", "refuse", "blackhole", "delay", "mute"]
+Mode = Literal["pass", "refuse", "blackhole", "delay", "jitter", "flaky", "mute"]
 _CHUNK = 65536
 
 
@@ -46,6 +53,9 @@ class TcpProxy:
         self.mode: Mode = "pass"
         self.delay_s = 0.0
         self.accepted = 0  # connections accepted, in any mode (shows that clients retried)
+        self.answered = 0  # bytes forwarded from the upstream to clients
+        self.rewrite: tuple[bytes, bytes] | None = None  # applied to every request chunk
+        self.fail_p = 0.0  # flaky: chance that a request chunk resets its connection
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name=f"tcp-proxy->{upstream_port}")
@@ -96,6 +106,10 @@ class TcpProxy:
 
     def mute(self) -> None:
         self.set_mode("mute")
+
+    def flaky(self, fail_p: float) -> None:
+        self.fail_p = fail_p
+        self.set_mode("flaky")
 
     # -- inside the proxy's loop ---------------------------------------------------
 
@@ -165,8 +179,17 @@ class TcpProxy:
             while data := await src.read(_CHUNK):
                 if self.mode == "delay":
                     await asyncio.sleep(self.delay_s)
+                elif self.mode == "jitter":
+                    await asyncio.sleep(random.uniform(0, self.delay_s))
+                elif self.mode == "flaky" and not answers and random.random() < self.fail_p:
+                    _reset(dst)
+                    return
                 if answers and self.mode == "mute":
                     continue
+                if answers:
+                    self.answered += len(data)
+                elif self.rewrite is not None:
+                    data = data.replace(*self.rewrite)
                 dst.write(data)
                 await dst.drain()
         finally:

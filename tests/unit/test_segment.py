@@ -330,7 +330,8 @@ def test_errors_name_log_and_seq() -> None:
     flipped[-1] ^= 1
     err = assert_detected(bytes(flipped))
     assert (err.log_id, err.seq) == ("us-west.2", 7)
-    assert str(err).startswith("segment log us-west.2 seq 7: ")
+    assert str(err).startswith(
+        "segment log us-west.2 seq 7 object logs/us-west.2/00000000000000000007.seg: ")
     # Unparseable header: the caller's expectation is the best name there is.
     err = assert_detected(b"XXXX" + LARGER[4:], expect_log_id="us-west.2", expect_seq=7)
     assert (err.log_id, err.seq) == ("us-west.2", 7)
@@ -464,7 +465,8 @@ def test_encode_body_errors_carry_log_and_seq() -> None:
     with pytest.raises(SegmentFormatError) as info:
         encode(Body(make_manifest({}, [bad]), [bad]), seq=3, log_id="eu-9")
     assert (info.value.log_id, info.value.seq) == ("eu-9", 3)
-    assert str(info.value).startswith("segment log eu-9 seq 3: timestamp_type")
+    assert str(info.value).startswith(
+        "segment log eu-9 seq 3 object logs/eu-9/00000000000000000003.seg: timestamp_type")
 
 
 # --------------------------------------------------------------------------- zstd guard
@@ -533,7 +535,7 @@ def test_authentic_but_undecodable_body() -> None:
     frame = zstandard.ZstdCompressor().compress(b"\x05\x00\x00\x00{}")
     err = assert_detected(seal(frame, seq=9, log_id="x"))
     assert isinstance(err, SegmentFormatError) and (err.log_id, err.seq) == ("x", 9)
-    assert str(err).startswith("segment log x seq 9: ")
+    assert str(err).startswith("segment log x seq 9 object logs/x/00000000000000000009.seg: ")
 
 
 def test_only_project_errors_escape() -> None:
