@@ -35,6 +35,7 @@ from drstream.daemon.keyring import KEY_ID_RE
 from drstream.daemon.layout import LOG_ID_PATTERN
 from drstream.daemon.logging import LogFormat, LogLevel
 from drstream.daemon.metrics import DEFAULT_STALL_AFTER_S
+from drstream.daemon.outage import DEFAULT_OUTAGE_BUDGET_S
 from drstream.daemon.plugins import (
     MAX_SECONDS,
     ConnectorConfig,
@@ -175,6 +176,10 @@ class ServiceConfig(Strict):
     apply_metrics_listen: ListenAddress | None = DEFAULT_APPLY_METRICS_LISTEN
     stall_after_s: float = Field(DEFAULT_STALL_AFTER_S, gt=0, le=MAX_SECONDS,
                                  description="/readyz fails when the main loop is idle this long")
+    outage_budget_s: float = Field(
+        DEFAULT_OUTAGE_BUDGET_S, gt=0, le=7 * 86_400,
+        description="ship and apply retry an unreachable store (and ship its source's first "
+                    "scan) this long, not ready meanwhile, before they exit 3")
 
 
 # A connector section, already validated by its connector's own model.
@@ -209,7 +214,8 @@ class Config(Strict):
     def context(self, blobs: BlobStore | None = None) -> Context:
         """What every source and sink of this config is built with."""
         return Context(log_id=self.log_id, blobs=blobs,
-                       buffer_max_bytes=self.ship.buffer_max_bytes)
+                       buffer_max_bytes=self.ship.buffer_max_bytes,
+                       outage_budget_s=self.service.outage_budget_s)
 
 
 def _fmt_loc(loc: tuple[int | str, ...]) -> str:

@@ -59,6 +59,9 @@ APPLIED_SEGMENT_TIME = Gauge("drstream_applied_segment_timestamp_seconds", "Writ
 ERRORS = Counter("drstream_errors", "Errors by kind", ["kind"], registry=REGISTRY)
 SOURCE_UP = Gauge("drstream_source_up", "1 when the source answered its last read, 0 while "
                   "it is unreachable", ["stream"], registry=REGISTRY)
+STORE_UP = Gauge("drstream_store_up", "1 while the log store answers, 0 while ship or apply "
+                 "ride out an outage (retrying within service.outage_budget_s)",
+                 registry=REGISTRY)
 # Which log a process serves, so alerts can name it and two ships of one log_id (split
 # brain) show up as two series with the same log_id.
 INFO = Gauge("drstream_info", "Always 1; labels name the role and the log",

@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from drstream.daemon.codec import Body
 from drstream.daemon.errors import ConfigFieldError, DrstreamError
+from drstream.daemon.outage import DEFAULT_OUTAGE_BUDGET_S
 from drstream.daemon.sink import Sink
 from drstream.daemon.source import Source
 from drstream.daemon.store import Store
@@ -86,6 +87,8 @@ class Context:
     log_id: str
     blobs: BlobStore | None = None  # the log's blobs (artifact chunks, state snapshots)
     buffer_max_bytes: int = 0  # sources: consumed but unencoded bytes before pausing
+    # how long to retry a source that cannot be reached at start before giving up
+    outage_budget_s: float = DEFAULT_OUTAGE_BUDGET_S
 
 
 @dataclass(frozen=True)

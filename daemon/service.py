@@ -22,6 +22,7 @@ from drstream.daemon.keyring import KeyRing
 from drstream.daemon.logging import configure_logging, get_logger
 from drstream.daemon.metrics import INFO, Health, MetricsServer
 from drstream.daemon.notify import Notifier
+from drstream.daemon.outage import PatientStore
 from drstream.daemon.store import Store
 from drstream.daemon.tip import TipSource
 
@@ -77,7 +78,11 @@ class Service:
         try:
             if metrics is not None:
                 await metrics.start()
-            async with self.config.connectors.open_store(self.config.store) as store:
+            store = PatientStore(self.config.connectors.open_store(self.config.store),
+                                 self.config.service.outage_budget_s)
+            # an outage is not-ready (drstream_store_up 0), not an exit
+            self.health.checks.append(store.health)
+            async with store:
                 self.component = factory(self.config, store, keyring)
                 tip = getattr(self.component, "tip_source", None)
                 if metrics is not None and isinstance(tip, TipSource):

@@ -42,6 +42,7 @@ from drstream.daemon.logging import get_logger
 from drstream.daemon.metrics import REGISTRY, SOURCE_UP
 from drstream.daemon.plugins import Context
 from drstream.daemon.records import KafkaColumns
+from drstream.daemon.retry import Backoff, retrying
 from drstream.daemon.source import Delivery, SourceProbe
 
 log = get_logger("drstream.kafka.source")
@@ -49,6 +50,13 @@ LOST_OFFSETS = Counter(
     "drstream_source_lost_offsets", "Offsets deleted on the source cluster (retention) "
     "before ship read them: never replicated, recorded in the log as gaps",
     ["stream", "topic"], registry=REGISTRY)
+
+# What retrying cannot fix: credentials or permissions the cluster refuses.
+_REFUSED = frozenset({
+    KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._AUTHENTICATION,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+})
 
 RECORD_OVERHEAD_BYTES = 64  # per-record bookkeeping counted against the buffer bound
 POLL_TIMEOUT_S = 0.1
@@ -99,6 +107,9 @@ class KafkaSource(Closing):
         self._shipped_meta: dict[str, Any] = {}
         self._group_offsets: dict[str, Any] = {}
         self._next_discovery = 0.0
+        # the first scan of the cluster is retried (capped back-off) this long
+        self._connect_backoff = Backoff(1.0, 30.0, deadline_s=ctx.outage_budget_s)
+        self._resets: set[tuple[str, int]] = set()  # offset reset errors not yet handled
         self._consumer: Consumer | None = None
         self._admin: AdminClient | None = None
         self._thread: threading.Thread | None = None
@@ -115,7 +126,10 @@ class KafkaSource(Closing):
         self._loop = asyncio.get_running_loop()
         self._positions = {t: {p: int(o) for p, o in parts.items()}
                            for t, parts in (positions or {}).items()}
-        await asyncio.to_thread(self._connect)
+        await retrying(lambda: asyncio.to_thread(self._connect), self._connect_backoff,
+                       retriable=lambda e: isinstance(e, SourceUnavailableError),
+                       on_retry=self._connect_retry)
+        SOURCE_UP.labels(self.stream).set(1)
         self._thread = threading.Thread(target=self._run, name=f"kafka-{self.config.name}",
                                         daemon=True)
         self._thread.start()
@@ -202,6 +216,10 @@ class KafkaSource(Closing):
     # -- consumer thread ---------------------------------------------------------------
 
     def _connect(self) -> None:
+        """Make the consumer and scan the cluster once (topics, partitions, positions).
+        A broker that is down or restarting (NOT_LEADER_FOR_PARTITION, timeouts) is
+        SourceUnavailableError, retried by start() within the outage budget; refused
+        credentials or permissions are SourceError at once."""
         conf = client_config(self.config)
         self._consumer = Consumer({
             **conf,
@@ -209,7 +227,11 @@ class KafkaSource(Closing):
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "isolation.level": "read_committed",
-            "auto.offset.reset": "earliest",
+            # Every partition starts at a concrete offset (the log's, or _start_offset), so
+            # a reset only happens when records were deleted under a position: an error
+            # event (_AUTO_OFFSET_RESET) that _offsets_lost records as a gap, never a
+            # silent jump (or, past the end, a re-read from the start).
+            "auto.offset.reset": "error",
             "enable.partition.eof": False,
             # the 1 s default idles the consumer whenever its prefetch queue is full:
             # measured 35-42 MB/s -> 300+ MB/s bare drain with 10 ms
@@ -221,13 +243,23 @@ class KafkaSource(Closing):
         self._admin = AdminClient(conf)
         try:
             self._discover(initial=True)
-        except KafkaException as e:
+        except (KafkaException, TimeoutError) as e:
             self._consumer.close()
-            raise SourceUnavailableError(
+            self._topics, self._assigned = {}, []
+            err = e.args[0] if isinstance(e, KafkaException) and e.args else e
+            cls = SourceError if isinstance(err, KafkaError) and (
+                err.fatal() or err.code() in _REFUSED) else SourceUnavailableError
+            raise cls(
                 f"cannot reach Kafka cluster {self.config.name!r} at "
                 f"{self.config.bootstrap_servers} within {self.config.connect_timeout_s:g}s: "
-                f"{e.args[0] if e.args else e}"
+                f"{err}"
             ) from e
+
+    def _connect_retry(self, e: Exception, attempt: int, delay: float) -> None:
+        SOURCE_UP.labels(self.stream).set(0)
+        log.warning("source_connect_retry", source=self.stream, attempt=attempt,
+                    retry_in_s=round(delay, 2), budget_s=self._connect_backoff.deadline_s,
+                    error=str(e))
 
     def _run(self) -> None:
         assert self._consumer is not None
@@ -235,6 +267,8 @@ class KafkaSource(Closing):
         try:
             while not self._stop.is_set():
                 self._run_commands()
+                if self._resets:
+                    self._offsets_lost()
                 if time.monotonic() >= self._next_discovery:
                     self._discover(initial=False)
                 self._flow_control()
@@ -338,7 +372,10 @@ class KafkaSource(Closing):
         record applied here by drstream (shipping it back would loop)."""
         err = m.error()
         if err is not None:
-            self._on_error(err)
+            if err.code() == KafkaError._AUTO_OFFSET_RESET and m.topic() is not None:
+                self._resets.add((m.topic(), m.partition()))  # _offsets_lost, next loop
+            else:
+                self._on_error(err)
             return False
         headers = m.headers()
         return not (headers and self._replicated(headers))
@@ -420,6 +457,35 @@ class KafkaSource(Closing):
         log.info("partitions_assigned", source=self.stream, count=len(tps),
                  topics=sorted({t for t, _ in parts}))
 
+    def _offsets_lost(self) -> None:
+        """Partitions whose next offset the cluster no longer has (the consumer's offset
+        reset error): records were deleted (retention, delete-records) under a running
+        ship before it read them. The exact range is recorded like at a restart
+        (_past_retention), and reading resumes at the cluster's first offset."""
+        assert self._consumer is not None
+        for topic, partition in sorted(self._resets):
+            position = self._positions.get(topic, {}).get(str(partition), 0)
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=10)
+                resume = self._past_retention(topic, partition, position) \
+                    if low > position else min(position, int(high))
+                if position > high:  # the partition lost its end (unclean leader change)
+                    log.error("source_position_past_end", source=self.stream, topic=topic,
+                              partition=partition, position=position, end=int(high))
+                self._positions.setdefault(topic, {})[str(partition)] = resume
+                # a partition stopped by the reset error cannot seek (_STATE): assign it anew
+                tp = TopicPartition(topic, partition, resume)
+                self._consumer.incremental_unassign([TopicPartition(topic, partition)])
+                self._consumer.incremental_assign([tp])
+                if self._paused:
+                    self._consumer.pause([tp])
+            except KafkaException as e:  # the cluster is not answering: try again next loop
+                log.warning("offset_reset_pending", source=self.stream, topic=topic,
+                            partition=partition, error=str(e))
+                return
+            self._resets.discard((topic, partition))
+
     def _past_retention(self, topic: str, partition: int, position: int) -> int:
         """Where shipping of a partition resumes: `position`, unless the cluster deleted
         records there (retention, delete-records) before they were read. Such a gap can
@@ -431,7 +497,7 @@ class KafkaSource(Closing):
         if low <= position:
             return position
         gaps = self._pending_gaps if self._pending_gaps is not None else {}
-        gaps.setdefault(topic, {})[str(partition)] = [position, int(low)]
+        gaps.setdefault(topic, {})[str(partition)] = [position, int(low)]  # [first, end)
         self._pending_gaps = gaps
         LOST_OFFSETS.labels(self.stream, topic).inc(low - position)
         log.error("source_offsets_lost", source=self.stream, topic=topic, partition=partition,

@@ -366,6 +366,15 @@ class DeliveryCheck:
         assert not self.errors, f"{len(self.errors)} produce errors, first: {self.errors[0]}"
 
 
+def produce_numbered(bootstrap: str, topic: str, n: int, tag: str) -> None:
+    """n records "tag-0", "tag-1", ... into partition 0 of `topic`, each delivery checked."""
+    check, p = DeliveryCheck(), producer(bootstrap)
+    for i in range(n):
+        p.produce(topic, f"{tag}-{i}".encode(), partition=0, on_delivery=check)
+    flush(p)
+    check.check()
+
+
 def read_primary(bootstrap: str, topics: Iterable[str], timeout: float = 60) -> Records:
     """Every committed record of `topics`, from the beginning to the current end.
 

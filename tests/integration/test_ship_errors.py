@@ -26,6 +26,7 @@ from tests.integration.shiplib import (
     log_head,
     next_offsets,
     positions_reached,
+    produce_numbered,
     producer,
     read_log,
     read_primary,
@@ -234,24 +235,28 @@ def test_split_brain_with_overlapping_uploads_keeps_the_chain_valid(
         + "\n".join(s.describe(8) for s in (first, second)))
 
 
-def test_unreachable_cluster_fails_fast_naming_the_address(
+def test_unreachable_cluster_is_retried_for_the_outage_budget_then_named(
     tmp_path: Path, pool: ShipperPool,
 ) -> None:
+    """A cluster that never answers is retried (a broker restart must not end ship) for
+    service.outage_budget_s, here 4 s; then ship exits 3 naming the address."""
     port = free_port()
     with socket.socket() as s:  # nothing may listen there
         assert s.connect_ex(("127.0.0.1", port)) != 0
     address = f"127.0.0.1:{port}"
     setup = write_config(tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
                          bootstrap=address, include=["orders.*"], log_id="unreachable",
-                         source={"connect_timeout_s": 3})
+                         source={"connect_timeout_s": 1})
+    setup.rewrite(service={**setup.raw["service"], "outage_budget_s": 4})
     started = time.monotonic()
     shipper = pool.start(setup)
     rc = shipper.wait_exit(60)
     elapsed = time.monotonic() - started
     assert rc is not None, f"shipper still running 60s after start\n{shipper.describe()}"
-    assert rc != 0, shipper.describe()
+    assert rc == 3, shipper.describe()
     assert address in shipper.output(), shipper.describe()
-    assert elapsed < 30, f"took {elapsed:.1f}s to give up (connect_timeout_s: 3)"
+    assert '"source_connect_retry"' in shipper.output(), shipper.describe()
+    assert 4 <= elapsed < 30, f"took {elapsed:.1f}s to give up (outage_budget_s: 4)"
     print(f"gave up after {elapsed:.1f}s with exit {rc}")
 
 
@@ -326,19 +331,12 @@ def test_records_deleted_before_they_were_shipped_are_recorded_as_a_gap(
     setup = write_config(tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
                          bootstrap=bootstrap, include=[re.escape(topic)], log_id="gap")
 
-    def produce(n: int, tag: str) -> None:
-        check, p = DeliveryCheck(), producer(bootstrap)
-        for i in range(n):
-            p.produce(topic, f"{tag}-{i}".encode(), partition=0, on_delivery=check)
-        flush(p)
-        check.check()
-
-    produce(100, "before")
+    produce_numbered(bootstrap, topic, 100, "before")
     first = pool.start(setup)
     first.wait_ready()
     wait_log_reaches(setup, {(topic, 0): 100}, shipper=first)
     first.stop_ok()
-    produce(100, "while-down")  # offsets 100..199
+    produce_numbered(bootstrap, topic, 100, "while-down")  # offsets 100..199
     admin = AdminClient({"bootstrap.servers": bootstrap})
     [fut] = admin.delete_records([TopicPartition(topic, 0, 150)]).values()
     fut.result(30)  # offsets below 150 are gone: 100..149 were never shipped
