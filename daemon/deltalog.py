@@ -56,8 +56,10 @@ FOLLOW_FAST_WINDOW_S: Final = 1.0
 TIP_PROBE_S: Final = 30.0
 ORPHAN_WINDOW: Final = 256
 # A follower that misses seq N for this long looks whether later segments are stored (one
-# LIST, then again at most every GAP_CHECK_INTERVAL_S): an upload in flight fills such a
-# hole within a second, a deleted segment never does. Steady state costs no LIST.
+# LIST, at most once every GAP_CHECK_INTERVAL_S whatever arrives meanwhile): an upload in
+# flight fills such a hole within a second, a deleted segment never does. A busy log (a
+# segment every flush interval, 0.25 s) costs no LIST; an idle one (a heartbeat every
+# 10 s) one LIST per 30 s, not one per heartbeat.
 GAP_CHECK_AFTER_S: Final = 3.0
 GAP_CHECK_INTERVAL_S: Final = 30.0
 # manifest.extra[LOG_EXTRA] = {"durable_seq": d}: when the writer encoded the segment,
@@ -277,7 +279,6 @@ class DeltaLog:
                     tip.vouch(seq, data)
                 yield seq, data
                 last_found = time.monotonic()
-                gap_check[0] = 0.0
                 seq, delay, window = seq + 1, FOLLOW_POLL_MIN_S, min(window * 2, prefetch)
         finally:
             for task in pending.values():

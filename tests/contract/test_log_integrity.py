@@ -12,6 +12,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,6 +23,7 @@ from drstream.daemon.plan import ReplayPlan
 from drstream.daemon.replay import replay
 from drstream.daemon.segment import encode_segment, segment_digest
 from drstream.daemon.status import status
+from drstream.daemon.store import Store
 from drstream.daemon.verify import verify_log
 from tests.contract.integrity import (
     DEAD_SOURCE,
@@ -84,6 +86,49 @@ async def test_a_follower_stops_at_a_gap_instead_of_waiting_for_it(setup: LogSet
             async for seq, _ in DeltaLog(setup.store, LOG, setup.keyring).follow(0):
                 seen.append(seq)
     assert seen == list(range(1, 20))
+
+
+class ListingStore:
+    """A real store that counts LIST calls (not a mock)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner, self.url, self.lists = inner, inner.url, 0
+
+    def list(self, prefix: str, start_after: str | None = None,
+             limit: int | None = None) -> AsyncIterator[str]:
+        self.lists += 1
+        return self.inner.list(prefix, start_after, limit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_quiet_log_costs_one_list_per_interval_not_one_per_segment(
+        setup: LogSetup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments further apart than GAP_CHECK_AFTER_S (a heartbeat-only log): the follower
+    looks for a gap at most once per GAP_CHECK_INTERVAL_S, not after every segment."""
+    monkeypatch.setattr("drstream.daemon.deltalog.GAP_CHECK_AFTER_S", 0.1)
+    monkeypatch.setattr("drstream.daemon.deltalog.GAP_CHECK_INTERVAL_S", 60.0)
+    writer = LogWriter(setup.store, LOG, setup.keyring)
+    await writer.open()
+    listing = ListingStore(setup.store)
+    follower = DeltaLog(listing, LOG, setup.keyring)  # type: ignore[arg-type]
+    seen: list[int] = []
+
+    async def follow() -> None:
+        async for seq, _ in follower.follow(40, poll_max_s=0.05):
+            seen.append(seq)
+            if seq == 46:
+                return
+
+    task = asyncio.create_task(follow())
+    for i in range(6):
+        await asyncio.sleep(0.4)  # 4 x GAP_CHECK_AFTER_S between segments
+        await writer.append(body(1, start=1000 + i))
+        await writer.flush()
+    await asyncio.wait_for(task, 30)
+    assert seen == list(range(41, 47))
+    assert listing.lists == 1, f"{listing.lists} LISTs for 6 segments"
 
 
 @pytest.mark.parametrize("command", ["replay", "status", "ship"])
