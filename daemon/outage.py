@@ -19,7 +19,7 @@ from typing import Final, TypeVar
 from drstream.daemon.errors import StoreError
 from drstream.daemon.lifecycle import Starting
 from drstream.daemon.logging import get_logger
-from drstream.daemon.metrics import STORE_UP
+from drstream.daemon.metrics import ERRORS, STORE_UP
 from drstream.daemon.retry import Backoff, retrying
 from drstream.daemon.store import ObjectInfo, Store
 
@@ -62,6 +62,7 @@ class PatientStore(Starting):
             self.down_since = time.monotonic()
             log.error("store_outage", store=self.url, error=str(e), budget_s=self.budget_s)
         self._error = str(e)
+        ERRORS.labels(type(e).__name__).inc()  # each failed attempt, as uploads count them
         STORE_UP.set(0)
         log.warning("store_outage_retry", store=self.url, attempt=attempt,
                     retry_in_s=round(delay, 2), error=str(e))

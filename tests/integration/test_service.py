@@ -600,7 +600,8 @@ def test_metrics_lag_health_and_readiness(
 
 
 def test_not_ready_until_connected(tmp_path: Path, harness: Harness) -> None:
-    """An unreachable primary: /healthz answers, /readyz is 503, no READY=1, then exit 3."""
+    """An unreachable primary: /healthz answers, /readyz is 503, no READY=1, then exit 3
+    once the outage budget (here 8 s) is spent."""
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     setup = write_dr_config(
         tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
@@ -608,7 +609,7 @@ def test_not_ready_until_connected(tmp_path: Path, harness: Harness) -> None:
         log_id=unique("svc-unready"), source={"connect_timeout_s": 6})
     port = free_port()
     setup.rewrite(service={"ship_metrics_listen": f"127.0.0.1:{port}",
-                           "apply_metrics_listen": None})
+                           "apply_metrics_listen": None, "outage_budget_s": 8})
     sock = harness.listener("ship")
     ship = harness.start("ship", setup, "ship", sock)
     wait_for(answers(port, "/healthz", 200), 30, "/healthz", [ship], interval=0.1)

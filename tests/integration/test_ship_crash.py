@@ -163,8 +163,8 @@ def test_s3_outage_through_proxy_is_retried_and_loses_nothing(
             print(f"log moved from seq {before} to {head_seq(setup)} "
                   f"{time.monotonic() - outage_end:.1f}s after the outage")
             assert shipper.alive(), shipper.describe()
-            assert '"segment_upload_retry"' in shipper.output(), \
-                f"no upload retry logged during the outage\n{shipper.describe()}"
+            assert '"store_outage_retry"' in shipper.output(), \
+                f"no store retry logged during the outage\n{shipper.describe()}"
             load.wait_produced(load.produced + 500)
             shipper.stop_ok()
         finally:
