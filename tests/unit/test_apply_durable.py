@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,27 +85,31 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[DiskEvents]:
     `release`; records each fsync of a directory (whoever calls it) as it completes."""
     d = DiskEvents()
     local = threading.local()
-    real_put, real_fsync = file_store.FileStore._put_sync, file_store._fsync_dir
+    real_put, real_fsync = file_store.FileStore._put_sync, os.fsync
 
-    def put(self: Any, key: str, final: Path, data: bytes) -> bool:
+    def put(self: Any, key: str, *args: Any) -> bool:
         local.key = key
         try:
-            return bool(real_put(self, key, final, data))
+            return bool(real_put(self, key, *args))
         finally:
             local.key = None
 
-    def fsync_dir(path: Path) -> None:
+    def fsync(fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            real_fsync(fd)
+            return
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
         if getattr(local, "key", None) == segment_key(LOG, HELD):
             d.events.append(("writer linked", time.monotonic()))
             assert d.release.wait(30), "the held writer was never released"
-            real_fsync(path)
+            real_fsync(fd)
             d.events.append(("writer fsynced", time.monotonic()))
             return
-        real_fsync(path)
-        d.events.append((f"fsync {path.name}", time.monotonic()))
+        real_fsync(fd)
+        d.events.append((f"fsync {name}", time.monotonic()))
 
     monkeypatch.setattr(file_store.FileStore, "_put_sync", put)
-    monkeypatch.setattr(file_store, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(os, "fsync", fsync)
     yield d
     d.release.set()
 

@@ -336,8 +336,9 @@ def test_command_line_log_options_win_over_the_config(
 
 def test_in_json_mode_every_stderr_line_is_json_librdkafka_and_errors_included(
         setup: Setup, tmp_path: Path) -> None:
+    # a short outage budget: ship retries the dead cluster that long, then exits 3
     path = setup.config(sources=[kafka_source(dead_cluster())],
-                        service={"ship_metrics_listen": None},
+                        service={"ship_metrics_listen": None, "outage_budget_s": 3},
                         logging={"level": "debug", "format": "json"})
     res = subprocess.run([*CLI, "ship", "--config", path], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)

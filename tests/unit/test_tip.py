@@ -32,8 +32,8 @@ class GetCountingStore:
         self.inner, self.url = inner, inner.url
         self.gets: list[tuple[str, bool]] = []
 
-    async def get(self, key: str) -> bytes | None:
-        data = await self.inner.get(key)
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
+        data = await self.inner.get(key, max_bytes)
         self.gets.append((key, data is not None))
         return data
 
