@@ -1,6 +1,6 @@
 # drstream developer commands. `make test` works on a fresh machine: it creates .venv,
 # installs the package with its test extra, and runs the whole suite, starting real Kafka
-# clusters and an S3 API server itself (see tests/infra/).
+# clusters, an S3 API server and the GCS and Azure emulators itself (see tests/infra/).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml setup.py daemon/_ccodec.c
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-# systemd-analyze and promtool for the unit tests; a quick no-op once they are installed.
+# systemd-analyze, promtool and the GCS and Azure emulators for the tests; a quick no-op
+# once they are installed.
 install: $(VENV)/.installed
 	@bash .ci/install-tools.sh
 
@@ -24,7 +25,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: install
-	$(PY) -m pytest tests/unit tests/contract -k "not s3" -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/contract -k "not s3 and not gcs and not azure" -m "not integration" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check daemon connectors tests benchmarks

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from drstream.connectors.azure.store import AzureStore, AzureStoreConfig
 from drstream.connectors.file.store import FileStore, FileStoreConfig
+from drstream.connectors.gcs.store import GcsStore, GcsStoreConfig
 from drstream.connectors.s3.store import S3Store, S3StoreConfig
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.keyring import KeyRing
@@ -20,17 +22,30 @@ from drstream.daemon.store import Store
 from tests.infra.s3 import S3Server
 
 
-@pytest.fixture(params=["file", "s3"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "file":
-        impl: Store = FileStore(FileStoreConfig(type="file", path=str(tmp_path / "store")))
-    else:
+def open_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """An unopened store of `kind` on a fresh, empty bucket (or directory, container)."""
+    if kind == "file":
+        return FileStore(FileStoreConfig(type="file", path=str(tmp_path / "store")))
+    if kind == "gcs":
+        fields = request.getfixturevalue("gcs").store_fields(
+            request.getfixturevalue("gcs_bucket"), prefix="drs/contract")
+        return GcsStore(GcsStoreConfig.model_validate(fields))
+    if kind == "azure":
+        request.getfixturevalue("azure_creds_env")
+        fields = request.getfixturevalue("azurite").store_fields(
+            request.getfixturevalue("azure_container"), prefix="drs/contract")
+        return AzureStore(AzureStoreConfig.model_validate(fields))
+    if kind == "s3":
         s3: S3Server = request.getfixturevalue("s3")
         request.getfixturevalue("s3_creds_env")
         bucket = request.getfixturevalue("s3_bucket")
-        config = S3StoreConfig.model_validate(s3.store_fields(bucket, prefix="drs/contract"))
-        impl = S3Store(config)
-    async with impl as opened:
+        return S3Store(S3StoreConfig.model_validate(s3.store_fields(bucket, prefix="drs/contract")))
+    raise ValueError(f"unknown store kind {kind!r}")
+
+
+@pytest.fixture(params=["file", "s3", "gcs", "azure"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with open_store(request.param, request, tmp_path) as opened:
         yield opened
 
 

@@ -1,4 +1,5 @@
-"""One contract, every store: the file store on tmp_path and S3 on a real moto server.
+"""One contract, every store: the file store on tmp_path, S3 on a real moto server, GCS on
+fake-gcs-server and Azure Blob on Azurite.
 
 Known difference, deliberately outside the contract: a file store cannot hold both
 `a` and `a/b` (a path is a file or a directory); S3 can. Log keys never need that.

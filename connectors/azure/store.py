@@ -1,0 +1,395 @@
+"""The Azure Blob Storage log store (azure-storage-blob, its aio client on aiohttp):
+create-if-absent with `If-None-Match: *`.
+
+The SDK's own retries are off (retry_total=0): every call goes through the shared retry
+loop (daemon/remotestore.py), so a store's numbers mean the same on S3, GCS and Azure.
+Credentials: an account key (SharedKey signing), a SAS token or a connection string, each
+by reference. The SDK's loggers are held at WARNING: its INFO request logs are no place
+for a SAS signature, even redacted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import aiohttp
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import ContentSettings, ImmutabilityPolicy
+from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from drstream.daemon.errors import ConfigFieldError, StoreError
+from drstream.daemon.lifecycle import Starting
+from drstream.daemon.remotestore import (
+    RETRIABLE_STATUS,
+    CloudStoreConfig,
+    Transient,
+    config_from_url,
+    secret_ref,
+    with_retries,
+)
+from drstream.daemon.secrets import read_secret
+from drstream.daemon.store import check_key, check_prefix
+
+T = TypeVar("T")
+logging.getLogger("azure").setLevel(logging.WARNING)
+
+ACCOUNT_RE = re.compile(r"^[a-z0-9]{3,24}$")
+CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
+PAGE = 5000  # blobs per list page (the service's maximum)
+# The variables the Azure CLI reads, used for az:// URLs (most specific first).
+URL_CREDENTIAL_ENV = (
+    ("connection_string", "AZURE_STORAGE_CONNECTION_STRING"),
+    ("sas_token", "AZURE_STORAGE_SAS_TOKEN"),
+    ("account_key", "AZURE_STORAGE_KEY"),
+)
+_CREDENTIAL_CODES = frozenset({"AuthenticationFailed", "AuthorizationFailure",
+                               "InvalidAuthenticationInfo", "NoAuthenticationInformation"})
+_EXISTS_CODES = frozenset({"BlobAlreadyExists", "ConditionNotMet"})
+
+
+class ImmutabilityConfig(BaseModel):
+    """Version-level immutability (a container with it enabled): every blob written gets
+    a time-based retention policy until now + retain_days; `Locked` cannot be shortened."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["Unlocked", "Locked"]
+    retain_days: int = Field(gt=0, le=36500)
+
+
+class AzureStoreConfig(CloudStoreConfig):
+    type: Literal["azure"]
+    account: str
+    container: str
+    # Secret references; exactly one. A connection string carries its own endpoint.
+    account_key: str | None = None
+    sas_token: str | None = None
+    connection_string: str | None = None
+    immutability: ImmutabilityConfig | None = None
+
+    @field_validator("account")
+    @classmethod
+    def _account(cls, v: str) -> str:
+        if not ACCOUNT_RE.match(v):
+            raise ValueError(f"storage account name {v!r} is not valid (3-24 of a-z 0-9)")
+        return v
+
+    @field_validator("container")
+    @classmethod
+    def _container(cls, v: str) -> str:
+        if not CONTAINER_RE.match(v):
+            raise ValueError(f"container name {v!r} is not valid (3-63 of a-z 0-9 -, starting "
+                             "with a letter or digit, no '--')")
+        return v
+
+    _refs = field_validator("account_key", "sas_token", "connection_string")(secret_ref)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> AzureStoreConfig:
+        given = [n for n in ("account_key", "sas_token", "connection_string")
+                 if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of account_key, sas_token and connection_string"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+
+def retain_days(config: AzureStoreConfig) -> int | None:
+    """Days a written blob stays immutable (prune never tries to delete it)."""
+    return config.immutability.retain_days if config.immutability else None
+
+
+def azure_config_from_url(url: str) -> AzureStoreConfig:
+    """`az://account/container/prefix`; the credential is the first of
+    AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_SAS_TOKEN, AZURE_STORAGE_KEY that is set
+    (referenced, never copied), the endpoint is the account's public one unless the
+    connection string names another."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:  # never echo a URL that may embed credentials
+        raise ConfigFieldError("store", "az://(hidden)", "credentials do not go in the URL")
+    container, _, prefix = unquote(parts.path).lstrip("/").partition("/")
+    if parts.scheme != "az" or not parts.netloc or not container or parts.query \
+            or parts.fragment:
+        raise ConfigFieldError("store", url, "expected az://account/container/prefix")
+    creds = {field: f"env:{env}" for field, env in URL_CREDENTIAL_ENV if os.environ.get(env)}
+    if not creds:
+        raise ConfigFieldError("store", url, "no Azure credential: set one of "
+                               + ", ".join(env for _, env in URL_CREDENTIAL_ENV))
+    field, ref = next(iter(creds.items()))
+    return config_from_url(AzureStoreConfig, url, {
+        "type": "azure", "account": parts.netloc, "container": container, "prefix": prefix,
+        field: ref,
+    })
+
+
+def _status(e: BaseException | None) -> int:
+    return int(getattr(e, "status_code", 0) or 0)
+
+
+def _code(e: BaseException | None) -> str:
+    return str(getattr(e, "error_code", "") or "")
+
+
+def _describe(e: BaseException | None) -> str:
+    if isinstance(e, HttpResponseError):
+        reason = getattr(e, "reason", "") or ""
+        return f"HTTP {_status(e)} {_code(e) or reason}".strip()
+    return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def _ms(when: dt.datetime | None) -> int | None:
+    return int(when.timestamp() * 1000) if when is not None else None
+
+
+class AzureStore(Starting):
+    """A Store over one container and blob-name prefix of an Azure storage account."""
+
+    def __init__(self, config: AzureStoreConfig) -> None:
+        self.config = config
+        self.container = config.container
+        self._prefix = config.prefix + "/" if config.prefix else ""
+        self.url = f"az://{config.account}/{config.container}/{config.prefix}"
+        self.endpoint = config.endpoint_url or f"https://{config.account}.blob.core.windows.net"
+        self._service: BlobServiceClient | None = None
+        self._client: ContainerClient | None = None
+
+    def __repr__(self) -> str:
+        return f"AzureStore({self.url} at {self.endpoint})"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _service_client(self) -> BlobServiceClient:
+        c = self.config
+        # our loop retries; the aiohttp transport's timeouts bound connect and each read
+        opts: dict[str, Any] = {"retry_total": 0, "connection_timeout": c.connect_timeout_s,
+                                "read_timeout": c.request_timeout_s}
+        if c.connection_string is not None:
+            cs = read_secret(c.connection_string, "store.connection_string")
+            try:
+                return BlobServiceClient.from_connection_string(cs, **opts)
+            except ValueError:
+                raise ConfigFieldError("store.connection_string", c.connection_string,
+                                       "not an Azure storage connection string") from None
+        credential: Any
+        if c.account_key is not None:
+            credential = {"account_name": c.account,
+                          "account_key": read_secret(c.account_key, "store.account_key")}
+        else:
+            credential = read_secret(c.sas_token or "", "store.sas_token").lstrip("?")
+        return BlobServiceClient(self.endpoint, credential=credential, **opts)
+
+    async def start(self) -> None:
+        """Connect and check the container (a second call while open does nothing)."""
+        if self._service is not None:
+            return
+        self._service = self._service_client()
+        try:
+            self.endpoint = self.config.endpoint_url or self._service.url.rstrip("/")
+            self._client = self._service.get_container_client(self.container)
+            await self._check_container()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        service, self._service, self._client = self._service, None, None
+        if service is not None:
+            await service.close()
+
+    async def _check_container(self) -> None:
+        """Fail at open, clearly, on a missing container or refused credentials."""
+        client = self._c
+
+        async def check() -> bool:
+            try:
+                await client.get_container_properties()
+            except ResourceNotFoundError:
+                return False
+            return True
+
+        if not await self._retrying("open", None, check):
+            raise self._no_container_error(None)
+
+    @property
+    def _c(self) -> ContainerClient:
+        if self._client is None:
+            raise StoreError(f"store {self.url} is not open (use 'async with')")
+        return self._client
+
+    # -- retries and error mapping -----------------------------------------------
+
+    async def _retrying(self, op: str, key: str | None, call: Callable[[], Awaitable[T]]) -> T:
+        async def attempt() -> T:
+            try:
+                return await call()
+            except HttpResponseError as e:
+                if _status(e) in RETRIABLE_STATUS or (_status(e) == 0
+                                                      and not isinstance(e, ResourceExistsError)):
+                    raise Transient(e) from e
+                raise self._http_error(op, key, e) from e
+            except (ServiceRequestError, ServiceResponseError, aiohttp.ClientError,
+                    OSError) as e:
+                raise Transient(e) from e
+            except AzureError as e:  # bad parameters and the like: retrying cannot help
+                raise StoreError(f"store {self.url}: {op} failed: {_describe(e)}",
+                                 key=key) from e
+
+        return await with_retries(self.config, self.url, self.endpoint, op, key, attempt,
+                                  _describe)
+
+    def _no_container_error(self, key: str | None) -> StoreError:
+        return StoreError(f"store {self.url}: container {self.container!r} does not exist "
+                          f"in account {self.config.account!r} at {self.endpoint}", key=key)
+
+    def _http_error(self, op: str, key: str | None, e: HttpResponseError) -> StoreError:
+        what = f"{op} {key!r}" if key is not None else op
+        code = _code(e)
+        if code == "ContainerNotFound":
+            return self._no_container_error(key)
+        if code in _CREDENTIAL_CODES or isinstance(e, ClientAuthenticationError):
+            msg = (f"credentials rejected by {self.endpoint} for container "
+                   f"{self.container!r} ({code or _status(e)}); check account_key, sas_token "
+                   "or connection_string")
+        elif _status(e) == 403:
+            msg = (f"access denied: {what} in container {self.container!r} ({code}; missing "
+                   "permission, or an immutability policy or legal hold forbids it)")
+        else:
+            msg = f"{what} in container {self.container!r} failed: {_describe(e)}"
+        return StoreError(f"store {self.url}: {msg}", key=key)
+
+    # -- the Store interface ------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        return self._prefix + check_key(key)
+
+    def _upload_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "overwrite": False,  # If-None-Match: *
+            # a Content-MD5 the service checks against the bytes it received
+            "validate_content": True,
+            "content_settings": ContentSettings(content_type="application/octet-stream"),
+        }
+        imm = self.config.immutability
+        if imm is not None:
+            args["immutability_policy"] = ImmutabilityPolicy(
+                expiry_time=dt.datetime.now(dt.UTC) + dt.timedelta(days=imm.retain_days),
+                policy_mode=imm.mode)
+        return args
+
+    async def _create(self, key: str, data: bytes) -> tuple[bool, int]:
+        """One create-if-absent under retries: (created, attempts made)."""
+        full, args = self._full(key), self._upload_args()
+        attempts = 0
+
+        async def put() -> bool:
+            nonlocal attempts
+            attempts += 1
+            try:
+                await self._c.upload_blob(full, io.BytesIO(data), length=len(data), **args)
+            except HttpResponseError as e:
+                if _code(e) in _EXISTS_CODES or _status(e) == 412:
+                    return False
+                raise
+            return True
+
+        return await self._retrying("put", key, put), attempts
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        data = bytes(data)
+        created, attempts = await self._create(key, data)
+        if created or attempts == 1:
+            return created
+        # An earlier attempt may have been written and only its answer lost; then the
+        # blob holding our exact bytes is our own write, not another writer's.
+        return await self.get(key) == data
+
+    async def get(self, key: str) -> bytes | None:
+        full = self._full(key)
+
+        async def get() -> bytes | None:
+            try:
+                stream = await self._c.download_blob(full, max_concurrency=1)
+                return await stream.readall()  # inside the retry: streams can break
+            except ResourceNotFoundError as e:
+                if _code(e) == "ContainerNotFound":
+                    raise
+                return None
+
+        return await self._retrying("get", key, get)
+
+    async def exists(self, key: str) -> bool:
+        full = self._full(key)
+
+        async def exists() -> bool:
+            return bool(await self._c.get_blob_client(full).exists())
+
+        return await self._retrying("head", key, exists)
+
+    async def delete(self, key: str) -> None:
+        """Delete `key` (with versioning on, the current version becomes a prior one)."""
+        full = self._full(key)
+
+        async def delete() -> None:
+            try:
+                await self._c.delete_blob(full)
+            except ResourceNotFoundError as e:
+                if _code(e) == "ContainerNotFound":
+                    raise
+
+        await self._retrying("delete", key, delete)
+
+    async def _page(self, op: str, prefix: str, start_from: str | None, marker: str | None,
+                    include: list[str] | None = None) -> tuple[list[Any], str | None]:
+        """One page of blob items under `prefix` and the marker of the next (None: last)."""
+
+        async def page() -> tuple[list[Any], str | None]:
+            kw: dict[str, Any] = {"name_starts_with": self._prefix + prefix,
+                                  "results_per_page": PAGE, "include": include}
+            if start_from:
+                kw["start_from"] = start_from
+            pages: Any = self._c.list_blobs(**kw).by_page(continuation_token=marker)
+            items = [b async for b in await pages.__anext__()]
+            return items, pages.continuation_token or None
+
+        return await self._retrying(op, prefix, page)
+
+    async def list(
+        self, prefix: str, start_after: str | None = None, limit: int | None = None
+    ) -> AsyncIterator[str]:
+        check_prefix(prefix)
+        remaining = limit
+        if remaining is not None and remaining <= 0:
+            return
+        # start_from is inclusive (and a server that ignores it lists from the start):
+        # keys up to start_after are skipped here either way.
+        start_from = self._prefix + start_after if start_after else None
+        marker: str | None = None
+        while True:
+            items, marker = await self._page("list", prefix, start_from, marker)
+            for blob in items:
+                key = str(blob.name)[len(self._prefix):]
+                if start_after is not None and key <= start_after:
+                    continue
+                yield key
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining == 0:
+                        return
+            if marker is None:
+                return

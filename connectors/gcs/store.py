@@ -1,0 +1,366 @@
+"""The Google Cloud Storage log store: the JSON API over aiohttp, create-if-absent with
+`ifGenerationMatch=0`.
+
+Requests are plain aiohttp (no blocking call, one connection pool); gcloud-aio-auth only
+mints OAuth tokens (service-account JSON, or Application Default Credentials: the
+GOOGLE_APPLICATION_CREDENTIALS file, gcloud's login, or the metadata server of a GCE/GKE
+host). Uploads are single-request multipart uploads: the object's metadata (its MD5, which
+GCS checks, and its retention) travels with the bytes, and the precondition holds for
+the whole write.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+from gcloud.aio.auth import Token
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from drstream.daemon.errors import ConfigFieldError, StoreError
+from drstream.daemon.lifecycle import Starting
+from drstream.daemon.remotestore import (
+    RETRIABLE_STATUS,
+    CloudStoreConfig,
+    Transient,
+    config_from_url,
+    secret_ref,
+    with_retries,
+)
+from drstream.daemon.secrets import read_secret
+from drstream.daemon.store import check_key, check_prefix
+
+PUBLIC_ENDPOINT = "https://storage.googleapis.com"
+SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+# GCS bucket names: 3-63 of a-z 0-9 - _ . (up to 222 with dots; drstream keeps 63).
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+PAGE = 1000  # objects per list page (the JSON API's maximum)
+
+
+class ObjectRetentionConfig(BaseModel):
+    """Per-object retention (a bucket with object retention enabled): every object written
+    gets retain-until = now + retain_days; `Locked` cannot be shortened by anyone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["Unlocked", "Locked"]
+    retain_days: int = Field(gt=0, le=36500)
+
+
+class GcsStoreConfig(CloudStoreConfig):
+    type: Literal["gcs"]
+    bucket: str
+    # Secret references. service_account: the key JSON; token: an OAuth2 access token.
+    # Neither (and not anonymous): Application Default Credentials.
+    service_account: str | None = None
+    token: str | None = None
+    anonymous: bool = False  # no Authorization header: emulators only
+    object_retention: ObjectRetentionConfig | None = None
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, v: str) -> str:
+        if not BUCKET_RE.match(v) or ".." in v or v.startswith("goog"):
+            raise ValueError(f"bucket name {v!r} is not valid (3-63 of a-z 0-9 . _ -, "
+                             "starting and ending with a letter or digit)")
+        return v
+
+    _refs = field_validator("service_account", "token")(secret_ref)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> GcsStoreConfig:
+        given = [n for n in ("service_account", "token") if getattr(self, n) is not None]
+        if len(given) + self.anonymous > 1:
+            raise ValueError("give at most one of service_account, token and anonymous")
+        return self
+
+
+def retain_days(config: GcsStoreConfig) -> int | None:
+    """Days a written object stays under retention (prune never tries to delete it)."""
+    return config.object_retention.retain_days if config.object_retention else None
+
+
+def gcs_config_from_url(url: str) -> GcsStoreConfig:
+    """`gs://bucket/prefix`; the endpoint comes from STORAGE_EMULATOR_HOST (the variable
+    Google's client libraries read), credentials from Application Default Credentials."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:  # never echo a URL that may embed credentials
+        raise ConfigFieldError("store", "gs://(hidden)", "credentials do not go in the URL")
+    if parts.scheme != "gs" or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigFieldError("store", url, "expected gs://bucket/prefix")
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
+    if emulator and "://" not in emulator:
+        emulator = f"http://{emulator}"
+    return config_from_url(GcsStoreConfig, url, {
+        "type": "gcs", "bucket": parts.netloc, "prefix": unquote(parts.path),
+        "endpoint_url": emulator, "anonymous": emulator is not None,
+    })
+
+
+def _describe(e: BaseException | None) -> str:
+    if isinstance(e, _HttpError):
+        return f"HTTP {e.status}: {e.message}"
+    return f"{type(e).__name__}: {e}"
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return body[:300].decode(errors="replace")
+
+
+def _ms(rfc3339: str | None) -> int | None:
+    if not rfc3339:
+        return None
+    return int(dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+class GcsStore(Starting):
+    """A Store over one bucket and name prefix of Google Cloud Storage."""
+
+    def __init__(self, config: GcsStoreConfig) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        self._prefix = config.prefix + "/" if config.prefix else ""
+        self.url = f"gs://{config.bucket}/{config.prefix}"
+        self.endpoint = config.endpoint_url or PUBLIC_ENDPOINT
+        self._session: aiohttp.ClientSession | None = None
+        self._token: Token | None = None
+        self._static_token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"GcsStore({self.url} at {self.endpoint})"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and check the bucket (a second call while open does nothing)."""
+        if self._session is not None:
+            return
+        c = self.config
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+            total=None, connect=c.connect_timeout_s))
+        try:
+            if c.token is not None:
+                self._static_token = read_secret(c.token, "store.token")
+            elif not c.anonymous:
+                sa = (io.StringIO(read_secret(c.service_account, "store.service_account"))
+                      if c.service_account else None)
+                try:
+                    # typed for its requests-based twin (gcloud-rest); this build is aiohttp
+                    self._token = Token(service_file=sa, session=self._session,  # type: ignore[arg-type]
+                                        scopes=[SCOPE])
+                except (ValueError, KeyError) as e:
+                    raise ConfigFieldError("store.service_account", c.service_account,
+                                           f"not a Google credentials JSON ({e})") from None
+            await self._check_bucket()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        session, self._session, self._token = self._session, None, None
+        if session is not None:
+            await session.close()
+
+    async def _check_bucket(self) -> None:
+        """Fail at open, clearly, on a missing bucket or refused credentials."""
+        status, _, _ = await self._request(
+            "open", None, "GET", f"/storage/v1/b/{self.bucket}", accept=(200, 404))
+        if status == 404:
+            raise StoreError(f"store {self.url}: bucket {self.bucket!r} does not exist at "
+                             f"{self.endpoint}")
+
+    # -- requests ------------------------------------------------------------------
+
+    async def _auth(self) -> dict[str, str]:
+        if self._static_token is not None:
+            return {"Authorization": f"Bearer {self._static_token}"}
+        if self._token is None:
+            return {}
+        try:
+            return {"Authorization": f"Bearer {await self._token.get()}"}
+        except aiohttp.ClientResponseError as e:
+            if e.status in RETRIABLE_STATUS:
+                raise Transient(e) from e
+            raise StoreError(f"store {self.url}: Google credentials rejected when minting a "
+                             f"token (HTTP {e.status}); check service_account or the "
+                             "Application Default Credentials") from e
+        except (aiohttp.ClientError, OSError) as e:
+            raise Transient(e) from e
+        except Exception as e:  # gcloud-aio-auth raises bare errors for unusable credentials
+            raise StoreError(f"store {self.url}: no usable Google credentials "
+                             f"({type(e).__name__}); set service_account or token, or "
+                             "configure Application Default Credentials") from e
+
+    async def _request(
+        self, op: str, key: str | None, method: str, path: str, **kw: Any,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request under the store's retries (see _send_once)."""
+        return await with_retries(self.config, self.url, self.endpoint, op, key,
+                                  lambda: self._send_once(op, key, method, path, **kw),
+                                  _describe)
+
+    async def _send_once(
+        self, op: str, key: str | None, method: str, path: str, *,
+        params: dict[str, str] | None = None, data: bytes | None = None,
+        headers: dict[str, str] | None = None, accept: tuple[int, ...] = (200,),
+        max_bytes: int | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) of one attempt: `accept` lists the statuses the caller
+        handles; a retriable failure raises Transient, any other StoreError. A body over
+        `max_bytes` (by Content-Length) is not read: b"" comes back."""
+        if self._session is None:
+            raise StoreError(f"store {self.url} is not open (use 'async with')")
+        hdrs = {**(headers or {}), **await self._auth()}
+        # a stream, not bytes: aiohttp writes it in chunks without holding the loop
+        body = io.BytesIO(data) if data is not None else None
+        try:
+            async with self._session.request(method, self.endpoint + path, params=params,
+                                             data=body, headers=hdrs) as resp:
+                if resp.status in accept:
+                    if max_bytes is not None and (resp.content_length or 0) > max_bytes:
+                        return resp.status, dict(resp.headers), b""
+                    return resp.status, dict(resp.headers), await resp.read()
+                answer = await resp.read()
+        except (aiohttp.ClientError, OSError) as e:
+            raise Transient(e) from e
+        err = _HttpError(resp.status, _error_message(answer))
+        if resp.status in RETRIABLE_STATUS:
+            raise Transient(err) from err
+        raise self._http_error(op, key, err) from err
+
+    def _http_error(self, op: str, key: str | None, e: _HttpError) -> StoreError:
+        what = f"{op} {key!r}" if key is not None else op
+        if e.status == 401:
+            msg = (f"credentials rejected by {self.endpoint} for bucket {self.bucket!r} "
+                   f"({e.message}); check service_account/token")
+        elif e.status == 403:
+            msg = (f"access denied: {what} in bucket {self.bucket!r} ({e.message}; missing "
+                   "permission, or a retention policy or hold forbids it)")
+        elif e.status == 404 and "bucket" in e.message.lower():
+            msg = f"bucket {self.bucket!r} does not exist at {self.endpoint}"
+        else:
+            msg = f"{what} in bucket {self.bucket!r} failed: HTTP {e.status}: {e.message}"
+        return StoreError(f"store {self.url}: {msg}", key=key)
+
+    def _o(self, key: str) -> str:
+        return f"/storage/v1/b/{self.bucket}/o/{quote(self._full(key), safe='')}"
+
+    def _full(self, key: str) -> str:
+        return self._prefix + check_key(key)
+
+    # -- the Store interface ------------------------------------------------------
+
+    def _upload(self, key: str, data: bytes) -> tuple[bytes, str]:
+        """A multipart/related body: JSON metadata (name, MD5, retention) then the bytes."""
+        meta: dict[str, Any] = {
+            "name": self._full(key),
+            "md5Hash": base64.b64encode(
+                hashlib.md5(data, usedforsecurity=False).digest()).decode(),
+        }
+        ret = self.config.object_retention
+        if ret is not None:
+            until = dt.datetime.now(dt.UTC) + dt.timedelta(days=ret.retain_days)
+            meta["retention"] = {"mode": ret.mode,
+                                 "retainUntilTime": until.isoformat().replace("+00:00", "Z")}
+        boundary = uuid.uuid4().hex
+        body = b"".join([
+            f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n".encode(),
+            json.dumps(meta).encode(),
+            f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode(),
+            data, f"\r\n--{boundary}--\r\n".encode(),
+        ])
+        return body, f"multipart/related; boundary={boundary}"
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        data = bytes(data)
+        body, content_type = self._upload(key, data)
+        attempts = 0
+
+        async def put() -> tuple[int, dict[str, str], bytes]:
+            nonlocal attempts
+            attempts += 1
+            return await self._send_once(
+                "put", key, "POST", f"/upload/storage/v1/b/{self.bucket}/o",
+                params={"uploadType": "multipart", "ifGenerationMatch": "0"},
+                data=body, headers={"Content-Type": content_type}, accept=(200, 412))
+
+        status, _, _ = await with_retries(self.config, self.url, self.endpoint, "put", key,
+                                          put, _describe)
+        if status == 200 or attempts == 1:
+            return status == 200
+        # An earlier attempt may have been written and only its answer lost; then the
+        # object holding our exact bytes is our own write, not another writer's.
+        return await self.get(key) == data
+
+    async def get(self, key: str) -> bytes | None:
+        status, _, body = await self._request("get", key, "GET", self._o(key),
+                                              params={"alt": "media"}, accept=(200, 404))
+        return body if status == 200 else None
+
+    async def _meta(self, key: str) -> dict[str, Any] | None:
+        """The object's metadata resource (size, generation, retention), None if absent."""
+        status, _, body = await self._request("head", key, "GET", self._o(key),
+                                              accept=(200, 404))
+        return json.loads(body) if status == 200 else None
+
+    async def exists(self, key: str) -> bool:
+        return await self._meta(key) is not None
+
+    async def delete(self, key: str) -> None:
+        """Delete `key` (in a versioned bucket the generation becomes noncurrent)."""
+        await self._request("delete", key, "DELETE", self._o(key), accept=(200, 204, 404))
+
+    async def _pages(self, op: str, prefix: str, params: dict[str, str]
+                     ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The object resources under `prefix`, page by page, in name order."""
+        check_prefix(prefix)
+        params = {"prefix": self._prefix + prefix, **params}
+        while True:
+            _, _, body = await self._request(op, prefix, "GET",
+                                             f"/storage/v1/b/{self.bucket}/o", params=params)
+            page = json.loads(body)
+            yield page.get("items", [])
+            token = page.get("nextPageToken")
+            if not token:
+                return
+            params["pageToken"] = token
+
+    async def list(
+        self, prefix: str, start_after: str | None = None, limit: int | None = None
+    ) -> AsyncIterator[str]:
+        params = {"maxResults": str(PAGE), "fields": "items(name),nextPageToken"}
+        if start_after:  # startOffset is inclusive: the key itself is skipped below
+            params["startOffset"] = self._prefix + start_after
+        remaining = limit
+        if remaining is not None and remaining <= 0:
+            return
+        async for items in self._pages("list", prefix, params):
+            for obj in items:
+                key = obj["name"][len(self._prefix):]
+                if start_after is not None and key <= start_after:
+                    continue
+                yield key
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining == 0:
+                        return
