@@ -143,7 +143,8 @@ def _status(e: BaseException | None) -> int:
 
 
 def _code(e: BaseException | None) -> str:
-    return str(getattr(e, "error_code", "") or "")
+    code = getattr(e, "error_code", None) or ""
+    return str(getattr(code, "value", code))  # the SDK gives a StorageErrorCode enum
 
 
 def _describe(e: BaseException | None) -> str:
@@ -213,18 +214,9 @@ class AzureStore(Starting):
             await service.close()
 
     async def _check_container(self) -> None:
-        """Fail at open, clearly, on a missing container or refused credentials."""
-        client = self._c
-
-        async def check() -> bool:
-            try:
-                await client.get_container_properties()
-            except ResourceNotFoundError:
-                return False
-            return True
-
-        if not await self._retrying("open", None, check):
-            raise self._no_container_error(None)
+        """Fail at open, clearly, on a missing container or refused credentials: a list of
+        one name (what a container SAS allows; its properties it does not)."""
+        await self._page("open", "", None, None, limit=1)
 
     @property
     def _c(self) -> ContainerClient:
@@ -355,12 +347,13 @@ class AzureStore(Starting):
         await self._retrying("delete", key, delete)
 
     async def _page(self, op: str, prefix: str, start_from: str | None, marker: str | None,
-                    include: list[str] | None = None) -> tuple[list[Any], str | None]:
+                    include: list[str] | None = None, limit: int = PAGE
+                    ) -> tuple[list[Any], str | None]:
         """One page of blob items under `prefix` and the marker of the next (None: last)."""
 
         async def page() -> tuple[list[Any], str | None]:
             kw: dict[str, Any] = {"name_starts_with": self._prefix + prefix,
-                                  "results_per_page": PAGE, "include": include}
+                                  "results_per_page": limit, "include": include}
             if start_from:
                 kw["start_from"] = start_from
             pages: Any = self._c.list_blobs(**kw).by_page(continuation_token=marker)

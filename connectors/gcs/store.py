@@ -162,19 +162,30 @@ class GcsStore(Starting):
             if c.token is not None:
                 self._static_token = read_secret(c.token, "store.token")
             elif not c.anonymous:
-                sa = (io.StringIO(read_secret(c.service_account, "store.service_account"))
-                      if c.service_account else None)
-                try:
-                    # typed for its requests-based twin (gcloud-rest); this build is aiohttp
-                    self._token = Token(service_file=sa, session=self._session,  # type: ignore[arg-type]
-                                        scopes=[SCOPE])
-                except (ValueError, KeyError) as e:
-                    raise ConfigFieldError("store.service_account", c.service_account,
-                                           f"not a Google credentials JSON ({e})") from None
+                sa = self._service_account() if c.service_account else None
+                # typed for its requests-based twin (gcloud-rest); this build is aiohttp
+                self._token = Token(service_file=sa, session=self._session,  # type: ignore[arg-type]
+                                    scopes=[SCOPE])
             await self._check_bucket()
         except BaseException:
             await self.close()
             raise
+
+    def _service_account(self) -> io.StringIO:
+        """The key JSON, checked here: the token library would quietly fall back to the
+        metadata server on a file it cannot read."""
+        ref = self.config.service_account or ""
+        text = read_secret(ref, "store.service_account")
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or data.get("type") not in (
+                "service_account", "authorized_user", "external_account",
+                "impersonated_service_account"):
+            raise ConfigFieldError("store.service_account", ref,
+                                   "not a Google credentials JSON (a service-account key file)")
+        return io.StringIO(text)
 
     async def close(self) -> None:
         session, self._session, self._token = self._session, None, None
