@@ -44,17 +44,37 @@ Records = dict[tuple[str, int], list[KafkaRecord]]
 # --------------------------------------------------------------------------- stores
 
 
-def store_fields(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
-    """Raw `store:` config of a fresh, empty store of `kind` ("file" or "s3")."""
+# The fixtures of each remote store kind: its server, a fresh bucket (container) on it,
+# and what puts its credentials where the config's references point.
+REMOTE_STORES = {
+    "s3": ("s3", "s3_bucket", "s3_creds_env"),
+    "gcs": ("gcs", "gcs_bucket", None),
+    "azure": ("azurite", "azure_container", "azure_creds_env"),
+}
+
+
+def store_server(kind: str, request: pytest.FixtureRequest) -> Any:
+    """The test server behind a remote store kind (s3, gcs, azure)."""
+    if kind not in REMOTE_STORES:
+        raise ValueError(f"unknown store kind {kind!r}")
+    return request.getfixturevalue(REMOTE_STORES[kind][0])
+
+
+def store_fields(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+                 via: str | None = None) -> dict[str, Any]:
+    """Raw `store:` config of a fresh, empty store of `kind` (file, s3, gcs, azure);
+    `via` is a base URL to reach its server by instead (a proxy's)."""
     if kind == "file":
         return {"type": "file", "path": str(tmp_path / "log-store")}
-    if kind == "s3":
-        s3 = request.getfixturevalue("s3")
-        bucket = request.getfixturevalue("s3_bucket")
-        request.getfixturevalue("s3_creds_env")
-        fields: dict[str, Any] = s3.store_fields(bucket, "dr")
-        return fields
-    raise ValueError(f"unknown store kind {kind!r}")
+    server = store_server(kind, request)
+    _, bucket_fixture, creds_fixture = REMOTE_STORES[kind]
+    bucket = request.getfixturevalue(bucket_fixture)
+    if creds_fixture:
+        request.getfixturevalue(creds_fixture)
+    fields: dict[str, Any] = server.store_fields(bucket, "dr")
+    if via is not None:  # the server's endpoint with the proxy's address (Azurite's path kept)
+        fields["endpoint_url"] = fields["endpoint_url"].replace(server.endpoint_url, via)
+    return fields
 
 
 def store_model(fields: dict[str, Any]) -> Any:
@@ -612,6 +632,6 @@ __all__ = [
     "RUN_DIR", "STREAM", "DeliveryCheck", "LoadProducer", "Records", "Segment", "ShipProcess",
     "ShipSetup", "ShipperPool", "Store", "add_partitions", "compare_records", "create_topic",
     "drstream", "flush", "log_head", "next_offsets", "producer", "read_log", "read_primary",
-    "read_segments", "records_of", "shipper_pool", "store_fields", "topic_configs",
+    "read_segments", "records_of", "shipper_pool", "store_fields", "store_server", "topic_configs",
     "verify_deep", "wait_for", "wait_log_reaches", "wait_partitions", "write_config",
 ]

@@ -129,6 +129,7 @@ def no_aborted(records: Records) -> None:
     assert not found, f"{len(found)} records of aborted transactions on the standby: {found[:5]}"
 
 
+@pytest.mark.parametrize("store", ["file", "s3", "gcs", "azure"], indirect=True)
 def test_apply_reproduces_committed_records_topics_and_configs(
     primary_kafka: KafkaCluster, standby_kafka: KafkaCluster, kafka_topic_name: str,
     tmp_path: Path, pool: ProcessPool, store: dict[str, Any],

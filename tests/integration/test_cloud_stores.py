@@ -356,3 +356,17 @@ async def test_lost_answer_then_conflict_is_resolved_by_content(
             proxy.pass_through()
             assert await put is (existing is None)
         assert await direct.get(SEG) == (existing or b"segment")
+
+
+@pytest.mark.parametrize("store", [
+    {"type": "gcs", "bucket": "b-1"},
+    {"type": "azure", "account": "acct", "container": "c-1", "account_key": "env:K"},
+], ids=["gcs", "azure"])
+def test_allowed_regions_covers_the_new_stores(store: dict[str, Any]) -> None:
+    data = {"log_id": "east-1", "allowed_regions": ["europe-west1"], "store": store,
+            "keyring": {"active": "k1", "keys": {"k1": "file:/etc/drstream/k1.key"}}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert [e.path for e in info.value.errors] == ["store.region"]
+    assert parse_config({**data, "store": {**store, "region": "europe-west1"}}).store.region \
+        == "europe-west1"

@@ -1,8 +1,9 @@
-"""Crash and outage: the log stays exactly-once and in order through kill -9 and S3 outages.
+"""Crash and outage: the log stays exactly-once and in order through kill -9 and store
+outages (S3, GCS, Azure).
 
 While a producer writes continuously (idempotent records and transactions, some aborted)
 to 2 topics x 3 partitions, the shipper is killed with SIGKILL at random moments and
-started again; or the S3 server becomes unreachable through a TCP proxy for a while.
+started again; or the store's server becomes unreachable through a TCP proxy for a while.
 At the end every committed record of the primary is in the log exactly once per
 partition, in order, and nothing else is. The seed is printed (DRSTREAM_TEST_SEED
 replays a run).
@@ -20,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from tests.infra.kafka import KafkaCluster
-from tests.infra.s3 import S3Server
 from tests.infra.tcp_proxy import TcpProxy
 from tests.integration.shiplib import (
     LoadProducer,
@@ -33,6 +33,8 @@ from tests.integration.shiplib import (
     read_log,
     read_primary,
     shipper_pool,
+    store_fields,
+    store_server,
     verify_deep,
     wait_log_reaches,
     write_config,
@@ -88,13 +90,15 @@ def finish_and_compare(
     verify_deep(setup)
 
 
+@pytest.mark.parametrize("kind", ["file", "gcs", "azure"])
 def test_kill9_at_random_moments_keeps_every_record_exactly_once(
     primary_kafka: KafkaCluster, kafka_topic_name: str, tmp_path: Path, pool: ShipperPool,
+    kind: str, request: pytest.FixtureRequest,
 ) -> None:
     rng = seeded()
     bootstrap = primary_kafka.bootstrap_servers
     topics = make_topics(bootstrap, kafka_topic_name)
-    setup = write_config(tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
+    setup = write_config(tmp_path, store=store_fields(kind, request, tmp_path),
                          bootstrap=bootstrap, include=[re.escape(kafka_topic_name) + r"\..*"],
                          log_id="crash", ship=SHIP)
     load = LoadProducer(bootstrap, topics, rate_per_s=500, seed=rng.randrange(2**31)).start()
@@ -123,15 +127,16 @@ def test_kill9_at_random_moments_keeps_every_record_exactly_once(
     finish_and_compare(bootstrap, topics, load, setup, pool)
 
 
-def test_s3_outage_through_proxy_is_retried_and_loses_nothing(
+@pytest.mark.parametrize("kind", ["s3", "gcs", "azure"])
+def test_store_outage_through_proxy_is_retried_and_loses_nothing(
     primary_kafka: KafkaCluster, kafka_topic_name: str, tmp_path: Path, pool: ShipperPool,
-    s3: S3Server, s3_bucket: str, s3_creds_env: None,
+    kind: str, request: pytest.FixtureRequest,
 ) -> None:
     rng = seeded()
     bootstrap = primary_kafka.bootstrap_servers
     topics = make_topics(bootstrap, kafka_topic_name)
-    with TcpProxy(s3.port) as proxy:
-        store = s3.store_fields(s3_bucket, "dr", endpoint_url=proxy.url)
+    with TcpProxy(store_server(kind, request).port) as proxy:
+        store = store_fields(kind, request, tmp_path, via=proxy.url)
         setup = write_config(tmp_path, store=store, bootstrap=bootstrap,
                              include=[re.escape(kafka_topic_name) + r"\..*"],
                              log_id="outage", ship=SHIP)
@@ -151,7 +156,7 @@ def test_s3_outage_through_proxy_is_retried_and_loses_nothing(
                       ("mute", rng.uniform(1.5, 2.5))]
             rng.shuffle(outage)
             for mode, seconds in outage:
-                print(f"S3 {mode} for {seconds:.1f}s")
+                print(f"{kind} {mode} for {seconds:.1f}s")
                 proxy.set_mode(mode)  # type: ignore[arg-type]
                 time.sleep(seconds)
                 assert shipper.alive(), f"shipper gave up during the outage\n" \

@@ -103,7 +103,7 @@ def settle(shippers: list[ShipProcess], log_id: str) -> None:
             assert_stopped_loudly(s, log_id)
 
 
-@pytest.mark.parametrize("kind", ["file", "s3"])
+@pytest.mark.parametrize("kind", ["file", "s3", "gcs", "azure"])
 def test_second_shipper_on_the_same_log_is_fenced_loudly(
     primary_kafka: KafkaCluster, kafka_topic_name: str, tmp_path: Path, pool: ShipperPool,
     kind: str, request: pytest.FixtureRequest,
