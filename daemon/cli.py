@@ -593,7 +593,8 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.set_defaults(handler="keys generate")
 
     p = sub.add_parser("verify", help="walk a log's hash chain; --deep also checks every MAC")
-    p.add_argument("url", nargs="?", help="store URL (file:///path, s3://bucket/prefix)")
+    p.add_argument("url", nargs="?", help="store URL (file:///path, s3://bucket/prefix, "
+                   "gs://bucket/prefix, az://account/container/prefix)")
     _add_config(p, required=False, help="take store, log_id and keys from this config")
     p.add_argument("--log-id", help="verify only this log (default: every log in the store)")
     p.add_argument("--deep", action="store_true",
@@ -630,7 +631,8 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p = sub.add_parser("replay", help="rebuild topics or a model registry from the log up "
                        "to a time or seq; resumable, with progress")
     p.add_argument("--config", help="take store, log_id and keys from this config")
-    p.add_argument("--store", metavar="URL", help="or: the store URL (file://, s3://)")
+    p.add_argument("--store", metavar="URL",
+                   help="or: the store URL (file://, s3://, gs://, az://)")
     p.add_argument("--log-id", help="with --store: the log to replay")
     _add_secret_args(p)
     _add_replay_args(p, connectors, stream_options)

@@ -2,6 +2,8 @@
 
     python -m tests.infra kafka up [--count 2] [--detach] [--json] [--keep]
     python -m tests.infra s3 up [--detach] [--bucket NAME]
+    python -m tests.infra gcs up [--detach] [--bucket NAME]     # fake-gcs-server
+    python -m tests.infra azurite up [--detach] [--container NAME]
     python -m tests.infra mlflow up [--count 2] [--detach] [--json]
     python -m tests.infra stop PID [PID ...]   # one recorded service, e.g. a detached broker
     python -m tests.infra stop-all             # every recorded service (after a crashed run)
@@ -18,8 +20,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from tests.infra.procs import ServiceStartError, stop_all_recorded, stop_recorded
+
+if TYPE_CHECKING:
+    from tests.infra.emulators import AzuriteServer, FakeGcsServer
+    from tests.infra.s3 import S3Server
 
 
 def _print_services(services: list[dict[str, object]], as_json: bool) -> None:
@@ -84,12 +91,40 @@ def s3_up(args: argparse.Namespace) -> int:
     _print_services([{"name": "s3", "endpoint": server.endpoint_url, "pid": pid,
                       "access_key": server.access_key, "secret_key": server.secret_key,
                       "bucket": bucket}], args.json)
-    if args.detach:
+    return _serve(server, args.detach)
+
+
+def _serve(server: S3Server | FakeGcsServer | AzuriteServer, detach: bool) -> int:
+    """Leave a started server running (detach) or serve until a signal, then stop it."""
+    if detach:
         return 0
     try:
         return _wait_for_signal(server.alive)
     finally:
         server.stop()
+
+
+def emulator_up(args: argparse.Namespace) -> int:
+    from tests.infra.emulators import AzuriteServer, FakeGcsServer
+
+    if not args.detach:
+        _exit_on_sigterm()
+    server: FakeGcsServer | AzuriteServer
+    if args.service == "gcs":
+        server = FakeGcsServer("fake-gcs")
+        server.start()
+        where = {"bucket": server.create_bucket(args.bucket, versioning=True)
+                 if args.bucket else None}
+    else:
+        server = AzuriteServer("azurite")
+        server.start()
+        where = {"account_url": server.account_url,
+                 "container": server.create_container(args.container)
+                 if args.container else None}
+    pid = server.proc.pid if server.proc else None
+    _print_services([{"name": args.service, "endpoint": server.endpoint_url, "pid": pid,
+                      **where}], args.json)
+    return _serve(server, args.detach)
 
 
 def mlflow_up(args: argparse.Namespace) -> int:
@@ -146,6 +181,18 @@ def _add_s3(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.set_defaults(func=s3_up)
 
 
+def _add_emulators(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, what, place in (("gcs", "a GCS API emulator (fake-gcs-server)", "bucket"),
+                              ("azurite", "an Azure Blob emulator (Azurite)", "container")):
+        service = sub.add_parser(name, help=what)
+        actions = service.add_subparsers(dest="action", required=True)
+        up = actions.add_parser("up", help="start the emulator and print its endpoint")
+        up.add_argument(f"--{place}", help=f"create this {place}")
+        up.add_argument("--detach", action="store_true", help="leave it running and exit")
+        up.add_argument("--json", action="store_true", help="print one JSON list instead")
+        up.set_defaults(func=emulator_up)
+
+
 def _add_mlflow(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mlflow = sub.add_parser("mlflow", help="MLflow tracking servers (SQLite, served artifacts)")
     actions = mlflow.add_subparsers(dest="action", required=True)
@@ -170,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="service", required=True)
     _add_kafka(sub)
     _add_s3(sub)
+    _add_emulators(sub)
     _add_mlflow(sub)
     _add_stop(sub)
     return parser

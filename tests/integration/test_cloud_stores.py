@@ -370,3 +370,29 @@ def test_allowed_regions_covers_the_new_stores(store: dict[str, Any]) -> None:
     assert [e.path for e in info.value.errors] == ["store.region"]
     assert parse_config({**data, "store": {**store, "region": "europe-west1"}}).store.region \
         == "europe-west1"
+
+
+@pytest.mark.parametrize("retention", [None, 30], ids=["none", "30-days"])
+async def test_prune_respects_retention(cloud: Cloud, retention: int | None) -> None:
+    """Segments past the prune cutoff but inside the configured retention are kept (the
+    service would refuse their delete); without retention they go."""
+    from drstream.daemon.keyring import KeyRing
+    from drstream.daemon.prune import prune
+    from tests.contract.test_deltalog_contract import LOG, write_log
+
+    option = "object_retention" if cloud.kind == "gcs" else "immutability"
+    fields = cloud.fields()
+    if retention is not None:
+        fields[option] = {"mode": "Unlocked", "retain_days": retention}
+    config = parse_config({"log_id": LOG, "store": fields,
+                           "keyring": {"active": "k1", "keys": {"k1": "env:UNUSED"}}})
+    async with cloud.open() as store:  # written without retention: prune must decide
+        await write_log(store, KeyRing({"k1": bytes(32)}, "k1"), 4)
+        await asyncio.sleep(0.01)
+        result = await prune(config, store, older_than_s=0)
+        left = [k async for k in store.list(f"logs/{LOG}/")]
+    if retention is None:
+        assert result.deleted == [1, 2, 3] and len(left) == 1
+    else:
+        assert result.deleted == [] and result.locked == [1] and len(left) == 4
+        assert "retention (30 days)" in str(result.kept_reason)

@@ -29,6 +29,7 @@ def test_single_host_example_shows_every_key() -> None:
 
     assert set(doc["sources"][0]) == set(KafkaSourceConfig.model_fields)
     assert set(doc["sinks"][0]) == set(KafkaSinkConfig.model_fields)
-    s3_path = Path(__file__).parents[2] / "configs" / "ship-primary-s3.yaml"
-    s3 = yaml.safe_load(s3_path.read_text())
-    assert set(s3["store"]) == set(installed().stores["s3"].config_model.model_fields)
+    for kind in ("s3", "gcs", "azure"):
+        path = Path(__file__).parents[2] / "configs" / f"ship-primary-{kind}.yaml"
+        example = yaml.safe_load(path.read_text())
+        assert set(example["store"]) == set(installed().stores[kind].config_model.model_fields)
