@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import lag
-from benchmarks.lag.base import RESULTS_DIR, SYSTEMS, all_cases, load_case, scaled
+from benchmarks.lag.base import RESULTS_DIR, STORES, SYSTEMS, all_cases, load_case, scaled
 from benchmarks.lag.produce import produce_main
 from benchmarks.lag.read import read_main
 from benchmarks.lag.report import write_report
@@ -25,7 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--case-file", type=Path, action="append", default=[],
                     help="a case file (repeatable; replaces --cases)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="drstream,mm2 (default both)")
-    ap.add_argument("--store", choices=["file", "s3"], default=None,
+    ap.add_argument("--store", choices=STORES, default=None,
                     help="drstream's store for every case (default: each case's own)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply every phase's seconds and records (e.g. 0.2 for a quick run)")

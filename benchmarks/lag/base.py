@@ -27,6 +27,8 @@ BENCHMARKS = ROOT / "benchmarks"
 CASES_DIR = BENCHMARKS / "cases"
 RESULTS_DIR = BENCHMARKS / "results"
 SYSTEMS = ("drstream", "mm2")
+# drstream log stores a case can use: local files, or an object store's test server.
+STORES = ("file", "s3", "gcs", "azure")
 SYSTEM_LABEL = {"drstream": "drstream", "mm2": "MirrorMaker 2"}
 STATUS_EVERY_S = 0.25
 QUIET = {"log_level": 3}
@@ -78,8 +80,8 @@ def load_case(path: Path) -> dict[str, Any]:
         if len(kinds) != 1 or (kinds[0] != "records" and "seconds" not in ph):
             raise BenchError(f"{path}: phase {i}: one of records_per_s/mb_per_s with seconds, "
                              f"or records (a burst), got {ph}")
-    if case["store"] not in ("file", "s3"):
-        raise BenchError(f"{path}: store must be file or s3")
+    if case["store"] not in STORES:
+        raise BenchError(f"{path}: store must be one of {', '.join(STORES)}")
     bad = set(case["systems"]) - set(SYSTEMS)
     if bad:
         raise BenchError(f"{path}: unknown systems {sorted(bad)}")

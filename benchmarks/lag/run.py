@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +59,31 @@ def wait_for_line(proc: Any, needle: str, timeout: float = 90) -> float:
 
 @dataclass
 class Env:
-    """What every case run shares: the clusters, an S3 server once needed, the work root."""
+    """What every case run shares: the clusters, each store's test server once needed (by
+    store kind), the work root."""
 
     primary: str
     standby: str
     work: Path
     primary_pid: int | None = None
     standby_pid: int | None = None
-    s3: Any = None
+    servers: dict[str, Any] = field(default_factory=dict)
     keep: bool = False
     profile_dir: Path | None = None
 
-    def s3_server(self) -> Any:
-        if self.s3 is None:
+    def store_server(self, kind: str) -> Any:
+        """The test server of store `kind` (s3, gcs, azure), started on first use."""
+        if kind not in self.servers:
+            from tests.infra.emulators import AzuriteServer, FakeGcsServer
             from tests.infra.s3 import S3Server
 
-            self.s3 = S3Server.start_new("moto-s3-bench-lag")
-        return self.s3
+            if kind == "s3":
+                self.servers[kind] = S3Server.start_new("moto-s3-bench-lag")
+            else:
+                server = (FakeGcsServer if kind == "gcs" else AzuriteServer)(f"{kind}-bench-lag")
+                server.start()
+                self.servers[kind] = server
+        return self.servers[kind]
 
     def admin(self, bootstrap: str) -> Any:
         from confluent_kafka.admin import AdminClient
@@ -95,6 +103,34 @@ class Env:
                         fut.result(60)
 
 
+def _new_bucket(server: Any) -> str:
+    """A fresh bucket (container) on a store's test server."""
+    from tests.infra.emulators import AzuriteServer
+
+    name: str = (server.create_container() if isinstance(server, AzuriteServer)
+                 else server.create_bucket())
+    return name
+
+
+def _delete_bucket(server: Any, name: str) -> None:
+    from tests.infra.emulators import AzuriteServer
+
+    if isinstance(server, AzuriteServer):
+        server.delete_container(name)
+    else:
+        server.delete_bucket(name)
+
+
+def _store_env(kind: str, server: Any) -> dict[str, str]:
+    """The variables the store config's credential references read."""
+    from tests.infra.emulators import AZURE_KEY_ENV, AZURITE_KEY
+    from tests.infra.s3 import KEY_ENV, SECRET_ENV
+
+    if kind == "s3":
+        return {KEY_ENV: server.access_key, SECRET_ENV: server.secret_key}
+    return {AZURE_KEY_ENV: AZURITE_KEY} if kind == "azure" else {}
+
+
 class Drstream(Replicator):
     system = "drstream"
 
@@ -108,13 +144,11 @@ class Drstream(Replicator):
         generate_key_file(key)
         self.bucket = None
         self.proc_env: dict[str, str] = {}
-        if case["store"] == "s3":
-            from tests.infra.s3 import KEY_ENV, SECRET_ENV
-
-            s3 = env.s3_server()
-            self.bucket = s3.create_bucket()
-            store: dict[str, Any] = s3.store_fields(self.bucket, prefix="dr")
-            self.proc_env = {KEY_ENV: s3.access_key, SECRET_ENV: s3.secret_key}
+        if case["store"] != "file":
+            server = env.store_server(case["store"])
+            self.bucket = _new_bucket(server)
+            store: dict[str, Any] = server.store_fields(self.bucket, prefix="dr")
+            self.proc_env = _store_env(case["store"], server)
             os.environ.update(self.proc_env)  # this process reads the log afterwards
         else:
             store = {"type": "file", "path": str(workdir / "store")}
@@ -206,8 +240,9 @@ class Drstream(Replicator):
         return [self.topic], [self.topic]
 
     def cleanup(self) -> None:
-        if self.bucket and self.env.s3 is not None and self.env.s3.alive():
-            self.env.s3.delete_bucket(self.bucket)
+        server = self.env.servers.get(self.case["store"])
+        if self.bucket and server is not None and server.alive():
+            _delete_bucket(server, self.bucket)
 
     # -- the log, after the run ---------------------------------------------------------
 
@@ -356,8 +391,9 @@ def run_one(env: Env, case: dict[str, Any], system: str) -> dict[str, Any]:
             pids["primary broker"] = env.primary_pid
         if env.standby_pid:
             pids["standby broker"] = env.standby_pid
-        if case["store"] == "s3" and system == "drstream" and env.s3 is not None:
-            pids["s3 server"] = env.s3.proc.pid
+        server = env.servers.get(case["store"])
+        if system == "drstream" and server is not None:
+            pids[f"{case['store']} server"] = server.proc.pid
         if not case["preload"]:
             time.sleep(float(case["settle_s"]))
 
@@ -519,8 +555,8 @@ def run_cases(cases: list[dict[str, Any]], systems: list[str], *, primary: str |
     finally:
         report["total_s"] = time.monotonic() - started
         report["loadavg_at_end"] = os.getloadavg()
-        if env is not None and env.s3 is not None:
-            env.s3.stop()
+        for server in (env.servers.values() if env is not None else ()):
+            server.stop()
         for c in clusters:
             c.stop() if keep else c.remove()
         if not keep:

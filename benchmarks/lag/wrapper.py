@@ -28,7 +28,9 @@ def daemon_main(argv: list[str]) -> int:
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    from drstream.connectors.azure.store import AzureStore
     from drstream.connectors.file.store import FileStore
+    from drstream.connectors.gcs.store import GcsStore
     from drstream.connectors.s3.store import S3Store
 
     events: list[tuple[int, str, str, int]] = []
@@ -57,12 +59,13 @@ def daemon_main(argv: list[str]) -> int:
 
         cls.list = wrapper
 
-    for cls in (FileStore, S3Store):
+    for cls in (FileStore, S3Store, GcsStore, AzureStore):
         timed(cls, "put_if_absent", "PUT")
         timed(cls, "get", "GET")
         timed(cls, "delete", "DELETE")
         listed(cls)
-    timed(FileStore, "exists", "HEAD")
+    for cls in (FileStore, GcsStore, AzureStore):  # one HEAD (metadata GET) request each
+        timed(cls, "exists", "HEAD")
     timed(S3Store, "version_id", "HEAD")  # S3Store.exists calls it: one HEAD request
 
     halt = threading.Event()
