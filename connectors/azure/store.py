@@ -44,7 +44,13 @@ from drstream.daemon.remotestore import (
     with_retries,
 )
 from drstream.daemon.secrets import read_secret
-from drstream.daemon.store import check_key, check_prefix
+from drstream.daemon.store import (
+    ObjectInfo,
+    ObjectTooLargeError,
+    check_key,
+    check_prefix,
+    probe_create_if_absent,
+)
 
 T = TypeVar("T")
 logging.getLogger("azure").setLevel(logging.WARNING)
@@ -270,7 +276,7 @@ class AzureStore(Starting):
     def _full(self, key: str) -> str:
         return self._prefix + check_key(key)
 
-    def _upload_args(self) -> dict[str, Any]:
+    def _upload_args(self, retain: bool = True) -> dict[str, Any]:
         args: dict[str, Any] = {
             "overwrite": False,  # If-None-Match: *
             # a Content-MD5 the service checks against the bytes it received
@@ -278,15 +284,15 @@ class AzureStore(Starting):
             "content_settings": ContentSettings(content_type="application/octet-stream"),
         }
         imm = self.config.immutability
-        if imm is not None:
+        if imm is not None and retain:
             args["immutability_policy"] = ImmutabilityPolicy(
                 expiry_time=dt.datetime.now(dt.UTC) + dt.timedelta(days=imm.retain_days),
                 policy_mode=imm.mode)
         return args
 
-    async def _create(self, key: str, data: bytes) -> tuple[bool, int]:
+    async def _create(self, key: str, data: bytes, retain: bool = True) -> tuple[bool, int]:
         """One create-if-absent under retries: (created, attempts made)."""
-        full, args = self._full(key), self._upload_args()
+        full, args = self._full(key), self._upload_args(retain)
         attempts = 0
 
         async def put() -> bool:
@@ -311,19 +317,63 @@ class AzureStore(Starting):
         # blob holding our exact bytes is our own write, not another writer's.
         return await self.get(key) == data
 
-    async def get(self, key: str) -> bytes | None:
+    async def check_create_if_absent(self, probe_key: str) -> None:
+        """Fencing rests on `If-None-Match: *`: prove the endpoint refuses a second create
+        (probe blobs carry no immutability policy, so they can be removed again)."""
+
+        async def put(key: str, data: bytes) -> bool:
+            return (await self._create(key, data, retain=False))[0]
+
+        await probe_create_if_absent(self, probe_key, put)
+
+    async def _download(self, key: str, offset: int | None, length: int | None,
+                        max_bytes: int | None) -> tuple[bytes, int] | None:
+        """(bytes, the blob's full size) of one ranged or whole read, None when absent."""
         full = self._full(key)
 
-        async def get() -> bytes | None:
+        async def get() -> tuple[bytes, int] | None:
             try:
-                stream = await self._c.download_blob(full, max_concurrency=1)
-                return await stream.readall()  # inside the retry: streams can break
+                stream = await self._c.download_blob(full, offset=offset, length=length,
+                                                     max_concurrency=1)
             except ResourceNotFoundError as e:
                 if _code(e) == "ContainerNotFound":
                     raise
                 return None
+            except HttpResponseError as e:
+                if _status(e) == 416:  # an empty blob has no byte 0
+                    return b"", 0
+                raise
+            size = int(stream.properties.size)
+            # the first answer's headers give the size; the rest of the body is not read
+            if max_bytes is not None and size > max_bytes:
+                raise ObjectTooLargeError(self.url, key, size, max_bytes)
+            return await stream.readall(), size  # inside the retry: streams can break
 
         return await self._retrying("get", key, get)
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
+        found = await self._download(key, None, None, max_bytes)
+        return found[0] if found is not None else None
+
+    async def get_prefix(self, key: str, length: int) -> tuple[bytes, int] | None:
+        found = await self._download(key, 0, max(length, 1), None)
+        return (found[0][:length], found[1]) if found is not None else None
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        full = self._full(key)
+
+        async def head() -> ObjectInfo | None:
+            try:
+                props = await self._c.get_blob_client(full).get_blob_properties()
+            except ResourceNotFoundError as e:
+                if _code(e) == "ContainerNotFound":
+                    raise
+                return None
+            policy = getattr(props, "immutability_policy", None)
+            return ObjectInfo(size=int(props.size), modified_ms=_ms(props.last_modified) or 0,
+                              retain_until_ms=_ms(getattr(policy, "expiry_time", None)))
+
+        return await self._retrying("head", key, head)
 
     async def exists(self, key: str) -> bool:
         full = self._full(key)
@@ -345,6 +395,50 @@ class AzureStore(Starting):
                     raise
 
         await self._retrying("delete", key, delete)
+
+    async def _versions(self, op: str, prefix: str, start_after: str | None
+                        ) -> AsyncIterator[Any]:
+        """Every version of every blob under `prefix` (with versioning off: the blobs)."""
+        marker: str | None = None
+        start_from = self._prefix + start_after if start_after else None
+        while True:
+            items, marker = await self._page(op, prefix, start_from, marker, ["versions"])
+            for blob in items:
+                yield blob
+            if marker is None:
+                return
+
+    async def purge(self, key: str) -> None:
+        """Delete `key` and every prior version of it (what a plain delete leaves with
+        versioning on); one under an immutability policy or legal hold is refused."""
+        full = self._full(key)
+        # the current version too: once the blob is deleted it is a prior version
+        versions = [b.version_id async for b in self._versions("list versions", key, None)
+                    if b.name == full and b.version_id]
+        await self.delete(key)
+        for version in versions:
+
+            async def delete(version: str = version) -> None:
+                try:
+                    await self._c.delete_blob(full, version_id=version)
+                except ResourceNotFoundError as e:
+                    if _code(e) == "ContainerNotFound":
+                        raise
+
+            await self._retrying("delete version", key, delete)
+
+    async def hidden(self, prefix: str, start_after: str | None = None) -> AsyncIterator[str]:
+        """Names with prior versions but no current one: deleted with versioning on, but
+        restorable (and still there to see). None where versioning is off."""
+        live: dict[str, bool] = {}
+        async for blob in self._versions("list versions", prefix, start_after):
+            name = str(blob.name)
+            current = blob.version_id is None or bool(blob.is_current_version)
+            live[name] = live.get(name, False) or current
+        for name in sorted(n for n, is_live in live.items() if not is_live):
+            key = name[len(self._prefix):]
+            if start_after is None or key > start_after:
+                yield key
 
     async def _page(self, op: str, prefix: str, start_from: str | None, marker: str | None,
                     include: list[str] | None = None, limit: int = PAGE

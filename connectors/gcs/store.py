@@ -19,12 +19,13 @@ import json
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 from gcloud.aio.auth import Token
+from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from drstream.daemon.errors import ConfigFieldError, StoreError
@@ -38,7 +39,13 @@ from drstream.daemon.remotestore import (
     with_retries,
 )
 from drstream.daemon.secrets import read_secret
-from drstream.daemon.store import check_key, check_prefix
+from drstream.daemon.store import (
+    ObjectInfo,
+    ObjectTooLargeError,
+    check_key,
+    check_prefix,
+    probe_create_if_absent,
+)
 
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
@@ -224,7 +231,7 @@ class GcsStore(Starting):
 
     async def _request(
         self, op: str, key: str | None, method: str, path: str, **kw: Any,
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> tuple[int, Mapping[str, str], bytes]:
         """One request under the store's retries (see _send_once)."""
         return await with_retries(self.config, self.url, self.endpoint, op, key,
                                   lambda: self._send_once(op, key, method, path, **kw),
@@ -235,10 +242,10 @@ class GcsStore(Starting):
         params: dict[str, str] | None = None, data: bytes | None = None,
         headers: dict[str, str] | None = None, accept: tuple[int, ...] = (200,),
         max_bytes: int | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        """(status, headers, body) of one attempt: `accept` lists the statuses the caller
-        handles; a retriable failure raises Transient, any other StoreError. A body over
-        `max_bytes` (by Content-Length) is not read: b"" comes back."""
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """(status, headers (case-insensitive), body) of one attempt: `accept` lists the
+        statuses the caller handles; a retriable failure raises Transient, any other
+        StoreError. A body over `max_bytes` (by Content-Length) is not read: b"" then."""
         if self._session is None:
             raise StoreError(f"store {self.url} is not open (use 'async with')")
         hdrs = {**(headers or {}), **await self._auth()}
@@ -248,9 +255,10 @@ class GcsStore(Starting):
             async with self._session.request(method, self.endpoint + path, params=params,
                                              data=body, headers=hdrs) as resp:
                 if resp.status in accept:
+                    headers_ = CIMultiDict(resp.headers)
                     if max_bytes is not None and (resp.content_length or 0) > max_bytes:
-                        return resp.status, dict(resp.headers), b""
-                    return resp.status, dict(resp.headers), await resp.read()
+                        return resp.status, headers_, b""
+                    return resp.status, headers_, await resp.read()
                 answer = await resp.read()
         except (aiohttp.ClientError, OSError) as e:
             raise Transient(e) from e
@@ -281,7 +289,7 @@ class GcsStore(Starting):
 
     # -- the Store interface ------------------------------------------------------
 
-    def _upload(self, key: str, data: bytes) -> tuple[bytes, str]:
+    def _upload(self, key: str, data: bytes, retain: bool = True) -> tuple[bytes, str]:
         """A multipart/related body: JSON metadata (name, MD5, retention) then the bytes."""
         meta: dict[str, Any] = {
             "name": self._full(key),
@@ -289,7 +297,7 @@ class GcsStore(Starting):
                 hashlib.md5(data, usedforsecurity=False).digest()).decode(),
         }
         ret = self.config.object_retention
-        if ret is not None:
+        if ret is not None and retain:
             until = dt.datetime.now(dt.UTC) + dt.timedelta(days=ret.retain_days)
             meta["retention"] = {"mode": ret.mode,
                                  "retainUntilTime": until.isoformat().replace("+00:00", "Z")}
@@ -302,12 +310,12 @@ class GcsStore(Starting):
         ])
         return body, f"multipart/related; boundary={boundary}"
 
-    async def put_if_absent(self, key: str, data: bytes) -> bool:
-        data = bytes(data)
-        body, content_type = self._upload(key, data)
+    async def _create(self, key: str, data: bytes, retain: bool = True) -> tuple[bool, int]:
+        """One create-if-absent under retries: (created, attempts made)."""
+        body, content_type = self._upload(key, data, retain)
         attempts = 0
 
-        async def put() -> tuple[int, dict[str, str], bytes]:
+        async def put() -> tuple[int, Mapping[str, str], bytes]:
             nonlocal attempts
             attempts += 1
             return await self._send_once(
@@ -317,16 +325,57 @@ class GcsStore(Starting):
 
         status, _, _ = await with_retries(self.config, self.url, self.endpoint, "put", key,
                                           put, _describe)
-        if status == 200 or attempts == 1:
-            return status == 200
+        return status == 200, attempts
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        data = bytes(data)
+        created, attempts = await self._create(key, data)
+        if created or attempts == 1:
+            return created
         # An earlier attempt may have been written and only its answer lost; then the
         # object holding our exact bytes is our own write, not another writer's.
         return await self.get(key) == data
 
-    async def get(self, key: str) -> bytes | None:
-        status, _, body = await self._request("get", key, "GET", self._o(key),
-                                              params={"alt": "media"}, accept=(200, 404))
-        return body if status == 200 else None
+    async def check_create_if_absent(self, probe_key: str) -> None:
+        """Fencing rests on `ifGenerationMatch=0`: prove the endpoint refuses a second
+        create (probe objects carry no retention, so they can be removed again)."""
+
+        async def put(key: str, data: bytes) -> bool:
+            return (await self._create(key, data, retain=False))[0]
+
+        await probe_create_if_absent(self, probe_key, put)
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
+        status, headers, body = await self._request(
+            "get", key, "GET", self._o(key), params={"alt": "media"}, accept=(200, 404),
+            max_bytes=max_bytes)
+        if status != 200:
+            return None
+        size = int(headers.get("Content-Length", len(body)))
+        if max_bytes is not None and size > max_bytes:  # from the answer's headers
+            raise ObjectTooLargeError(self.url, key, size, max_bytes)
+        return body
+
+    async def get_prefix(self, key: str, length: int) -> tuple[bytes, int] | None:
+        status, headers, body = await self._request(
+            "get", key, "GET", self._o(key), params={"alt": "media"},
+            headers={"Range": f"bytes=0-{max(length, 1) - 1}"}, accept=(200, 206, 404, 416))
+        if status == 404:
+            return None
+        if status == 416:  # an empty object has no byte 0
+            return b"", 0
+        total = headers.get("Content-Range", "").rpartition("/")[2]
+        return body[:length], int(total) if total.isdigit() else len(body)
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        meta = await self._meta(key)
+        if meta is None:
+            return None
+        # per-object retention, or the bucket's policy: whichever ends later binds
+        until = [t for t in (_ms(meta.get("retention", {}).get("retainUntilTime")),
+                             _ms(meta.get("retentionExpirationTime"))) if t is not None]
+        return ObjectInfo(size=int(meta.get("size", 0)), modified_ms=_ms(meta.get("updated")) or 0,
+                          retain_until_ms=max(until) if until else None)
 
     async def _meta(self, key: str) -> dict[str, Any] | None:
         """The object's metadata resource (size, generation, retention), None if absent."""
@@ -340,6 +389,35 @@ class GcsStore(Starting):
     async def delete(self, key: str) -> None:
         """Delete `key` (in a versioned bucket the generation becomes noncurrent)."""
         await self._request("delete", key, "DELETE", self._o(key), accept=(200, 204, 404))
+
+    async def purge(self, key: str) -> None:
+        """Delete every generation of `key` (what a plain delete leaves noncurrent in a
+        versioned bucket); one under retention or a hold is refused: StoreError."""
+        full = self._full(key)
+        params = {"versions": "true", "fields": "items(name,generation),nextPageToken"}
+        generations = [str(o["generation"]) async for items in self._pages(
+            "list versions", key, params) for o in items if o["name"] == full]
+        for generation in generations:
+            await self._request("delete", key, "DELETE", self._o(key),
+                                params={"generation": generation}, accept=(200, 204, 404))
+        if not generations:
+            await self.delete(key)
+
+    async def hidden(self, prefix: str, start_after: str | None = None) -> AsyncIterator[str]:
+        """Names whose every generation is noncurrent: deleted in a versioned bucket, but
+        restorable (and still there to see)."""
+        params = {"versions": "true", "fields": "items(name,timeDeleted),nextPageToken"}
+        if start_after:
+            params["startOffset"] = self._prefix + start_after
+        live: dict[str, bool] = {}
+        async for items in self._pages("list versions", prefix, params):
+            for obj in items:
+                name = obj["name"]
+                live[name] = live.get(name, False) or "timeDeleted" not in obj
+        for name in sorted(n for n, is_live in live.items() if not is_live):
+            key = name[len(self._prefix):]
+            if start_after is None or key > start_after:
+                yield key
 
     async def _pages(self, op: str, prefix: str, params: dict[str, str]
                      ) -> AsyncIterator[list[dict[str, Any]]]:

@@ -24,6 +24,7 @@ from drstream.daemon.segment import parse_header
 from drstream.daemon.store import Store
 from tests.contract.test_deltalog_contract import body
 from tests.infra.s3 import S3Server, unique_bucket_name
+from tests.infra.stores import store_fields
 
 LOG = "east-1"
 STREAM = "kafka:primary"
@@ -91,9 +92,8 @@ async def open_setup(kind: str, fields: dict[str, Any], tmp_path: Path, **extra:
 
 @contextlib.asynccontextmanager
 async def param_setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LogSetup]:
-    """open_setup on the store `request.param` names ("file" or "s3")."""
-    fields = {"type": "file", "path": str(tmp_path / "store")} if request.param == "file" \
-        else s3_fields(request)
+    """open_setup on the store `request.param` names (file, s3, gcs, azure)."""
+    fields = store_fields(request.param, request, tmp_path, prefix="drs/integrity")
     async with open_setup(request.param, fields, tmp_path) as s:
         yield s
 

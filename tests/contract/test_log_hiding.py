@@ -1,5 +1,6 @@
 """Removed, hidden, oversized and unfenced: what the log store can do to a log besides
-damaging a segment, each seen and named, on the file store and the moto S3 server.
+damaging a segment, each seen and named, on the file store, the moto S3 server,
+fake-gcs-server and Azurite.
 
 Truncation seen against the standby's checkpoint needs a real sink: that is in
 tests/integration/test_log_integrity_e2e.py.
@@ -46,7 +47,7 @@ from tests.infra.tcp_proxy import TcpProxy
 from tests.support.procs import drstream, show
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", "gcs", "azure"])
 async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LogSetup]:
     async with param_setup(request, tmp_path) as s:
         yield s

@@ -1,9 +1,10 @@
 """The log is never destroyed by its own writer, and never read as a shorter good log.
 
-Each test builds a 40-segment log in a real store (the file store and the moto S3
-server), changes it as an operator or an attacker would, and then runs what a region
-rebuilds with: the delta log's readers, the writer's open (what `ship` does at a
-restart), and the `drstream` commands `replay --dry-run`, `status`, `verify`, `ship`.
+Each test builds a 40-segment log in a real store (the file store, the moto S3 server,
+fake-gcs-server and Azurite), changes it as an operator or an attacker would, and then
+runs what a region rebuilds with: the delta log's readers, the writer's open (what `ship`
+does at a restart), and the `drstream` commands `replay --dry-run`, `status`, `verify`,
+`ship`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from tests.contract.test_deltalog_contract import body
 from tests.support.procs import drstream, show
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", "gcs", "azure"])
 async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LogSetup]:
     async with param_setup(request, tmp_path) as s:
         await make_log(s)

@@ -32,9 +32,9 @@ def gcs() -> Iterator[FakeGcsServer]:
 
 @pytest.fixture
 def gcs_bucket(gcs: FakeGcsServer) -> Iterator[str]:
-    """A new, uniquely named, empty bucket (object versioning on, as a log bucket should
-    have it); its objects and itself are removed after the test."""
-    name = gcs.create_bucket(unique_name(), versioning=True)
+    """A new, uniquely named, empty bucket (no versioning, like s3_bucket); its objects and
+    itself are removed after the test."""
+    name = gcs.create_bucket(unique_name())
     yield name
     if gcs.alive():
         gcs.delete_bucket(name)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
@@ -32,6 +31,7 @@ from drstream.daemon.plugins import installed
 from drstream.daemon.segment import SegmentHeader, decode_segment, read_manifest, segment_digest
 from drstream.daemon.store import Store
 from tests.infra.procs import RUN_DIR
+from tests.infra.stores import store_fields, store_server
 from tests.support.procs import DrstreamProcess, drstream, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,39 +42,6 @@ Records = dict[tuple[str, int], list[KafkaRecord]]
 
 
 # --------------------------------------------------------------------------- stores
-
-
-# The fixtures of each remote store kind: its server, a fresh bucket (container) on it,
-# and what puts its credentials where the config's references point.
-REMOTE_STORES = {
-    "s3": ("s3", "s3_bucket", "s3_creds_env"),
-    "gcs": ("gcs", "gcs_bucket", None),
-    "azure": ("azurite", "azure_container", "azure_creds_env"),
-}
-
-
-def store_server(kind: str, request: pytest.FixtureRequest) -> Any:
-    """The test server behind a remote store kind (s3, gcs, azure)."""
-    if kind not in REMOTE_STORES:
-        raise ValueError(f"unknown store kind {kind!r}")
-    return request.getfixturevalue(REMOTE_STORES[kind][0])
-
-
-def store_fields(kind: str, request: pytest.FixtureRequest, tmp_path: Path,
-                 via: str | None = None) -> dict[str, Any]:
-    """Raw `store:` config of a fresh, empty store of `kind` (file, s3, gcs, azure);
-    `via` is a base URL to reach its server by instead (a proxy's)."""
-    if kind == "file":
-        return {"type": "file", "path": str(tmp_path / "log-store")}
-    server = store_server(kind, request)
-    _, bucket_fixture, creds_fixture = REMOTE_STORES[kind]
-    bucket = request.getfixturevalue(bucket_fixture)
-    if creds_fixture:
-        request.getfixturevalue(creds_fixture)
-    fields: dict[str, Any] = server.store_fields(bucket, "dr")
-    if via is not None:  # the server's endpoint with the proxy's address (Azurite's path kept)
-        fields["endpoint_url"] = fields["endpoint_url"].replace(server.endpoint_url, via)
-    return fields
 
 
 def store_model(fields: dict[str, Any]) -> Any:

@@ -67,12 +67,26 @@ class Cloud:
 
 @pytest.fixture(params=KINDS)
 def cloud(request: pytest.FixtureRequest) -> Cloud:
-    if request.param == "gcs":
+    return _cloud(request.param, request)
+
+
+def _cloud(kind: str, request: pytest.FixtureRequest) -> Cloud:
+    if kind == "gcs":
         return Cloud("gcs", request.getfixturevalue("gcs"),
                      request.getfixturevalue("gcs_bucket"))
     request.getfixturevalue("azure_creds_env")
     return Cloud("azure", request.getfixturevalue("azurite"),
                  request.getfixturevalue("azure_container"))
+
+
+def container_sas(container: str) -> str:
+    """A SAS for the log's container on Azurite: read, write, create, delete, list."""
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    return str(generate_container_sas(
+        AZURITE_ACCOUNT, container, account_key=AZURITE_KEY, expiry=time.time() + 3600,
+        permission=ContainerSasPermissions(read=True, write=True, delete=True, list=True,
+                                           create=True)))
 
 
 def retries(logs: list[MutableMapping[str, Any]]) -> int:
@@ -130,14 +144,8 @@ async def test_azure_wrong_key_is_a_credentials_error_without_the_key(
 async def test_azure_connection_string_and_sas_token(
     azurite: AzuriteServer, azure_container: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
-
     monkeypatch.setenv("DRS_TEST_AZURE_CS", azurite.connection_string())
-    sas = generate_container_sas(AZURITE_ACCOUNT, azure_container, account_key=AZURITE_KEY,
-                                 permission=ContainerSasPermissions(
-                                     read=True, write=True, delete=True, list=True, create=True),
-                                 expiry=time.time() + 3600)
-    monkeypatch.setenv("DRS_TEST_AZURE_SAS", sas)
+    monkeypatch.setenv("DRS_TEST_AZURE_SAS", container_sas(azure_container))
     base = azurite.store_fields(azure_container, prefix=PREFIX, account_key=None)
     by_cs = {**base, "connection_string": "env:DRS_TEST_AZURE_CS", "endpoint_url": None}
     by_sas = {**base, "sas_token": "env:DRS_TEST_AZURE_SAS"}
@@ -372,27 +380,90 @@ def test_allowed_regions_covers_the_new_stores(store: dict[str, Any]) -> None:
         == "europe-west1"
 
 
-@pytest.mark.parametrize("retention", [None, 30], ids=["none", "30-days"])
-async def test_prune_respects_retention(cloud: Cloud, retention: int | None) -> None:
-    """Segments past the prune cutoff but inside the configured retention are kept (the
-    service would refuse their delete); without retention they go."""
-    from drstream.daemon.keyring import KeyRing
+@pytest.mark.parametrize(("kind", "retention"), [
+    ("gcs", None), ("gcs", 30),
+    # Azurite takes a blob's immutability policy but never reports it back: only without
+    ("azure", None),
+])
+async def test_prune_respects_retention(request: pytest.FixtureRequest, tmp_path: Path,
+                                        kind: str, retention: int | None) -> None:
+    """Segments past the prune cutoff but under the retain-until date the service reports
+    are kept (the service would refuse their delete); without retention they go."""
     from drstream.daemon.prune import prune
-    from tests.contract.test_deltalog_contract import LOG, write_log
+    from tests.contract.integrity import LOG, make_log, open_setup
 
+    cloud = _cloud(kind, request)
     option = "object_retention" if cloud.kind == "gcs" else "immutability"
     fields = cloud.fields()
     if retention is not None:
         fields[option] = {"mode": "Unlocked", "retain_days": retention}
-    config = parse_config({"log_id": LOG, "store": fields,
-                           "keyring": {"active": "k1", "keys": {"k1": "env:UNUSED"}}})
-    async with cloud.open() as store:  # written without retention: prune must decide
-        await write_log(store, KeyRing({"k1": bytes(32)}, "k1"), 4)
+    async with open_setup(cloud.kind, fields, tmp_path) as s:
+        await make_log(s, 4)
+        info = await s.store.head(s.key(1))
+        assert info is not None and info.size > 0
+        if retention is not None:
+            assert info.retain_until_ms is not None
+            assert info.retain_until_ms > (time.time() + (retention - 1) * 86400) * 1000
         await asyncio.sleep(0.01)
-        result = await prune(config, store, older_than_s=0)
-        left = [k async for k in store.list(f"logs/{LOG}/")]
+        result = await prune(s.config, s.store, s.keyring, older_than_s=0)
+        left = [k async for k in s.store.list(f"logs/{LOG}/")]
     if retention is None:
         assert result.deleted == [1, 2, 3] and len(left) == 1
     else:
         assert result.deleted == [] and result.locked == [1] and len(left) == 4
-        assert "retention (30 days)" in str(result.kept_reason)
+
+
+async def test_gcs_hidden_and_purge_in_a_versioned_bucket(gcs: FakeGcsServer) -> None:
+    """A delete in a versioned bucket keeps a noncurrent generation: hidden names it;
+    purge removes every generation."""
+    bucket = gcs.create_bucket(versioning=True)
+    config = GcsStoreConfig.model_validate(gcs.store_fields(bucket, prefix=PREFIX))
+    async with installed().open_store(config) as store:
+        for k in ("logs/a/1", "logs/a/2", "logs/a/3"):
+            assert await store.put_if_absent(k, b"x")
+        await store.delete("logs/a/2")
+        assert [k async for k in store.list("logs/a/")] == ["logs/a/1", "logs/a/3"]
+        assert [k async for k in store.hidden("logs/a/")] == ["logs/a/2"]
+        assert [k async for k in store.hidden("logs/a/", start_after="logs/a/2")] == []
+        await store.purge("logs/a/2")
+        await store.purge("logs/a/3")
+        assert [k async for k in store.hidden("logs/a/")] == []
+        assert [k async for k in store.list("logs/a/")] == ["logs/a/1"]
+    assert gcs.object_names(bucket) == [f"{PREFIX}/logs/a/1"]
+    gcs.delete_bucket(bucket)
+
+
+async def test_purge_removes_every_trace(cloud: Cloud) -> None:
+    async with cloud.open() as store:
+        assert await store.put_if_absent("logs/a/1", b"x")
+        await store.purge("logs/a/1")
+        await store.purge("logs/a/never")
+        assert [k async for k in store.list("logs/")] == []
+        assert [k async for k in store.hidden("logs/")] == []
+        assert await store.put_if_absent("logs/a/1", b"y")  # gone entirely
+
+
+@pytest.mark.parametrize(("kind", "header"), [
+    ("gcs", (b"ifGenerationMatch=", b"xfGenerationMatch=")),
+    ("azure", (b"If-None-Match:", b"X-Ignored-Hdr:")),
+])
+async def test_an_endpoint_that_ignores_the_precondition_is_refused(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str, header: tuple[bytes, bytes]
+) -> None:
+    """The start-up probe: a second create that is not refused stops the writer before
+    it writes anything (fencing would not hold)."""
+    from drstream.daemon.deltalog import LogWriter
+    from tests.contract.integrity import LOG, contents, open_setup
+    from tests.infra.stores import store_fields, store_server
+
+    with TcpProxy(store_server(kind, request).port) as proxy:
+        proxy.rewrite = header  # the server never sees the precondition
+        fields = store_fields(kind, request, tmp_path, via=proxy.url)
+        if kind == "azure":  # SharedKey signs If-None-Match; a SAS does not sign headers
+            monkeypatch = request.getfixturevalue("monkeypatch")
+            monkeypatch.setenv("DRS_TEST_AZURE_SAS", container_sas(fields["container"]))
+            fields = {**fields, "account_key": None, "sas_token": "env:DRS_TEST_AZURE_SAS"}
+        async with open_setup(kind, fields, tmp_path) as s:
+            with pytest.raises(StoreError, match=r"does not honour create-if-absent"):
+                await LogWriter(s.store, LOG, s.keyring).open()
+            assert await contents(s.store) == {}
