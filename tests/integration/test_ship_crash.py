@@ -168,7 +168,10 @@ def test_store_outage_through_proxy_is_retried_and_loses_nothing(
             print(f"log moved from seq {before} to {head_seq(setup)} "
                   f"{time.monotonic() - outage_end:.1f}s after the outage")
             assert shipper.alive(), shipper.describe()
-            assert '"store_outage_retry"' in shipper.output(), \
+            # a retried request is logged by the store (store_retry: GCS, Azure) or by
+            # the outage budget around every store (store_outage_retry)
+            out = shipper.output()
+            assert '"store_retry"' in out or '"store_outage_retry"' in out, \
                 f"no store retry logged during the outage\n{shipper.describe()}"
             load.wait_produced(load.produced + 500)
             shipper.stop_ok()
