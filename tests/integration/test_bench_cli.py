@@ -77,7 +77,10 @@ def test_bench_counts_every_record_and_agrees_with_the_harness_reader(
                        "--partitions", str(PARTITIONS), "--keep", "--json", "--out",
                        str(tmp_path / "bench.json"), timeout=240)
         assert res.returncode == 0, show(res)
-        wait_for(lambda: status.read().get("seen", 0) >= RATE * SECONDS, 60,
+        # the load is paced by time: a loaded machine may produce a few records fewer
+        produced = json.loads(res.stdout)["records"]["produced"]
+        assert 0.9 * RATE * SECONDS <= produced <= RATE * SECONDS, res.stdout
+        wait_for(lambda: status.read().get("seen", 0) >= produced, 60,
                  f"the harness reader to see every record: {status.read()}\n{res.stdout}"
                  f"\n{res.stderr}")
     finally:
@@ -87,14 +90,14 @@ def test_bench_counts_every_record_and_agrees_with_the_harness_reader(
         delete_topics(Cluster(standby), [topic])
     report = json.loads(res.stdout)
     assert json.loads((tmp_path / "bench.json").read_text()) == report
-    check_counts(report, RATE * SECONDS)
-    assert report["rpo_ms"]["count"] == RATE * SECONDS and report["rpo_unseen_records"] == 0
+    check_counts(report, produced)
+    assert report["rpo_ms"]["count"] == produced and report["rpo_unseen_records"] == 0
     assert 0 < report["rpo_ms"]["p50"] <= report["lag_ms"]["p50"] + AGREE_MS, report
 
     # the harness reader timed the same records: stamps are the bench's produce times
     arrival, stamp = load_arrivals(arrivals)
     harness = match_records(stamp, arrival, stamp)
-    assert harness["produced"] == harness["arrived"] == RATE * SECONDS, harness
+    assert harness["produced"] == harness["arrived"] == produced, harness
     assert status.read()["dups"] == 0 and status.read()["unmatched"] == 0
     theirs = summarize_ms([x for x in harness["lags"] if x is not None])
     ours = report["lag_ms"]

@@ -129,7 +129,7 @@ async def test_prune_keeps_what_an_interrupted_named_replay_needs(
         assert len(pins) == 1 and name in pins[0], pins
 
         await asyncio.sleep(1.2)
-        res = await run("prune", "--config", cfg, "--older-than", "1s")
+        res = await run("prune", "--config", cfg, "--older-than", "1s", "--no-sink-check")
         assert res.returncode == 0, show(res)
         assert f"replay '{name}' is unfinished and needs seq 1 on" in res.stdout, show(res)
         assert await s.store.exists(s.key(1))
@@ -142,7 +142,7 @@ async def test_prune_keeps_what_an_interrupted_named_replay_needs(
         replica = await asyncio.to_thread(read_topics, standby_kafka.bootstrap_servers, [topic])
         source = as_source(replica, origin="primary")[(topic, 0)]
         assert [r.offset for r in source] == list(range(60)), "not exactly once"
-        res = await run("prune", "--config", cfg, "--older-than", "1s")
+        res = await run("prune", "--config", cfg, "--older-than", "1s", "--no-sink-check")
         assert res.returncode == 0 and "deleted 29 segments" in res.stdout, show(res)
 
 
