@@ -411,15 +411,23 @@ class S3Store(Starting):
     async def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         full = self._full(key)
 
+        # With a limit, ask for one byte past it: an object over the limit then costs at
+        # most that much transfer (closing an unread body still lets the server push what
+        # the socket buffers hold), and the answer's Content-Range names its full size.
+        bounded = {} if max_bytes is None else {"Range": f"bytes=0-{max_bytes}"}
+
         async def get() -> bytes | None:
             try:
-                resp = await self._c.get_object(Bucket=self.bucket, Key=full)
+                resp = await self._c.get_object(Bucket=self.bucket, Key=full, **bounded)
             except ClientError as e:
                 if _code(e) in _MISSING_KEY_CODES:
                     return None
+                if bounded and _code(e) == "InvalidRange":  # an empty object has no byte 0
+                    return b""
                 raise
             async with resp["Body"] as body:  # read inside the retry: streams can break
-                size = int(resp.get("ContentLength", 0))
+                total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+                size = int(total) if total.isdigit() else int(resp.get("ContentLength", 0))
                 if max_bytes is not None and size > max_bytes:  # from the answer's headers
                     raise ObjectTooLargeError(self.url, key, size, max_bytes)
                 data: bytes = await body.read()
