@@ -4,6 +4,7 @@ container per test. An emulator that cannot start fails the run; it is never ski
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
+from typing import TypeVar
 
 import pytest
 
@@ -17,17 +18,22 @@ from tests.infra.emulators import (
 from tests.infra.procs import attach_log_tails
 
 _started: list[FakeGcsServer | AzuriteServer] = []
+S = TypeVar("S", FakeGcsServer, AzuriteServer)
 
 
-@pytest.fixture(scope="session")
-def gcs() -> Iterator[FakeGcsServer]:
-    server = FakeGcsServer("fake-gcs")
+def _running(server: S) -> Iterator[S]:
+    """The session's server: started, remembered for the leftover check, stopped at the end."""
     server.start()
     _started.append(server)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs() -> Iterator[FakeGcsServer]:
+    yield from _running(FakeGcsServer("fake-gcs"))
 
 
 @pytest.fixture
@@ -42,13 +48,7 @@ def gcs_bucket(gcs: FakeGcsServer) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def azurite() -> Iterator[AzuriteServer]:
-    server = AzuriteServer("azurite")
-    server.start()
-    _started.append(server)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(AzuriteServer("azurite"))
 
 
 @pytest.fixture
