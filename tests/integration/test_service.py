@@ -556,7 +556,8 @@ def test_metrics_lag_health_and_readiness(
     sock = harness.listener("ship")
     ship = harness.start("ship", setup, "ship", sock)
     wait_for(answers(port, "/readyz", 200), 60, "/readyz 200", [ship], interval=0.1)
-    assert sock.find("READY=1") is not None
+    # READY=1 is sent before /readyz turns 200; the listener thread may read it a moment later
+    sock.wait("READY=1", ship, timeout=5)
     assert http_get(port, "/healthz") == (200, "ok\n")
     assert http_get(port, "/nope")[0] == 404
     wait_for(lambda: metric(scrape(port), "drstream_ship_lag_seconds", stream=STREAM) == 0.0,
