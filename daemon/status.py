@@ -69,9 +69,14 @@ async def log_findings(config: Config, log: DeltaLog, head: LogHead,
     older than STALE_HEARTBEATS heartbeat intervals (a stale log)."""
     problems, warnings = [], []
     for name, cp in checkpoints.items():
-        if cp.seq and (head.seq is None or cp.seq > head.seq):
+        end = head.seq
+        if cp.seq and (end is None or cp.seq > end):
+            # read again: the head was read before the checkpoints, and a running ship and
+            # apply may both have moved on in between
+            end = (await log.end()).head
+        if cp.seq and (end is None or cp.seq > end):
             problems.append(f"truncated: sink {name} applied through seq {cp.seq} but the log "
-                            f"ends at {head.seq or 'nothing'}: segments were removed from "
+                            f"ends at {end or 'nothing'}: segments were removed from "
                             "the end of the log")
         elif cp.seq and cp.digest:
             data = await log.fetch(cp.seq)
