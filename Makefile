@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint unit bench-codec bench-lag bench-restore services-down clean
+.PHONY: install demo test soak lint unit bench-codec bench-lag bench-restore services-down clean
 
 $(VENV)/.installed: pyproject.toml setup.py daemon/_ccodec.c
 	python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The kill -9 crash tests that `make test` runs with fewer kills, at full length (~5 min).
+soak: install
+	$(PY) -m pytest --soak -k kill9 tests/integration/test_writer_crash.py \
+		tests/integration/test_ship_crash.py $(PYTEST_ARGS)
 
 unit: install
 	$(PY) -m pytest tests/unit tests/contract -k "not s3 and not gcs and not azure" -m "not integration" $(PYTEST_ARGS)

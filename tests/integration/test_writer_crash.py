@@ -49,7 +49,7 @@ from tests.integration.shiplib import LoadProducer, _opened
 
 pytestmark = pytest.mark.integration
 
-KILLS = 20
+KILLS, SOAK_KILLS = 8, 20  # make test, make soak
 SHIP = {"heartbeat_interval_s": 1, "flush_interval_s": 0.05, "max_bytes": 2048,
         "max_in_flight": 4}
 
@@ -97,9 +97,10 @@ def wait_for_a_hole(s3: S3Server, bucket: str, prefix: str, timeout: float = 3.0
 
 def test_kill9_with_uploads_in_flight_never_removes_a_durable_segment(
     primary_kafka: KafkaCluster, standby_kafka: KafkaCluster, s3: S3Server, s3_bucket: str,
-    s3_creds_env: None, kafka_topic_name: str, tmp_path: Path, pool: ProcessPool,
+    s3_creds_env: None, kafka_topic_name: str, tmp_path: Path, pool: ProcessPool, soak: bool,
 ) -> None:
     rng = seeded_rng()
+    kills = SOAK_KILLS if soak else KILLS
     primary, standby = primary_kafka.bootstrap_servers, standby_kafka.bootstrap_servers
     topics = {f"{kafka_topic_name}.a": 3, f"{kafka_topic_name}.b": 3}
     create_topics(primary, topics)
@@ -121,7 +122,7 @@ def test_kill9_with_uploads_in_flight_never_removes_a_durable_segment(
         try:
             apply = pool.apply(apply_setup, "apply")
             load.wait_produced(100)
-            for i in range(KILLS):
+            for i in range(kills):
                 ship = pool.ship(ship_setup, f"ship-{i}")
                 ship.wait_ready(60)
                 if i % 2:
@@ -155,6 +156,6 @@ def test_kill9_with_uploads_in_flight_never_removes_a_durable_segment(
         assert not gone, f"durable segments removed or changed: {sorted(gone)[:10]}"
     replica = read_topics(standby, topics)
     compare_replica(as_source(replica, origin="primary"), source,
-                    what="standby vs primary after 20 kills of ship")
+                    what=f"standby vs primary after {kills} kills of ship")
     print(f"{count(replica)} records on the standby, each exactly once, in order; "
           f"{len(durable)} durable segments all kept")
