@@ -183,9 +183,8 @@ class AppliedSegment:
 
 @dataclass
 class SealedSegment:
-    """A fetched segment still as stored (encrypted, chain link unchecked): what apply
-    hands a sink that opens segments on its own thread, in the same hop that writes
-    them (daemon/sink.py, apply_sealed)."""
+    """A fetched segment still as stored (encrypted, chain link unchecked), queued to be
+    opened straight into a sink's produce() form (daemon/sink.py, produce_form)."""
 
     seq: int
     data: bytes

@@ -7,18 +7,9 @@ the sink skips what its checkpoint says is already applied.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
-from drstream.daemon.errors import DrstreamError
-from drstream.daemon.records import AppliedSegment, Body, Checkpoint, Header, SealedSegment
-
-# apply's opener of sealed segments, for a sink that opens them on its own thread: checks
-# each chain link and MAC, decrypts, decodes each Kafka batch as produce() arguments with
-# (tail headers, source-offset header name), and applies replay's filter. Returns the
-# segments opened, in order, and the error that stopped it at the next one (or None).
-Opener = Callable[[list[SealedSegment], tuple[Header, ...], str | None],
-                  tuple[list[AppliedSegment], DrstreamError | None]]
+from drstream.daemon.records import Body, Checkpoint
 
 
 class Sink(Protocol):
@@ -37,11 +28,11 @@ class Sink(Protocol):
     # several consecutive segments and the last one's checkpoint atomically (one Kafka
     # transaction); the applier uses it when a sink defines it and segments are waiting.
     #
-    # Optional: `async def apply_sealed(self, segments: list[SealedSegment], open: Opener)
-    # -> list[AppliedSegment]` opens the segments with `open` on the sink's own thread and
-    # writes those it opened like apply_batch, then raises the opener's error if it had
-    # one; returns what it applied. The applier uses it for a lone sink: one thread hop
-    # per group of segments instead of a decode hop plus a write hop each.
+    # Optional: `produce_form: tuple[tuple[Header, ...], str | None]`: the sink writes
+    # Kafka records through produce() and takes them as its arguments (ProduceBatch):
+    # the headers every record ends with and the source-offset header's name. For a
+    # lone such sink apply decodes segments straight into that form (no record objects)
+    # on a worker thread, overlapping with the sink writing the group before.
 
     def checkpoint(self) -> Checkpoint: ...
 

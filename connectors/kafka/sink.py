@@ -37,8 +37,7 @@ from drstream.daemon.errors import SinkError, SinkFencedError
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import Context
-from drstream.daemon.records import AppliedSegment, Checkpoint, ProduceBatch, SealedSegment
-from drstream.daemon.sink import Opener
+from drstream.daemon.records import AppliedSegment, Checkpoint, ProduceBatch
 
 log = get_logger("drstream.kafka.sink")
 T = TypeVar("T")
@@ -57,6 +56,8 @@ class KafkaSink(Closing):
         self._ckpt_key = f"{log_id}/{config.name}".encode()
         # headers every produced record ends with, before its source offset
         self._tail = ((ORIGIN_HEADER, self.cluster.encode()),)
+        # apply decodes segments straight into produce() arguments of this form
+        self.produce_form = (self._tail, SOURCE_OFFSET_HEADER)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"kafka-sink-{config.name}")
         self._cp = Checkpoint()
         self._producer: Producer | None = None
@@ -167,23 +168,6 @@ class KafkaSink(Closing):
     async def apply_batch(self, segments: list[AppliedSegment]) -> None:
         """Consecutive segments in one transaction, with the last one's checkpoint."""
         await self._call(self._apply_sync, segments)
-
-    async def apply_sealed(self, segments: list[SealedSegment], open_: Opener
-                           ) -> list[AppliedSegment]:
-        """Open (decrypt, check, decode straight into produce() arguments) and write
-        consecutive segments in one transaction, on this sink's thread: one hop."""
-        result: list[AppliedSegment] = await self._call(self._apply_sealed_sync, segments,
-                                                        open_)
-        return result
-
-    def _apply_sealed_sync(self, segments: list[SealedSegment], open_: Opener
-                           ) -> list[AppliedSegment]:
-        opened, error = open_(segments, self._tail, SOURCE_OFFSET_HEADER)
-        if opened:  # the segments before a bad one are applied, as on the decoding path
-            self._apply_sync(opened)
-        if error is not None:
-            raise error
-        return opened
 
     def _apply_sync(self, segments: list[AppliedSegment]) -> None:
         offsets = {t: {p: list(v) for p, v in parts.items()}
