@@ -86,14 +86,16 @@ def applied_seq(watch: CheckpointWatch, setup: DrSetup) -> int:
 
 def finish_and_compare(primary: str, standby: str, topics: dict[str, int], load: LoadProducer,
                        setup: DrSetup, watch: CheckpointWatch, pool: ProcessPool,
-                       ship: DrProcess | None) -> None:
-    """Stop the load, let a fresh apply (and ship) catch up, stop both, compare all."""
+                       ship: DrProcess | None, apply: DrProcess | None = None) -> None:
+    """Stop the load, let apply and ship (fresh ones unless given alive) catch up, stop
+    both, compare all. A live apply is kept: a second one would fence it, and could be
+    stopped while still starting up once the first had caught up."""
     load.stop()
     print(f"produced {load.produced} plain records and {load.transactions} transactions "
           f"({load.aborted} aborted)")
     source = read_topics(primary, topics)
     ship = ship if ship is not None and ship.alive() else pool.ship(setup, "ship-final")
-    apply = pool.apply(setup, "apply-final")
+    apply = apply if apply is not None and apply.alive() else pool.apply(setup, "apply-final")
     started = time.monotonic()
     watch.wait_applied(setup, next_offsets(source), timeout=120, procs=[ship, apply])
     print(f"final apply caught up in {time.monotonic() - started:.1f}s, "
@@ -254,7 +256,7 @@ def test_tip_channel_dying_mid_stream_falls_back_to_probing_exactly_once(
                 assert apply.alive(), apply.describe()
             finally:
                 load._stop.set()
-            finish_and_compare(primary, standby, topics, load, setup, watch, pool, ship)
+            finish_and_compare(primary, standby, topics, load, setup, watch, pool, ship, apply)
     finally:
         proxy.stop()
 
