@@ -16,8 +16,8 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from typing import Any, Literal
+from urllib.parse import unquote
 
 import aiohttp
 from azure.core.exceptions import (
@@ -31,28 +31,23 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import ContentSettings, ImmutabilityPolicy
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
 from drstream.daemon.errors import ConfigFieldError, StoreError
-from drstream.daemon.lifecycle import Starting
 from drstream.daemon.remotestore import (
     RETRIABLE_STATUS,
     CloudStoreConfig,
+    Refusal,
+    RemoteStore,
+    RetentionConfig,
     Transient,
     config_from_url,
     secret_ref,
-    with_retries,
+    split_url,
 )
 from drstream.daemon.secrets import read_secret
-from drstream.daemon.store import (
-    ObjectInfo,
-    ObjectTooLargeError,
-    check_key,
-    check_prefix,
-    probe_create_if_absent,
-)
+from drstream.daemon.store import ObjectInfo, ObjectTooLargeError
 
-T = TypeVar("T")
 logging.getLogger("azure").setLevel(logging.WARNING)
 
 ACCOUNT_RE = re.compile(r"^[a-z0-9]{3,24}$")
@@ -69,14 +64,11 @@ _CREDENTIAL_CODES = frozenset({"AuthenticationFailed", "AuthorizationFailure",
 _EXISTS_CODES = frozenset({"BlobAlreadyExists", "ConditionNotMet"})
 
 
-class ImmutabilityConfig(BaseModel):
-    """Version-level immutability (a container with it enabled): every blob written gets
-    a time-based retention policy until now + retain_days; `Locked` cannot be shortened."""
-
-    model_config = ConfigDict(extra="forbid")
+class ImmutabilityConfig(RetentionConfig):
+    """Version-level immutability (a container with it enabled): a time-based retention
+    policy on every blob written; `Locked` cannot be shortened."""
 
     mode: Literal["Unlocked", "Locked"]
-    retain_days: int = Field(gt=0, le=36500)
 
 
 class AzureStoreConfig(CloudStoreConfig):
@@ -126,13 +118,11 @@ def azure_config_from_url(url: str) -> AzureStoreConfig:
     AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_SAS_TOKEN, AZURE_STORAGE_KEY that is set
     (referenced, never copied), the endpoint is the account's public one unless the
     connection string names another."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc:  # never echo a URL that may embed credentials
-        raise ConfigFieldError("store", "az://(hidden)", "credentials do not go in the URL")
+    expected = "az://account/container/prefix"
+    parts = split_url(url, "az", expected)
     container, _, prefix = unquote(parts.path).lstrip("/").partition("/")
-    if parts.scheme != "az" or not parts.netloc or not container or parts.query \
-            or parts.fragment:
-        raise ConfigFieldError("store", url, "expected az://account/container/prefix")
+    if not container:
+        raise ConfigFieldError("store", url, f"expected {expected}")
     creds = {field: f"env:{env}" for field, env in URL_CREDENTIAL_ENV if os.environ.get(env)}
     if not creds:
         raise ConfigFieldError("store", url, "no Azure credential: set one of "
@@ -153,31 +143,30 @@ def _code(e: BaseException | None) -> str:
     return str(getattr(code, "value", code))  # the SDK gives a StorageErrorCode enum
 
 
-def _describe(e: BaseException | None) -> str:
-    if isinstance(e, HttpResponseError):
-        reason = getattr(e, "reason", "") or ""
-        return f"HTTP {_status(e)} {_code(e) or reason}".strip()
-    return f"{type(e).__name__}: {str(e)[:200]}"
-
-
 def _ms(when: dt.datetime | None) -> int | None:
     return int(when.timestamp() * 1000) if when is not None else None
 
 
-class AzureStore(Starting):
-    """A Store over one container and blob-name prefix of an Azure storage account."""
+class AzureStore(RemoteStore[AzureStoreConfig, ContainerClient]):
+    """A Store over one container and blob-name prefix of an Azure storage account;
+    fencing rests on `If-None-Match: *`."""
+
+    CREDENTIAL_FIELDS = "account_key, sas_token or connection_string"
+    RETENTION = "an immutability policy or legal hold"
 
     def __init__(self, config: AzureStoreConfig) -> None:
-        self.config = config
+        super().__init__(
+            config, f"az://{config.account}/{config.container}/{config.prefix}",
+            config.endpoint_url or f"https://{config.account}.blob.core.windows.net",
+            f"container {config.container!r}")
         self.container = config.container
-        self._prefix = config.prefix + "/" if config.prefix else ""
-        self.url = f"az://{config.account}/{config.container}/{config.prefix}"
-        self.endpoint = config.endpoint_url or f"https://{config.account}.blob.core.windows.net"
         self._service: BlobServiceClient | None = None
-        self._client: ContainerClient | None = None
 
-    def __repr__(self) -> str:
-        return f"AzureStore({self.url} at {self.endpoint})"
+    @staticmethod
+    def _service_error(e: BaseException | None) -> str | None:
+        if not isinstance(e, HttpResponseError):
+            return None
+        return f"HTTP {_status(e)} {_code(e) or getattr(e, 'reason', '') or ''}".strip()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -201,20 +190,13 @@ class AzureStore(Starting):
             credential = read_secret(c.sas_token or "", "store.sas_token").lstrip("?")
         return BlobServiceClient(self.endpoint, credential=credential, **opts)
 
-    async def start(self) -> None:
-        """Connect and check the container (a second call while open does nothing)."""
-        if self._service is not None:
-            return
+    async def _connect(self) -> None:
         self._service = self._service_client()
-        try:
-            self.endpoint = self.config.endpoint_url or self._service.url.rstrip("/")
-            self._client = self._service.get_container_client(self.container)
-            await self._check_container()
-        except BaseException:
-            await self.close()
-            raise
+        self.endpoint = self.config.endpoint_url or self._service.url.rstrip("/")
+        self._client = self._service.get_container_client(self.container)
+        await self._check_container()
 
-    async def close(self) -> None:
+    async def _disconnect(self) -> None:
         service, self._service, self._client = self._service, None, None
         if service is not None:
             await service.close()
@@ -224,57 +206,36 @@ class AzureStore(Starting):
         one name (what a container SAS allows; its properties it does not)."""
         await self._page("open", "", None, None, limit=1)
 
-    @property
-    def _c(self) -> ContainerClient:
-        if self._client is None:
-            raise StoreError(f"store {self.url} is not open (use 'async with')")
-        return self._client
-
     # -- retries and error mapping -----------------------------------------------
 
-    async def _retrying(self, op: str, key: str | None, call: Callable[[], Awaitable[T]]) -> T:
-        async def attempt() -> T:
-            try:
-                return await call()
-            except HttpResponseError as e:
-                if _status(e) in RETRIABLE_STATUS or (_status(e) == 0
-                                                      and not isinstance(e, ResourceExistsError)):
-                    raise Transient(e) from e
-                raise self._http_error(op, key, e) from e
-            except (ServiceRequestError, ServiceResponseError, aiohttp.ClientError,
-                    OSError) as e:
-                raise Transient(e) from e
-            except AzureError as e:  # bad parameters and the like: retrying cannot help
-                raise StoreError(f"store {self.url}: {op} failed: {_describe(e)}",
-                                 key=key) from e
+    def _attempt_error(self, op: str, key: str | None, e: Exception) -> Exception | None:
+        if isinstance(e, HttpResponseError):
+            if _status(e) in RETRIABLE_STATUS or (_status(e) == 0
+                                                  and not isinstance(e, ResourceExistsError)):
+                return Transient(e)
+            return self._http_error(op, key, e)
+        if isinstance(e, ServiceRequestError | ServiceResponseError | aiohttp.ClientError
+                      | OSError):
+            return Transient(e)
+        if isinstance(e, AzureError):  # bad parameters and the like: retrying cannot help
+            return self._refused(op, key, Refusal.FAILED, self._describe(e))
+        return None
 
-        return await with_retries(self.config, self.url, self.endpoint, op, key, attempt,
-                                  _describe)
-
-    def _no_container_error(self, key: str | None) -> StoreError:
-        return StoreError(f"store {self.url}: container {self.container!r} does not exist "
-                          f"in account {self.config.account!r} at {self.endpoint}", key=key)
+    def _missing(self) -> str:
+        return (f"container {self.container!r} does not exist in account "
+                f"{self.config.account!r} at {self.endpoint}")
 
     def _http_error(self, op: str, key: str | None, e: HttpResponseError) -> StoreError:
-        what = f"{op} {key!r}" if key is not None else op
         code = _code(e)
         if code == "ContainerNotFound":
-            return self._no_container_error(key)
+            return self._refused(op, key, Refusal.MISSING, code)
         if code in _CREDENTIAL_CODES or isinstance(e, ClientAuthenticationError):
-            msg = (f"credentials rejected by {self.endpoint} for container "
-                   f"{self.container!r} ({code or _status(e)}); check account_key, sas_token "
-                   "or connection_string")
-        elif _status(e) == 403:
-            msg = (f"access denied: {what} in container {self.container!r} ({code}; missing "
-                   "permission, or an immutability policy or legal hold forbids it)")
-        else:
-            msg = f"{what} in container {self.container!r} failed: {_describe(e)}"
-        return StoreError(f"store {self.url}: {msg}", key=key)
+            return self._refused(op, key, Refusal.CREDENTIALS, code or str(_status(e)))
+        if _status(e) == 403:
+            return self._refused(op, key, Refusal.DENIED, code)
+        return self._refused(op, key, Refusal.FAILED, self._describe(e))
 
     # -- the Store interface ------------------------------------------------------
-
-    def _full(self, key: str) -> str:
-        return self._prefix + check_key(key)
 
     def _upload_args(self, retain: bool = True) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -290,14 +251,10 @@ class AzureStore(Starting):
                 policy_mode=imm.mode)
         return args
 
-    async def _create(self, key: str, data: bytes, retain: bool = True) -> tuple[bool, int]:
-        """One create-if-absent under retries: (created, attempts made)."""
+    def _create_once(self, key: str, data: bytes, retain: bool) -> Callable[[], Awaitable[bool]]:
         full, args = self._full(key), self._upload_args(retain)
-        attempts = 0
 
         async def put() -> bool:
-            nonlocal attempts
-            attempts += 1
             try:
                 await self._c.upload_blob(full, io.BytesIO(data), length=len(data), **args)
             except HttpResponseError as e:
@@ -306,25 +263,7 @@ class AzureStore(Starting):
                 raise
             return True
 
-        return await self._retrying("put", key, put), attempts
-
-    async def put_if_absent(self, key: str, data: bytes) -> bool:
-        data = bytes(data)
-        created, attempts = await self._create(key, data)
-        if created or attempts == 1:
-            return created
-        # An earlier attempt may have been written and only its answer lost; then the
-        # blob holding our exact bytes is our own write, not another writer's.
-        return await self.get(key) == data
-
-    async def check_create_if_absent(self, probe_key: str) -> None:
-        """Fencing rests on `If-None-Match: *`: prove the endpoint refuses a second create
-        (probe blobs carry no immutability policy, so they can be removed again)."""
-
-        async def put(key: str, data: bytes) -> bool:
-            return (await self._create(key, data, retain=False))[0]
-
-        await probe_create_if_absent(self, probe_key, put)
+        return put
 
     async def _download(self, key: str, offset: int | None, length: int | None,
                         max_bytes: int | None) -> tuple[bytes, int] | None:
@@ -396,24 +335,12 @@ class AzureStore(Starting):
 
         await self._retrying("delete", key, delete)
 
-    async def _versions(self, op: str, prefix: str, start_after: str | None
-                        ) -> AsyncIterator[Any]:
-        """Every version of every blob under `prefix` (with versioning off: the blobs)."""
-        marker: str | None = None
-        start_from = self._prefix + start_after if start_after else None
-        while True:
-            items, marker = await self._page(op, prefix, start_from, marker, ["versions"])
-            for blob in items:
-                yield blob
-            if marker is None:
-                return
-
     async def purge(self, key: str) -> None:
         """Delete `key` and every prior version of it (what a plain delete leaves with
         versioning on); one under an immutability policy or legal hold is refused."""
         full = self._full(key)
         # the current version too: once the blob is deleted it is a prior version
-        versions = [b.version_id async for b in self._versions("list versions", key, None)
+        versions = [b.version_id async for b in self._blob_versions(key, None)
                     if b.name == full and b.version_id]
         await self.delete(key)
         for version in versions:
@@ -427,18 +354,23 @@ class AzureStore(Starting):
 
             await self._retrying("delete version", key, delete)
 
-    async def hidden(self, prefix: str, start_after: str | None = None) -> AsyncIterator[str]:
-        """Names with prior versions but no current one: deleted with versioning on, but
-        restorable (and still there to see). None where versioning is off."""
-        live: dict[str, bool] = {}
-        async for blob in self._versions("list versions", prefix, start_after):
-            name = str(blob.name)
-            current = blob.version_id is None or bool(blob.is_current_version)
-            live[name] = live.get(name, False) or current
-        for name in sorted(n for n, is_live in live.items() if not is_live):
-            key = name[len(self._prefix):]
-            if start_after is None or key > start_after:
-                yield key
+    async def _blob_versions(self, prefix: str, start_after: str | None
+                             ) -> AsyncIterator[Any]:
+        """Every version of every blob under `prefix` (with versioning off: the blobs)."""
+        marker: str | None = None
+        start_from = self._prefix + start_after if start_after else None
+        while True:
+            items, marker = await self._page("list versions", prefix, start_from, marker,
+                                             ["versions"])
+            for blob in items:
+                yield blob
+            if marker is None:
+                return
+
+    async def _versions(self, prefix: str, start_after: str | None
+                        ) -> AsyncIterator[tuple[str, bool]]:
+        async for blob in self._blob_versions(prefix, start_after):
+            yield str(blob.name), blob.version_id is None or bool(blob.is_current_version)
 
     async def _page(self, op: str, prefix: str, start_from: str | None, marker: str | None,
                     include: list[str] | None = None, limit: int = PAGE
@@ -456,27 +388,15 @@ class AzureStore(Starting):
 
         return await self._retrying(op, prefix, page)
 
-    async def list(
-        self, prefix: str, start_after: str | None = None, limit: int | None = None
-    ) -> AsyncIterator[str]:
-        check_prefix(prefix)
-        remaining = limit
-        if remaining is not None and remaining <= 0:
-            return
+    async def _names(self, prefix: str, start_after: str | None, limit: int | None
+                     ) -> AsyncIterator[str]:
         # start_from is inclusive (and a server that ignores it lists from the start):
-        # keys up to start_after are skipped here either way.
+        # list skips keys up to start_after either way.
         start_from = self._prefix + start_after if start_after else None
         marker: str | None = None
         while True:
             items, marker = await self._page("list", prefix, start_from, marker)
             for blob in items:
-                key = str(blob.name)[len(self._prefix):]
-                if start_after is not None and key <= start_after:
-                    continue
-                yield key
-                if remaining is not None:
-                    remaining -= 1
-                    if remaining == 0:
-                        return
+                yield str(blob.name)
             if marker is None:
                 return

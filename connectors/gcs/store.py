@@ -19,33 +19,29 @@ import json
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 import aiohttp
 from gcloud.aio.auth import Token
 from multidict import CIMultiDict
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
 from drstream.daemon.errors import ConfigFieldError, StoreError
-from drstream.daemon.lifecycle import Starting
 from drstream.daemon.remotestore import (
     RETRIABLE_STATUS,
     CloudStoreConfig,
+    Refusal,
+    RemoteStore,
+    RetentionConfig,
     Transient,
     config_from_url,
     secret_ref,
-    with_retries,
+    split_url,
 )
 from drstream.daemon.secrets import read_secret
-from drstream.daemon.store import (
-    ObjectInfo,
-    ObjectTooLargeError,
-    check_key,
-    check_prefix,
-    probe_create_if_absent,
-)
+from drstream.daemon.store import ObjectInfo, ObjectTooLargeError
 
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
@@ -54,14 +50,11 @@ BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 PAGE = 1000  # objects per list page (the JSON API's maximum)
 
 
-class ObjectRetentionConfig(BaseModel):
-    """Per-object retention (a bucket with object retention enabled): every object written
-    gets retain-until = now + retain_days; `Locked` cannot be shortened by anyone."""
-
-    model_config = ConfigDict(extra="forbid")
+class ObjectRetentionConfig(RetentionConfig):
+    """Per-object retention (a bucket with object retention enabled); `Locked` cannot be
+    shortened by anyone."""
 
     mode: Literal["Unlocked", "Locked"]
-    retain_days: int = Field(gt=0, le=36500)
 
 
 class GcsStoreConfig(CloudStoreConfig):
@@ -100,11 +93,7 @@ def retain_days(config: GcsStoreConfig) -> int | None:
 def gcs_config_from_url(url: str) -> GcsStoreConfig:
     """`gs://bucket/prefix`; the endpoint comes from STORAGE_EMULATOR_HOST (the variable
     Google's client libraries read), credentials from Application Default Credentials."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc:  # never echo a URL that may embed credentials
-        raise ConfigFieldError("store", "gs://(hidden)", "credentials do not go in the URL")
-    if parts.scheme != "gs" or not parts.netloc or parts.query or parts.fragment:
-        raise ConfigFieldError("store", url, "expected gs://bucket/prefix")
+    parts = split_url(url, "gs", "gs://bucket/prefix")
     emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
     if emulator and "://" not in emulator:
         emulator = f"http://{emulator}"
@@ -112,12 +101,6 @@ def gcs_config_from_url(url: str) -> GcsStoreConfig:
         "type": "gcs", "bucket": parts.netloc, "prefix": unquote(parts.path),
         "endpoint_url": emulator, "anonymous": emulator is not None,
     })
-
-
-def _describe(e: BaseException | None) -> str:
-    if isinstance(e, _HttpError):
-        return f"HTTP {e.status}: {e.message}"
-    return f"{type(e).__name__}: {e}"
 
 
 class _HttpError(Exception):
@@ -140,43 +123,38 @@ def _ms(rfc3339: str | None) -> int | None:
     return int(dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-class GcsStore(Starting):
-    """A Store over one bucket and name prefix of Google Cloud Storage."""
+class GcsStore(RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
+    """A Store over one bucket and name prefix of Google Cloud Storage; fencing rests on
+    `ifGenerationMatch=0`."""
+
+    CREDENTIAL_FIELDS = "service_account/token"
+    RETENTION = "a retention policy or hold"
 
     def __init__(self, config: GcsStoreConfig) -> None:
-        self.config = config
+        super().__init__(config, f"gs://{config.bucket}/{config.prefix}",
+                         config.endpoint_url or PUBLIC_ENDPOINT, f"bucket {config.bucket!r}")
         self.bucket = config.bucket
-        self._prefix = config.prefix + "/" if config.prefix else ""
-        self.url = f"gs://{config.bucket}/{config.prefix}"
-        self.endpoint = config.endpoint_url or PUBLIC_ENDPOINT
-        self._session: aiohttp.ClientSession | None = None
         self._token: Token | None = None
         self._static_token: str | None = None
 
-    def __repr__(self) -> str:
-        return f"GcsStore({self.url} at {self.endpoint})"
+    @staticmethod
+    def _service_error(e: BaseException | None) -> str | None:
+        return f"HTTP {e.status}: {e.message}" if isinstance(e, _HttpError) else None
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connect and check the bucket (a second call while open does nothing)."""
-        if self._session is not None:
-            return
+    async def _connect(self) -> None:
         c = self.config
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
             total=None, connect=c.connect_timeout_s))
-        try:
-            if c.token is not None:
-                self._static_token = read_secret(c.token, "store.token")
-            elif not c.anonymous:
-                sa = self._service_account() if c.service_account else None
-                # typed for its requests-based twin (gcloud-rest); this build is aiohttp
-                self._token = Token(service_file=sa, session=self._session,  # type: ignore[arg-type]
-                                    scopes=[SCOPE])
-            await self._check_bucket()
-        except BaseException:
-            await self.close()
-            raise
+        if c.token is not None:
+            self._static_token = read_secret(c.token, "store.token")
+        elif not c.anonymous:
+            sa = self._service_account() if c.service_account else None
+            # typed for its requests-based twin (gcloud-rest); this build is aiohttp
+            self._token = Token(service_file=sa, session=self._client,  # type: ignore[arg-type]
+                                scopes=[SCOPE])
+        await self._check_bucket()
 
     def _service_account(self) -> io.StringIO:
         """The key JSON, checked here: the token library would quietly fall back to the
@@ -194,8 +172,8 @@ class GcsStore(Starting):
                                    "not a Google credentials JSON (a service-account key file)")
         return io.StringIO(text)
 
-    async def close(self) -> None:
-        session, self._session, self._token = self._session, None, None
+    async def _disconnect(self) -> None:
+        session, self._client, self._token = self._client, None, None
         if session is not None:
             await session.close()
 
@@ -204,8 +182,7 @@ class GcsStore(Starting):
         status, _, _ = await self._request(
             "open", None, "GET", f"/storage/v1/b/{self.bucket}", accept=(200, 404))
         if status == 404:
-            raise StoreError(f"store {self.url}: bucket {self.bucket!r} does not exist at "
-                             f"{self.endpoint}")
+            raise self._refused("open", None, Refusal.MISSING, "")
 
     # -- requests ------------------------------------------------------------------
 
@@ -233,9 +210,8 @@ class GcsStore(Starting):
         self, op: str, key: str | None, method: str, path: str, **kw: Any,
     ) -> tuple[int, Mapping[str, str], bytes]:
         """One request under the store's retries (see _send_once)."""
-        return await with_retries(self.config, self.url, self.endpoint, op, key,
-                                  lambda: self._send_once(op, key, method, path, **kw),
-                                  _describe)
+        return await self._retrying(op, key, lambda: self._send_once(op, key, method, path,
+                                                                      **kw))
 
     async def _send_once(
         self, op: str, key: str | None, method: str, path: str, *,
@@ -246,14 +222,13 @@ class GcsStore(Starting):
         """(status, headers (case-insensitive), body) of one attempt: `accept` lists the
         statuses the caller handles; a retriable failure raises Transient, any other
         StoreError. A body over `max_bytes` (by Content-Length) is not read: b"" then."""
-        if self._session is None:
-            raise StoreError(f"store {self.url} is not open (use 'async with')")
+        session = self._c
         hdrs = {**(headers or {}), **await self._auth()}
         # a stream, not bytes: aiohttp writes it in chunks without holding the loop
         body = io.BytesIO(data) if data is not None else None
         try:
-            async with self._session.request(method, self.endpoint + path, params=params,
-                                             data=body, headers=hdrs) as resp:
+            async with session.request(method, self.endpoint + path, params=params,
+                                       data=body, headers=hdrs) as resp:
                 if resp.status in accept:
                     headers_ = CIMultiDict(resp.headers)
                     if max_bytes is not None and (resp.content_length or 0) > max_bytes:
@@ -268,24 +243,15 @@ class GcsStore(Starting):
         raise self._http_error(op, key, err) from err
 
     def _http_error(self, op: str, key: str | None, e: _HttpError) -> StoreError:
-        what = f"{op} {key!r}" if key is not None else op
-        if e.status == 401:
-            msg = (f"credentials rejected by {self.endpoint} for bucket {self.bucket!r} "
-                   f"({e.message}); check service_account/token")
-        elif e.status == 403:
-            msg = (f"access denied: {what} in bucket {self.bucket!r} ({e.message}; missing "
-                   "permission, or a retention policy or hold forbids it)")
-        elif e.status == 404 and "bucket" in e.message.lower():
-            msg = f"bucket {self.bucket!r} does not exist at {self.endpoint}"
-        else:
-            msg = f"{what} in bucket {self.bucket!r} failed: HTTP {e.status}: {e.message}"
-        return StoreError(f"store {self.url}: {msg}", key=key)
+        if e.status in (401, 403):
+            why = Refusal.CREDENTIALS if e.status == 401 else Refusal.DENIED
+            return self._refused(op, key, why, e.message)
+        if e.status == 404 and "bucket" in e.message.lower():
+            return self._refused(op, key, Refusal.MISSING, e.message)
+        return self._refused(op, key, Refusal.FAILED, self._describe(e))
 
     def _o(self, key: str) -> str:
         return f"/storage/v1/b/{self.bucket}/o/{quote(self._full(key), safe='')}"
-
-    def _full(self, key: str) -> str:
-        return self._prefix + check_key(key)
 
     # -- the Store interface ------------------------------------------------------
 
@@ -310,40 +276,17 @@ class GcsStore(Starting):
         ])
         return body, f"multipart/related; boundary={boundary}"
 
-    async def _create(self, key: str, data: bytes, retain: bool = True) -> tuple[bool, int]:
-        """One create-if-absent under retries: (created, attempts made)."""
+    def _create_once(self, key: str, data: bytes, retain: bool) -> Callable[[], Awaitable[bool]]:
         body, content_type = self._upload(key, data, retain)
-        attempts = 0
 
-        async def put() -> tuple[int, Mapping[str, str], bytes]:
-            nonlocal attempts
-            attempts += 1
-            return await self._send_once(
+        async def put() -> bool:
+            status, _, _ = await self._send_once(
                 "put", key, "POST", f"/upload/storage/v1/b/{self.bucket}/o",
                 params={"uploadType": "multipart", "ifGenerationMatch": "0"},
                 data=body, headers={"Content-Type": content_type}, accept=(200, 412))
+            return status == 200
 
-        status, _, _ = await with_retries(self.config, self.url, self.endpoint, "put", key,
-                                          put, _describe)
-        return status == 200, attempts
-
-    async def put_if_absent(self, key: str, data: bytes) -> bool:
-        data = bytes(data)
-        created, attempts = await self._create(key, data)
-        if created or attempts == 1:
-            return created
-        # An earlier attempt may have been written and only its answer lost; then the
-        # object holding our exact bytes is our own write, not another writer's.
-        return await self.get(key) == data
-
-    async def check_create_if_absent(self, probe_key: str) -> None:
-        """Fencing rests on `ifGenerationMatch=0`: prove the endpoint refuses a second
-        create (probe objects carry no retention, so they can be removed again)."""
-
-        async def put(key: str, data: bytes) -> bool:
-            return (await self._create(key, data, retain=False))[0]
-
-        await probe_create_if_absent(self, probe_key, put)
+        return put
 
     async def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         status, headers, body = await self._request(
@@ -403,26 +346,18 @@ class GcsStore(Starting):
         if not generations:
             await self.delete(key)
 
-    async def hidden(self, prefix: str, start_after: str | None = None) -> AsyncIterator[str]:
-        """Names whose every generation is noncurrent: deleted in a versioned bucket, but
-        restorable (and still there to see)."""
+    async def _versions(self, prefix: str, start_after: str | None
+                        ) -> AsyncIterator[tuple[str, bool]]:
         params = {"versions": "true", "fields": "items(name,timeDeleted),nextPageToken"}
         if start_after:
             params["startOffset"] = self._prefix + start_after
-        live: dict[str, bool] = {}
         async for items in self._pages("list versions", prefix, params):
             for obj in items:
-                name = obj["name"]
-                live[name] = live.get(name, False) or "timeDeleted" not in obj
-        for name in sorted(n for n, is_live in live.items() if not is_live):
-            key = name[len(self._prefix):]
-            if start_after is None or key > start_after:
-                yield key
+                yield obj["name"], "timeDeleted" not in obj
 
     async def _pages(self, op: str, prefix: str, params: dict[str, str]
                      ) -> AsyncIterator[list[dict[str, Any]]]:
         """The object resources under `prefix`, page by page, in name order."""
-        check_prefix(prefix)
         params = {"prefix": self._prefix + prefix, **params}
         while True:
             _, _, body = await self._request(op, prefix, "GET",
@@ -434,22 +369,11 @@ class GcsStore(Starting):
                 return
             params["pageToken"] = token
 
-    async def list(
-        self, prefix: str, start_after: str | None = None, limit: int | None = None
-    ) -> AsyncIterator[str]:
+    async def _names(self, prefix: str, start_after: str | None, limit: int | None
+                     ) -> AsyncIterator[str]:
         params = {"maxResults": str(PAGE), "fields": "items(name),nextPageToken"}
-        if start_after:  # startOffset is inclusive: the key itself is skipped below
+        if start_after:  # startOffset is inclusive: list skips the key itself
             params["startOffset"] = self._prefix + start_after
-        remaining = limit
-        if remaining is not None and remaining <= 0:
-            return
         async for items in self._pages("list", prefix, params):
             for obj in items:
-                key = obj["name"][len(self._prefix):]
-                if start_after is not None and key <= start_after:
-                    continue
-                yield key
-                if remaining is not None:
-                    remaining -= 1
-                    if remaining == 0:
-                        return
+                yield obj["name"]

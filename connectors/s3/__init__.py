@@ -14,5 +14,4 @@ CONNECTOR = Connector(
     store=StoreType("s3", S3StoreConfig, S3Store, s3_config_from_url, ("s3",), retain_days),
 )
 
-__all__ = ["CONNECTOR", "ObjectLockConfig", "S3Store", "S3StoreConfig", "resolve_secret",
-           "s3_config_from_url"]
+__all__ = ["CONNECTOR", "ObjectLockConfig", "S3Store", "S3StoreConfig", "s3_config_from_url"]

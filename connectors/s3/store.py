@@ -1,15 +1,14 @@
 """The S3 log store (aiobotocore): create-if-absent with `If-None-Match: *`.
 
 Retries are ours, not botocore's: botocore is set to a single attempt, and every
-operation goes through `_retrying`, which backs off (capped, jittered) on connection
-errors, timeouts, throttling and 5xx, and gives up after `max_attempts` with a
-StoreUnavailableError naming the key. Errors that a retry cannot fix (no such bucket,
-access denied, bad credentials) raise StoreError at once.
+operation goes through the shared retry loop (daemon/remotestore.py), which backs off
+(capped, jittered) on connection errors, timeouts, throttling and 5xx, and gives up after
+`max_attempts` with a StoreUnavailableError naming the key. Errors that a retry cannot fix
+(no such bucket, access denied, bad credentials) raise StoreError at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -18,8 +17,8 @@ import hashlib
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from typing import Any, Literal
+from urllib.parse import unquote
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -32,26 +31,25 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from drstream.daemon.errors import ConfigFieldError, StoreError, StoreUnavailableError
-from drstream.daemon.lifecycle import Starting
-from drstream.daemon.logging import get_logger
-from drstream.daemon.plugins import MAX_SECONDS, ConnectorConfig
-from drstream.daemon.retry import Backoff, retrying
-from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref, read_secret
-from drstream.daemon.store import (
-    ObjectInfo,
-    ObjectTooLargeError,
-    check_key,
-    check_prefix,
-    probe_create_if_absent,
+from drstream.daemon.errors import StoreError
+from drstream.daemon.plugins import MAX_SECONDS
+from drstream.daemon.remotestore import (
+    CloudStoreConfig,
+    Refusal,
+    RemoteStore,
+    RetentionConfig,
+    Transient,
+    config_from_url,
+    secret_ref,
+    split_url,
 )
-
-log = get_logger(__name__)
-T = TypeVar("T")
+from drstream.daemon.secrets import read_secret
+from drstream.daemon.store import ObjectInfo, ObjectTooLargeError, check_prefix
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+PAGE = 1000  # keys per list page (the API's maximum)
 
 # Throttling and server-side trouble: the same request may succeed later.
 _RETRIABLE_CODES = frozenset({
@@ -72,18 +70,13 @@ _CREDENTIAL_CODES = frozenset({
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
-class ObjectLockConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ObjectLockConfig(RetentionConfig):
     mode: Literal["GOVERNANCE", "COMPLIANCE"]
-    retain_days: int = Field(gt=0, le=36500)
 
 
-class S3StoreConfig(ConnectorConfig):
+class S3StoreConfig(CloudStoreConfig):
     type: Literal["s3"]
     bucket: str
-    prefix: str = ""
-    endpoint_url: str | None = None
     region: str = "us-east-1"
     # Secret references (env:NAME, file:/path, credential:NAME), resolved at open;
     # both absent -> botocore's default credential chain.
@@ -91,14 +84,8 @@ class S3StoreConfig(ConnectorConfig):
     secret_access_key: str | None = None
     object_lock: ObjectLockConfig | None = None
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    max_attempts: int = Field(default=6, ge=1, le=100)
-    backoff_base_s: float = Field(default=0.2, gt=0, le=MAX_SECONDS)
-    backoff_max_s: float = Field(default=10.0, gt=0, le=MAX_SECONDS)
-    connect_timeout_s: float = Field(default=5.0, gt=0, le=MAX_SECONDS)
+    # aiohttp's connect/read timeouts do not cover writes: request_timeout_s bounds those.
     read_timeout_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
-    # Hard limit for one attempt, whatever stalls (an upload the server stops reading):
-    # aiohttp's connect/read timeouts do not cover writes.
-    request_timeout_s: float = Field(default=300.0, gt=0, le=MAX_SECONDS)
 
     @field_validator("bucket")
     @classmethod
@@ -110,21 +97,7 @@ class S3StoreConfig(ConnectorConfig):
             )
         return v
 
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        v = v.strip("/")
-        if v:
-            check_prefix_or_value_error(v)
-        return v
-
-    @field_validator("access_key_id", "secret_access_key")
-    @classmethod
-    def _secret_ref(cls, v: str | None) -> str | None:
-        # The message carries SECRET_REF_HELP so the config loader hides the value.
-        if v is not None and not is_secret_ref(v):
-            raise ValueError(f"must be {SECRET_REF_HELP}")
-        return v
+    _refs = field_validator("access_key_id", "secret_access_key")(secret_ref)
 
     @model_validator(mode="after")
     def _consistent(self) -> S3StoreConfig:
@@ -133,8 +106,6 @@ class S3StoreConfig(ConnectorConfig):
                 "access_key_id and secret_access_key go together (or leave both out to "
                 "use the default AWS credential chain)"
             )
-        if self.backoff_max_s < self.backoff_base_s:
-            raise ValueError("backoff_max_s must be >= backoff_base_s")
         return self
 
 
@@ -143,34 +114,15 @@ def retain_days(config: S3StoreConfig) -> int | None:
     return config.object_lock.retain_days if config.object_lock is not None else None
 
 
-def check_prefix_or_value_error(prefix: str) -> None:
-    try:
-        check_key(prefix)
-    except StoreError as e:
-        raise ValueError(str(e).replace("object key", "prefix")) from None
-
-
 def s3_config_from_url(url: str) -> S3StoreConfig:
     """`s3://bucket/prefix`; endpoint, region and credentials come from AWS_* env vars."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc:  # never echo a URL that may embed credentials
-        raise ConfigFieldError("store", "s3://(hidden)", "credentials do not go in the URL")
-    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
-        raise ConfigFieldError("store", url, "expected s3://bucket/prefix")
+    parts = split_url(url, "s3", "s3://bucket/prefix")
     env = os.environ
-    try:
-        return S3StoreConfig(
-            type="s3", bucket=parts.netloc, prefix=unquote(parts.path),
-            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-        )
-    except ValidationError as e:
-        reason = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())
-        raise ConfigFieldError("store", url, reason) from None
-
-
-class _Transient(Exception):
-    """An attempt that may succeed when tried again; its __cause__ is what failed."""
+    return config_from_url(S3StoreConfig, url, {
+        "type": "s3", "bucket": parts.netloc, "prefix": unquote(parts.path),
+        "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+    })
 
 
 def _no_expect_continue(params: dict[str, Any], **_: Any) -> None:
@@ -196,33 +148,29 @@ def _ms(when: Any) -> int:
     return int(when.timestamp() * 1000) if isinstance(when, dt.datetime) else 0
 
 
-def _describe(e: BaseException | None) -> str:
-    if isinstance(e, ClientError):
-        return f"{_code(e) or _status(e)}: {e.response.get('Error', {}).get('Message', '')}"
-    return f"{type(e).__name__}: {e}"
+class S3Store(RemoteStore[S3StoreConfig, Any]):  # aiobotocore's client is untyped
+    """A Store over one bucket and key prefix of an S3 API endpoint; fencing rests on
+    `If-None-Match: *`."""
 
-
-class S3Store(Starting):
-    """A Store over one bucket and key prefix of an S3 API endpoint."""
+    CREDENTIAL_FIELDS = "access_key_id/secret_access_key"
+    RETENTION = "an Object Lock retention"
 
     def __init__(self, config: S3StoreConfig) -> None:
-        self.config = config
+        super().__init__(config, f"s3://{config.bucket}/{config.prefix}",
+                         config.endpoint_url or f"AWS S3 ({config.region})",
+                         f"bucket {config.bucket!r}")
         self.bucket = config.bucket
-        self._prefix = config.prefix + "/" if config.prefix else ""
-        self.url = f"s3://{config.bucket}/{config.prefix}"
-        self.endpoint = config.endpoint_url or f"AWS S3 ({config.region})"
-        self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
 
-    def __repr__(self) -> str:
-        return f"S3Store({self.url} at {self.endpoint})"
+    @staticmethod
+    def _service_error(e: BaseException | None) -> str | None:
+        if not isinstance(e, ClientError):
+            return None
+        return f"{_code(e) or _status(e)}: {e.response.get('Error', {}).get('Message', '')}"
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connect and check the bucket (a second call while open does nothing)."""
-        if self._client is not None:
-            return
+    async def _connect(self) -> None:
         c = self.config
         creds: dict[str, str] = {}
         if c.access_key_id and c.secret_access_key:
@@ -238,23 +186,17 @@ class S3Store(Starting):
             retries={"total_max_attempts": 1, "mode": "standard"},  # our loop retries
             s3={"addressing_style": c.addressing_style},
         )
-        stack = contextlib.AsyncExitStack()
-        try:
-            self._client = await stack.enter_async_context(
-                get_session().create_client(
-                    "s3", region_name=c.region, endpoint_url=c.endpoint_url,
-                    config=boto_config, **creds,
-                )
+        self._stack = contextlib.AsyncExitStack()
+        self._client = await self._stack.enter_async_context(
+            get_session().create_client(
+                "s3", region_name=c.region, endpoint_url=c.endpoint_url,
+                config=boto_config, **creds,
             )
-            self._stack = stack
-            self._client.meta.events.register_last("before-call.s3", _no_expect_continue)
-            await self._check_bucket()
-        except BaseException:
-            await stack.aclose()
-            self._client, self._stack = None, None
-            raise
+        )
+        self._c.meta.events.register_last("before-call.s3", _no_expect_continue)
+        await self._check_bucket()
 
-    async def close(self) -> None:
+    async def _disconnect(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
@@ -272,7 +214,7 @@ class S3Store(Starting):
             if not isinstance(cause, ClientError) or _status(cause) not in (403, 404):
                 raise
             if _status(cause) == 404:
-                raise self._no_bucket_error(None) from cause
+                raise self._refused("open", None, Refusal.MISSING, "") from cause
             # A 403 HEAD does not say why; a LIST answer has a body naming the cause
             # (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied) and raises it.
             await self._retrying("open", None, lambda: self._c.list_objects_v2(
@@ -282,67 +224,25 @@ class S3Store(Starting):
                 "denied (HEAD bucket: 403)"
             ) from cause
 
-    @property
-    def _c(self) -> Any:
-        if self._client is None:
-            raise StoreError(f"store {self.url} is not open (use 'async with')")
-        return self._client
+    # -- error mapping ---------------------------------------------------------------
 
-    # -- retries and error mapping -----------------------------------------------
-
-    async def _retrying(
-        self, op: str, key: str | None, call: Callable[[], Awaitable[T]]
-    ) -> T:
-        """`call` under the store's back-off: throttling, 5xx and transport errors are
-        retried; what a retry cannot fix raises StoreError at once."""
-
-        async def attempt() -> T:
-            try:
-                async with asyncio.timeout(self.config.request_timeout_s):
-                    return await call()
-            except ClientError as e:
-                if not _retriable(e):
-                    raise self._client_error(op, key, e) from e
-                raise _Transient(e) from e
-            except (NoCredentialsError, PartialCredentialsError) as e:
-                raise StoreError(
-                    f"store {self.url}: no usable AWS credentials ({e}); set access_key_id/"
-                    "secret_access_key or configure the default AWS credential chain",
-                    key=key,
-                ) from e
-            except _TRANSIENT_ERRORS as e:
-                raise _Transient(e) from e
-            except BotoCoreError as e:  # e.g. bad parameters: retrying cannot help
-                raise StoreError(f"store {self.url}: {op} failed: {e}", key=key) from e
-
-        def on_retry(e: Exception, attempt: int, delay: float) -> None:
-            log.warning("store_retry", store=self.url, op=op, key=key, attempt=attempt,
-                        delay_s=round(delay, 3), error=_describe(e.__cause__))
-
-        c = self.config
-        backoff = Backoff(c.backoff_base_s, c.backoff_max_s, attempts=c.max_attempts)
-        try:
-            return await retrying(attempt, backoff, on_retry=on_retry,
-                                  retriable=lambda e: isinstance(e, _Transient))
-        except _Transient as e:
-            what = f"{op} {key!r}" if key is not None else op
-            raise StoreUnavailableError(
-                f"store {self.url} at {self.endpoint} unavailable: {what} failed after "
-                f"{c.max_attempts} attempts; last error {_describe(e.__cause__)}",
-                # explicit: StoreError.__init__'s retriable=False default overrides the class's
-                key=key, retriable=True,
-            ) from e.__cause__
-
-    def _no_bucket_error(self, key: str | None) -> StoreError:
-        return StoreError(
-            f"store {self.url}: bucket {self.bucket!r} does not exist at endpoint "
-            f"{self.endpoint}", key=key,
-        )
+    def _attempt_error(self, op: str, key: str | None, e: Exception) -> Exception | None:
+        if isinstance(e, ClientError):
+            return Transient(e) if _retriable(e) else self._client_error(op, key, e)
+        if isinstance(e, NoCredentialsError | PartialCredentialsError):
+            return StoreError(
+                f"store {self.url}: no usable AWS credentials ({e}); set access_key_id/"
+                "secret_access_key or configure the default AWS credential chain", key=key)
+        if isinstance(e, _TRANSIENT_ERRORS):
+            return Transient(e)
+        if isinstance(e, BotoCoreError):  # e.g. bad parameters: retrying cannot help
+            return StoreError(f"store {self.url}: {op} failed: {e}", key=key)
+        return None
 
     def _client_error(self, op: str, key: str | None, e: ClientError) -> StoreError:
-        code, what = _code(e), f"{op} {key!r}" if key is not None else op
+        code = _code(e)
         if code == "NoSuchBucket":
-            return self._no_bucket_error(key)
+            return self._refused(op, key, Refusal.MISSING, code)
         region = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(
             "x-amz-bucket-region"
         )
@@ -352,21 +252,14 @@ class S3Store(Starting):
                 f"not {self.config.region!r}; set region", key=key,
             )
         if code in _CREDENTIAL_CODES:
-            msg = (f"credentials rejected by {self.endpoint} for bucket {self.bucket!r} "
-                   f"({code}); check access_key_id/secret_access_key")
-        elif code == "AccessDenied" or _status(e) == 403:
-            msg = (f"access denied: {what} in bucket {self.bucket!r} at {self.endpoint} "
-                   "(missing permission, or an Object Lock retention forbids it)")
-        else:
-            msg = f"{what} in bucket {self.bucket!r} failed: {_describe(e)}"
-        return StoreError(f"store {self.url}: {msg}", key=key)
+            return self._refused(op, key, Refusal.CREDENTIALS, code)
+        if code == "AccessDenied" or _status(e) == 403:
+            return self._refused(op, key, Refusal.DENIED, code or str(_status(e)))
+        return self._refused(op, key, Refusal.FAILED, self._describe(e))
 
     # -- the Store interface ------------------------------------------------------
 
-    def _full(self, key: str) -> str:
-        return self._prefix + check_key(key)
-
-    def _put_args(self, key: str, data: bytes) -> dict[str, Any]:
+    def _put_args(self, key: str, data: bytes, retain: bool = True) -> dict[str, Any]:
         # Content-MD5: S3 requires it (or a checksum) for Object Lock puts, and it gets
         # the bytes verified end to end on every put.
         md5 = hashlib.md5(data, usedforsecurity=False).digest()
@@ -375,38 +268,26 @@ class S3Store(Starting):
             "IfNoneMatch": "*", "ContentMD5": base64.b64encode(md5).decode(),
         }
         lock = self.config.object_lock
-        if lock is not None:
+        if lock is not None and retain:
             args["ObjectLockMode"] = lock.mode
             args["ObjectLockRetainUntilDate"] = dt.datetime.now(dt.UTC) + dt.timedelta(
                 days=lock.retain_days
             )
         return args
 
-    async def put_if_absent(self, key: str, data: bytes) -> bool:
-        args = self._put_args(key, bytes(data))
-        attempts = 0
+    def _create_once(self, key: str, data: bytes, retain: bool) -> Callable[[], Awaitable[bool]]:
+        args = self._put_args(key, data, retain)
 
         async def put() -> bool:
-            nonlocal attempts
-            attempts += 1
-            return await self._create(args)
+            try:
+                await self._c.put_object(**args)
+            except ClientError as e:
+                if _code(e) == "PreconditionFailed" or _status(e) == 412:
+                    return False
+                raise
+            return True
 
-        created = await self._retrying("put", key, put)
-        if created or attempts == 1:
-            return created
-        # An earlier attempt may have been written and only its answer lost; then the
-        # object holding our exact bytes is our own write, not another writer's.
-        return await self.get(key) == bytes(data)
-
-    async def _create(self, args: dict[str, Any]) -> bool:
-        """One conditional PUT: False when the key exists (412)."""
-        try:
-            await self._c.put_object(**args)
-        except ClientError as e:
-            if _code(e) == "PreconditionFailed" or _status(e) == 412:
-                return False
-            raise
-        return True
+        return put
 
     async def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         full = self._full(key)
@@ -533,7 +414,7 @@ class S3Store(Starting):
             marked = {m["Key"] for m in page.get("DeleteMarkers", []) if m.get("IsLatest")}
             kept = {v["Key"] for v in page.get("Versions", [])}
             for full in sorted(marked & kept):
-                yield full[len(self._prefix):]
+                yield self._key(full)
             if not page.get("IsTruncated"):
                 return
             args["KeyMarker"] = page["NextKeyMarker"]
@@ -541,35 +422,18 @@ class S3Store(Starting):
             if not args["VersionIdMarker"]:
                 args.pop("VersionIdMarker")
 
-    async def check_create_if_absent(self, probe_key: str) -> None:
-        """Fencing rests on `If-None-Match: *`: prove the endpoint refuses a second create
-        (probe objects carry no Object Lock, so they can be removed again)."""
-
-        async def put(key: str, data: bytes) -> bool:
-            args = {k: v for k, v in self._put_args(key, data).items()
-                    if not k.startswith("ObjectLock")}
-
-            return await self._retrying("put", key, lambda: self._create(args))
-
-        await probe_create_if_absent(self, probe_key, put)
-
-    async def list(
-        self, prefix: str, start_after: str | None = None, limit: int | None = None
-    ) -> AsyncIterator[str]:
-        check_prefix(prefix)
-        remaining = limit
-        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._prefix + prefix}
-        if start_after:
+    async def _names(self, prefix: str, start_after: str | None, limit: int | None
+                     ) -> AsyncIterator[str]:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._prefix + prefix,
+                                "MaxKeys": min(PAGE, limit or PAGE)}
+        if start_after:  # exclusive
             args["StartAfter"] = self._prefix + start_after
-        while remaining is None or remaining > 0:
-            args["MaxKeys"] = min(1000, remaining if remaining is not None else 1000)
+        while True:
             page = await self._retrying(
                 "list", prefix, functools.partial(self._c.list_objects_v2, **args)
             )
             for obj in page.get("Contents", []):
-                yield obj["Key"][len(self._prefix) :]
-            if remaining is not None:
-                remaining -= len(page.get("Contents", []))
+                yield obj["Key"]
             if not page.get("IsTruncated"):
                 return
             args["ContinuationToken"] = page["NextContinuationToken"]
