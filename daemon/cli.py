@@ -503,6 +503,14 @@ async def _log_truncate(args: argparse.Namespace, connectors: Connectors) -> int
 # -- the parser ----------------------------------------------------------------------------
 
 
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+             help: str, group: str = "") -> argparse.ArgumentParser:
+    """The parser of one command, its handler named by the command ("keys generate")."""
+    p = sub.add_parser(name, help=help)
+    p.set_defaults(handler=f"{group} {name}".lstrip())
+    return p
+
+
 def _add_secret_args(p: argparse.ArgumentParser, *, keys: bool = True) -> None:
     """How an operator hands over what the service gets from systemd credentials."""
     if keys:
@@ -576,23 +584,22 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
                         "on a terminal, else JSON lines, the command's error line included)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check a config file; exit 2 with every error found")
+    p = _command(sub, "validate", help="check a config file; exit 2 with every error found")
     p.add_argument("config", help="path of the YAML config")
     p.add_argument("--check-keys", action="store_true",
                    help="also load every key of the key ring (without it, key files are "
                    "checked for existence and mode only)")
     _add_secret_args(p)
-    p.set_defaults(handler="validate")
 
     keys = sub.add_parser("keys", help="manage encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    p = keys_sub.add_parser("generate", help="write a new random 256-bit key file (mode 0600)")
+    p = _command(keys_sub, "generate", group="keys",
+                 help="write a new random 256-bit key file (mode 0600)")
     p.add_argument("path", help="where to write the key; an existing file is never overwritten")
     p.add_argument("--id", default="k1",
                    help="key id to show in the config snippet ([A-Za-z0-9._-], up to 64)")
-    p.set_defaults(handler="keys generate")
 
-    p = sub.add_parser("verify", help="walk a log's hash chain; --deep also checks every MAC")
+    p = _command(sub, "verify", help="walk a log's hash chain; --deep also checks every MAC")
     p.add_argument("url", nargs="?", help="store URL (file:///path, s3://bucket/prefix, "
                    "gs://bucket/prefix, az://account/container/prefix)")
     _add_config(p, required=False, help="take store, log_id and keys from this config")
@@ -602,34 +609,29 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--from-seq", type=int, default=1, metavar="N")
     p.add_argument("--to-seq", type=int, default=None, metavar="N")
     p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.set_defaults(handler="verify")
 
-    p = sub.add_parser("ship", help="tail the configured sources into the delta log until SIGTERM")
+    p = _command(sub, "ship", help="tail the configured sources into the delta log until SIGTERM")
     p.add_argument("--config", required=True, help="path of the YAML config")
-    p.set_defaults(handler="ship")
 
-    p = sub.add_parser("apply", help="follow the delta log into the standby sinks until SIGTERM")
+    p = _command(sub, "apply", help="follow the delta log into the standby sinks until SIGTERM")
     p.add_argument("--config", required=True, help="path of the YAML config")
-    p.set_defaults(handler="apply")
 
-    p = sub.add_parser("status", help="durable head, ship lag and RPO per source, apply lag "
-                       "per sink; exit 1 on a problem (unreachable, over a threshold)")
+    p = _command(sub, "status", help="durable head, ship lag and RPO per source, apply lag "
+                 "per sink; exit 1 on a problem (unreachable, over a threshold)")
     _add_config(p)
     p.add_argument("--max-rpo", type=float, metavar="SECONDS",
                    help="a problem when a stream's RPO is unknown or over this")
     p.add_argument("--max-lag", type=float, metavar="SECONDS",
                    help="a problem when a sink's apply lag is over this")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler="status")
 
-    p = sub.add_parser("failover", help="apply every durable segment, sync consumer-group "
-                       "offsets, report and record the final RPO")
+    p = _command(sub, "failover", help="apply every durable segment, sync consumer-group "
+                 "offsets, report and record the final RPO")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler="failover")
 
-    p = sub.add_parser("replay", help="rebuild topics or a model registry from the log up "
-                       "to a time or seq; resumable, with progress")
+    p = _command(sub, "replay", help="rebuild topics or a model registry from the log up "
+                 "to a time or seq; resumable, with progress")
     p.add_argument("--config", help="take store, log_id and keys from this config")
     p.add_argument("--store", metavar="URL",
                    help="or: the store URL (file://, s3://, gs://, az://)")
@@ -639,19 +641,17 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--name", default="replay",
                    help="names this replay's checkpoint: rerun with the same name to resume")
     p.add_argument("--dry-run", action="store_true", help="report what would be written")
-    p.set_defaults(handler="replay")
 
-    p = sub.add_parser("drill", help="replay into scratch topics (or a scratch registry "
-                       "with --target-mlflow), compare with the log, report RTO/RPO; exit 1 on "
-                       "any mismatch or bad segment, 3 when the target cannot be reached")
+    p = _command(sub, "drill", help="replay into scratch topics (or a scratch registry "
+                 "with --target-mlflow), compare with the log, report RTO/RPO; exit 1 on "
+                 "any mismatch or bad segment, 3 when the target cannot be reached")
     _add_config(p)
     _add_replay_args(p, connectors, stream_options)
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch topics (or the models in the scratch registry)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(handler="drill")
 
-    p = sub.add_parser("prune", help="delete old segments no sink of the config still needs")
+    p = _command(sub, "prune", help="delete old segments no sink of the config still needs")
     _add_config(p, help="the standby's (apply) config: its sinks' progress decides what "
                 "may go")
     p.add_argument("--older-than", required=True, metavar="DURATION",
@@ -663,11 +663,10 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--no-sink-check", action="store_true",
                    help="allow a config without sinks: prune by age and the head alone, "
                    "whatever a standby has applied")
-    p.set_defaults(handler="prune")
 
-    p = sub.add_parser("bench", help="replication-lag benchmark through the running ship and "
-                       "apply: stamped records into a bench topic on the primary (created and "
-                       "removed by it), read on the standby; lag and RPO percentiles, JSON")
+    p = _command(sub, "bench", help="replication-lag benchmark through the running ship and "
+                 "apply: stamped records into a bench topic on the primary (created and "
+                 "removed by it), read on the standby; lag and RPO percentiles, JSON")
     _add_config(p, help="a config with the source (primary) and the sink (standby) the "
                 "running ship and apply use")
     p.add_argument("--rate", type=float, default=1000, metavar="N",
@@ -692,20 +691,18 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
                    help="keep the bench topic and its standby copy (default: both removed)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", metavar="PATH", help="also write the JSON report to PATH")
-    p.set_defaults(handler="bench")
 
     logs = sub.add_parser("log", help="repair a log the writer stopped on (audited)")
     logs_sub = logs.add_subparsers(dest="log_command", required=True, metavar="ACTION")
-    p = logs_sub.add_parser("truncate", help="remove every segment after a seq (never one "
-                            "under Object Lock), storing an audit record first; ship then "
-                            "resumes after that seq")
+    p = _command(logs_sub, "truncate", group="log",
+                 help="remove every segment after a seq (never one under Object Lock), "
+                 "storing an audit record first; ship then resumes after that seq")
     _add_config(p, keys=False)
     p.add_argument("--after", type=int, required=True, metavar="SEQ",
                    help="the last segment to keep")
     p.add_argument("--reason", help="why, for the audit record")
     p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler="log truncate")
     return parser
 
 

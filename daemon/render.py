@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from drstream.daemon.bench import BenchReport
@@ -53,9 +53,7 @@ def verify(report: Report) -> list[str]:
         if report.blobs_checked:
             out.append(f"  blobs      {report.blobs_checked} named by segments, each fetched "
                        "and authenticated")
-    out += [f"  PROBLEM    {problem}" for problem in report.problems]
-    out += [f"  WARNING    {warning}" for warning in report.warnings]
-    return out
+    return out + _findings(report.problems, report.warnings, width=10)
 
 
 def status(r: StatusReport) -> list[str]:
@@ -75,9 +73,14 @@ def status(r: StatusReport) -> list[str]:
     if r.in_flight_seqs:
         out.append(f"  in flight      seqs {r.in_flight_seqs} stored after the head (uploads "
                    "not yet durable)")
-    out += [f"  PROBLEM        {p}" for p in r.problems]
-    out += [f"  WARNING        {w}" for w in r.warnings]
-    return out
+    return out + _findings(r.problems, r.warnings, width=14)
+
+
+def _findings(problems: Sequence[object], warnings: Sequence[str], *, width: int
+              ) -> list[str]:
+    """A report's closing PROBLEM and WARNING lines, their text at column `width` + 3."""
+    return ([f"  {'PROBLEM':<{width}} {p}" for p in problems]
+            + [f"  {'WARNING':<{width}} {w}" for w in warnings])
 
 
 def _stream_status(stream: str, s: dict[str, Any]) -> str:
