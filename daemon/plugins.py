@@ -77,6 +77,22 @@ class ConnectorConfig(BaseModel):
         return None
 
 
+class SinkConfig(ConnectorConfig):
+    """A sink section: its checkpoint is kept under "<type>:<name>", and it applies the
+    log's stream `source`; the connector's model gives both their defaults."""
+
+    name: str
+    source: str
+
+    @property
+    def applies(self) -> str:
+        return self.source
+
+    @property
+    def sink_name(self) -> str:
+        return f"{self.type}:{self.name}"
+
+
 C = TypeVar("C", bound=ConnectorConfig)
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from drstream.connectors.kafka.common import combined_error, property_errors
-from drstream.daemon.plugins import ConnectorConfig
+from drstream.daemon.plugins import ConnectorConfig, SinkConfig
 from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 DEFAULT_DISCOVERY_INTERVAL_S = 5.0
@@ -146,7 +146,7 @@ DEFAULT_CHECKPOINT_TOPIC = "drstream.checkpoints"
 DEFAULT_TOPIC_TEMPLATE = "{topic}"
 
 
-class KafkaSinkConfig(_Cluster):
+class KafkaSinkConfig(_Cluster, SinkConfig):
     """The standby cluster that `apply` writes to, one transaction per segment."""
 
     name: str = Field("standby", pattern=r"^[A-Za-z0-9._-]{1,64}$",
@@ -170,14 +170,6 @@ class KafkaSinkConfig(_Cluster):
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"only {{topic}} and {{cluster}} may appear: {e}") from None
         return value
-
-    @property
-    def applies(self) -> str:
-        return self.source
-
-    @property
-    def sink_name(self) -> str:
-        return f"kafka:{self.name}"
 
     def target_topic(self, topic: str, cluster: str) -> str:
         return self.topic_template.format(topic=topic, cluster=cluster)

@@ -241,15 +241,19 @@ class RegistryClient:
 
     # -- registered models -------------------------------------------------------------
 
-    async def get_model(self, name: str) -> dict[str, Any] | None:
+    async def _get(self, endpoint: str, what: str, params: dict[str, Any]
+                   ) -> dict[str, Any] | None:
+        """A GET's answer, None when the object it names does not exist."""
         try:
-            out = await self.call("GET", "registered-models/get", f"get model {name!r}",
-                                  params={"name": name})
+            return await self.call("GET", endpoint, what, params=params)
         except MlflowApiError as e:
             if e.not_found:
                 return None
             raise
-        return out.get("registered_model") or None
+
+    async def get_model(self, name: str) -> dict[str, Any] | None:
+        out = await self._get("registered-models/get", f"get model {name!r}", {"name": name})
+        return (out or {}).get("registered_model") or None
 
     async def create_model(self, name: str, description: str = "",
                            tags: dict[str, str] | None = None) -> dict[str, Any]:
@@ -311,15 +315,9 @@ class RegistryClient:
     # -- model versions ----------------------------------------------------------------
 
     async def get_version(self, name: str, version: int) -> dict[str, Any] | None:
-        try:
-            out = await self.call("GET", "model-versions/get",
-                                  f"get version {version} of model {name!r}",
-                                  params={"name": name, "version": str(version)})
-        except MlflowApiError as e:
-            if e.not_found:
-                return None
-            raise
-        return out.get("model_version") or None
+        out = await self._get("model-versions/get", f"get version {version} of model {name!r}",
+                              {"name": name, "version": str(version)})
+        return (out or {}).get("model_version") or None
 
     async def create_version(self, name: str, source: str, run_id: str | None = None,
                              description: str = "", tags: dict[str, str] | None = None,
@@ -388,14 +386,9 @@ class RegistryClient:
 
     async def get_experiment(self, name: str) -> dict[str, Any] | None:
         """Experiment `name` (deleted ones too: see `lifecycle_stage`), or None."""
-        try:
-            out = await self.call("GET", "experiments/get-by-name", f"get experiment {name!r}",
-                                  params={"experiment_name": name})
-        except MlflowApiError as e:
-            if e.not_found:
-                return None
-            raise
-        return out["experiment"]  # type: ignore[no-any-return]
+        out = await self._get("experiments/get-by-name", f"get experiment {name!r}",
+                              {"experiment_name": name})
+        return None if out is None else out["experiment"]
 
     async def experiment_id(self, name: str, artifact_location: str | None = None,
                             tags: dict[str, str] | None = None) -> str:

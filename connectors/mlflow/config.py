@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from drstream.daemon.blobs import MAX_CHUNK
-from drstream.daemon.plugins import MAX_SECONDS, ConnectorConfig, ListenAddress
+from drstream.daemon.plugins import MAX_SECONDS, ConnectorConfig, ListenAddress, SinkConfig
 from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref
 
 NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
@@ -115,17 +115,9 @@ class MlflowSourceConfig(_Section):
         return f"mlflow:{self.name}"
 
 
-class MlflowSinkConfig(_Section):
+class MlflowSinkConfig(_Section, SinkConfig):
     name: str = Field("standby", pattern=NAME_RE, description="this registry's name")
     source: str = Field("mlflow:primary", description="the stream in the log to apply")
     artifact_prefix: str = Field(DEFAULT_ARTIFACT_PREFIX, pattern=r"^[A-Za-z0-9._/-]{1,200}$",
                                  description="where replicated artifacts go in the standby's "
                                              "artifact store")
-
-    @property
-    def applies(self) -> str:
-        return self.source
-
-    @property
-    def sink_name(self) -> str:
-        return f"mlflow:{self.name}"
