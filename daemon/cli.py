@@ -45,6 +45,7 @@ from drstream.daemon.plugins import (
     installed,
 )
 from drstream.daemon.secrets import CREDENTIAL_NAME, SecretError, check_file, is_secret_ref
+from drstream.daemon.shards import parse_shard
 from drstream.daemon.store import Store
 
 # replay --parallel: segment fetches in flight (apply.prefetch takes the same range)
@@ -102,12 +103,58 @@ def _credential_refs(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _config(args: argparse.Namespace, connectors: Connectors) -> Config:
-    """--config, with --key / --credential overriding the references it names; its
-    logging section takes effect (the command line's --log-* win)."""
+    """--config, with --key / --credential overriding the references it names and --shard
+    selecting a shard of a log set; its logging section takes effect (the command line's
+    --log-* win)."""
     config = load_config(args.config, connectors, keys=_key_refs(args),
                          credentials=_credential_refs(args))
+    config = select_shard(config, getattr(args, "shard", None))
     configure_logging(config.logging.level, config.logging.format)
     return config
+
+
+def select_shard(config: Config, value: str | None) -> Config:
+    """The config with --shard K (or K/N, which also sets the count) as shards.index."""
+    if value is None:
+        return config
+    try:
+        index, count = parse_shard(value)
+    except ValueError as e:
+        raise ConfigFieldError("--shard", value, str(e)) from None
+    count = count if count is not None else config.shards.count
+    if index >= count:
+        raise ConfigFieldError("--shard", value, f"the set has {count} shards (shards.count): "
+                               f"K is 0 .. {count - 1}")
+    out = config.model_copy(update={"shards": config.shards.model_copy(
+        update={"index": index, "count": count})})
+    out._connectors = config.connectors
+    return out
+
+
+def _one_shard(config: Config, role: str) -> Config:
+    """ship and apply run one shard of a set: the selected one's config."""
+    if config.shards.count > 1 and config.shards.index is None:
+        raise ConfigFieldError("--shard", MISSING, f"shards.count is {config.shards.count}: "
+                               f"{role} runs one shard, give --shard K (0 .. "
+                               f"{config.shards.count - 1}) or shards.index")
+    return config.for_shard(config.shards.index or 0)
+
+
+def each_shard(config: Config) -> list[Config]:
+    """The configs of the shards a command over a log set works on (--shard narrows)."""
+    return [config.for_shard(k) for k in config.shard_indexes()]
+
+
+def stream_shards(config: Config, stream: str) -> list[Config]:
+    """The shards whose logs hold `stream`: a partitioned stream is in every shard's log,
+    any other (a model registry) in shard 0's only."""
+    source = config.connectors.source_named(stream.split(":", 1)[0])
+    if config.shards.count == 1 or (source is not None and source.sharded):
+        return each_shard(config)
+    if 0 not in config.shard_indexes():
+        raise ConfigFieldError("--shard", config.shards.index, f"stream {stream} is shipped "
+                               "by shard 0 only (it is not split by partition)")
+    return [config.for_shard(0)]
 
 
 def keyring_from_config(config: Config) -> KeyRing:
@@ -167,6 +214,11 @@ async def _validate(args: argparse.Namespace, connectors: Connectors) -> int:
         if errors:
             raise ConfigError(args.config, errors)
     print(f"{args.config}: ok (log_id {config.log_id}, store {config.store.type})")
+    if config.shards.count > 1:
+        for shard in each_shard(config):
+            assert shard.shard is not None
+            sources, sinks = [s.stream for s in shard.sources], [s.sink_name for s in shard.sinks]
+            print(f"  {shard.shard.label}: log {shard.log_id}, sources {sources}, sinks {sinks}")
     return EXIT_OK
 
 
@@ -207,8 +259,9 @@ async def _verify(args: argparse.Namespace, connectors: Connectors) -> int:
         raise ConfigFieldError("--deep", MISSING, "decrypts every segment: give --key ID=REF "
                                "or --config")
     async with connectors.open_store(store_config) as store:
+        shards = {c.log_id: c for c in each_shard(config)} if config is not None else {}
         log_ids = [args.log_id] if args.log_id else (
-            [config.log_id] if config is not None else await _discover_logs(store)
+            list(shards) if config is not None else await _discover_logs(store)
         )
         if not log_ids:
             raise ConfigFieldError("URL", store.url, "no logs in this store")
@@ -218,7 +271,8 @@ async def _verify(args: argparse.Namespace, connectors: Connectors) -> int:
                    for log_id in log_ids]
         if config is not None and args.to_seq is None:
             for report in reports:
-                await check_readers(config, DeltaLog(store, report.log_id), report)
+                await check_readers(shards.get(report.log_id, config),
+                                    DeltaLog(store, report.log_id), report)
     if args.json:
         print(json.dumps([r.to_json() for r in reports], indent=2))
     else:
@@ -246,14 +300,19 @@ async def _serve(args: argparse.Namespace, connectors: Connectors, role: str) ->
     from drstream.daemon.pipeline import Shipper
     from drstream.daemon.service import Factory, Service
 
-    config = _config(args, connectors)
+    whole = _config(args, connectors)
+    config = _one_shard(whole, role)
     section, factory, need = (("sources", Shipper, "ship needs a source") if role == "ship"
                               else ("sinks", functools.partial(Applier, tip_channel=True),
                                     "apply needs a sink"))
     _require(config, args.config, section, need)
     keyring = keyring_from_config(config)
     component: Factory = factory
-    return await Service(role, args.config, config).run(keyring, component)
+
+    def select(reloaded: Config) -> Config:  # a reload keeps the shard it runs
+        return _one_shard(select_shard(reloaded, args.shard), role)
+
+    return await Service(role, args.config, config, select).run(keyring, component)
 
 
 def _require(config: Config, path: str, section: str, why: str) -> None:
@@ -262,15 +321,27 @@ def _require(config: Config, path: str, section: str, why: str) -> None:
 
 
 async def _status(args: argparse.Namespace, connectors: Connectors) -> int:
-    from drstream.daemon.status import Thresholds, status
+    from drstream.daemon.status import SetStatus, Thresholds, status, status_or_problem
 
     config = _config(args, connectors)
     for flag, value in (("--max-rpo", args.max_rpo), ("--max-lag", args.max_lag)):
         if value is not None and not 0 <= value < float("inf"):
             raise ConfigFieldError(flag, value, "seconds, 0 or more")
     keyring = keyring_from_config(config)
+    thresholds = Thresholds(args.max_rpo, args.max_lag)
     async with connectors.open_store(config.store) as store:
-        report = await status(config, store, keyring, Thresholds(args.max_rpo, args.max_lag))
+        if config.shards.count == 1:
+            report = await status(config, store, keyring, thresholds)
+        else:
+            shards = {c.shard.label if c.shard else c.log_id:
+                      await status_or_problem(c, store, keyring, thresholds)
+                      for c in each_shard(config)}
+            whole = SetStatus(config.log_id, shards)
+            if args.json:
+                _emit_json(whole.to_json())
+            else:
+                _emit(render.status_set(whole))
+            return EXIT_OK if whole.ok else EXIT_PROBLEMS
     if args.json:
         _emit_json(report.to_json())
     else:
@@ -285,12 +356,23 @@ async def _failover(args: argparse.Namespace, connectors: Connectors) -> int:
     _require(config, args.config, "sinks", "failover applies the log to the config's sinks: "
              "use the standby's (apply) config")
     keyring = keyring_from_config(config)
+    reports, failed = [], []
     async with connectors.open_store(config.store) as store:
-        report = await failover(config, store, keyring)
+        for shard in each_shard(config):
+            try:
+                reports.append(await failover(shard, store, keyring))
+            except DrstreamError as e:
+                if shard.shard is None:
+                    raise
+                # the other shards fail over all the same: each is a log of its own
+                failed.append(f"{shard.shard.label} (log {shard.log_id}): {e}")
     if args.json:
-        _emit_json(report.to_json())
+        _emit_json(reports[0].to_json() if config.shards.count == 1
+                   else [r.to_json() for r in reports])
     else:
-        _emit(render.failover(report))
+        _emit([line for r in reports for line in render.failover(r)])
+    if failed:
+        raise DrstreamError("failover did not finish for " + "; ".join(failed))
     return EXIT_OK
 
 
@@ -372,13 +454,17 @@ async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
                                f"name the {kind.traits.target_noun} to write to, or use "
                                "--dry-run")
     keyring = keyring_from_config(config)
+    shards = stream_shards(config, plan.stream)
     async with connectors.open_store(config.store) as store:
-        await check_log(store, keyring, config.log_id,
-                        "--log-id" if args.store else "log_id", plan.stream)
-        result = await replay(config, store, keyring, plan,
-                              render.replay_progress(kind.traits.unit), pin=not plan.dry_run)
-    print(file=sys.stderr)
-    _emit(render.replay(config.log_id, plan, kind, result))
+        for shard in shards:  # every log checked before anything is written
+            await check_log(store, keyring, shard.log_id,
+                            "--log-id" if args.store else "log_id", plan.stream)
+        for shard in shards:  # disjoint partitions: one log after the other
+            result = await replay(shard, store, keyring, plan,
+                                  render.replay_progress(kind.traits.unit),
+                                  pin=not plan.dry_run)
+            print(file=sys.stderr)
+            _emit(render.replay(shard.log_id, plan, kind, result))
     return EXIT_OK
 
 
@@ -390,17 +476,21 @@ async def _drill(args: argparse.Namespace, connectors: Connectors) -> int:
     plan = _plan(args, connectors)
     kind = connectors.stream(plan.stream)
     keyring = keyring_from_config(config)
-    scratch = kind.drill(plan, config.log_id, config.sinks, drill_stamp())
+    shards = stream_shards(config, plan.stream)
+    reports = []
     async with connectors.open_store(config.store) as store:
-        await check_log(store, keyring, config.log_id, "log_id", plan.stream)
-        report = await drill(config, store, keyring, scratch, args.keep,
-                             render.replay_progress(kind.traits.unit))
-    print(file=sys.stderr)
+        for shard in shards:
+            await check_log(store, keyring, shard.log_id, "log_id", plan.stream)
+        for shard in shards:  # each shard's log into scratch targets of its own
+            scratch = kind.drill(plan, shard.log_id, shard.sinks, drill_stamp())
+            reports.append(await drill(shard, store, keyring, scratch, args.keep,
+                                       render.replay_progress(kind.traits.unit)))
+            print(file=sys.stderr)
     if args.json:
-        _emit_json(report.doc)
+        _emit_json(reports[0].doc if config.shards.count == 1 else [r.doc for r in reports])
     else:
-        _emit(render.drill(report))
-    return EXIT_OK if report.ok else EXIT_PROBLEMS
+        _emit([line for r in reports for line in render.drill(r)])
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_PROBLEMS
 
 
 async def _prune(args: argparse.Namespace, connectors: Connectors) -> int:
@@ -416,9 +506,10 @@ async def _prune(args: argparse.Namespace, connectors: Connectors) -> int:
     grace = parse_duration_s(args.blob_grace, "--blob-grace")
     keyring = keyring_from_config(config)
     async with connectors.open_store(config.store) as store:
-        result = await prune(config, store, keyring, older, dry_run=args.dry_run,
-                             blob_grace_s=grace)
-    _emit(render.prune(config.log_id, result, args.dry_run))
+        for shard in each_shard(config):
+            result = await prune(shard, store, keyring, older, dry_run=args.dry_run,
+                                 blob_grace_s=grace)
+            _emit(render.prune(shard.log_id, result, args.dry_run))
     return EXIT_OK
 
 
@@ -524,6 +615,14 @@ def _add_secret_args(p: argparse.ArgumentParser, *, keys: bool = True) -> None:
                    "kafka-password=file:/etc/drstream/kafka.pw (repeatable)")
 
 
+SHARD_HELP = ("a shard of a log set (shards.count in the config): K, or K/N to set the "
+              "count too; default every shard")
+
+
+def _add_shard(p: argparse.ArgumentParser, help: str = SHARD_HELP) -> None:
+    p.add_argument("--shard", metavar="K[/N]", help=help)
+
+
 def _add_config(p: argparse.ArgumentParser, *, required: bool = True,
                 keys: bool = True, help: str = "path of the YAML config") -> None:
     p.add_argument("--config", required=required, help=help)
@@ -590,6 +689,8 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
                    help="also load every key of the key ring (without it, key files are "
                    "checked for existence and mode only)")
     _add_secret_args(p)
+    _add_shard(p, "check the config as shard K (of N) runs it (with shards.count, every shard "
+               "is listed)")
 
     keys = sub.add_parser("keys", help="manage encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -609,12 +710,17 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--from-seq", type=int, default=1, metavar="N")
     p.add_argument("--to-seq", type=int, default=None, metavar="N")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    _add_shard(p, "with --config of a log set: only shard K's log (default every shard's)")
 
     p = _command(sub, "ship", help="tail the configured sources into the delta log until SIGTERM")
     p.add_argument("--config", required=True, help="path of the YAML config")
+    _add_shard(p, "the shard of the log set to ship (needed when shards.count > 1; K/N also "
+               "sets the count), e.g. a systemd instance or a StatefulSet ordinal")
 
     p = _command(sub, "apply", help="follow the delta log into the standby sinks until SIGTERM")
     p.add_argument("--config", required=True, help="path of the YAML config")
+    _add_shard(p, "the shard of the log set to apply (needed when shards.count > 1; K/N also "
+               "sets the count)")
 
     p = _command(sub, "status", help="durable head, ship lag and RPO per source, apply lag "
                  "per sink; exit 1 on a problem (unreachable, over a threshold)")
@@ -624,11 +730,13 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--max-lag", type=float, metavar="SECONDS",
                    help="a problem when a sink's apply lag is over this")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_shard(p)
 
     p = _command(sub, "failover", help="apply every durable segment, sync consumer-group "
                  "offsets, report and record the final RPO")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_shard(p)
 
     p = _command(sub, "replay", help="rebuild topics or a model registry from the log up "
                  "to a time or seq; resumable, with progress")
@@ -641,6 +749,8 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--name", default="replay",
                    help="names this replay's checkpoint: rerun with the same name to resume")
     p.add_argument("--dry-run", action="store_true", help="report what would be written")
+    _add_shard(p, "with --config of a log set: replay only shard K's log (default every "
+               "shard's, one after the other)")
 
     p = _command(sub, "drill", help="replay into scratch topics (or a scratch registry "
                  "with --target-mlflow), compare with the log, report RTO/RPO; exit 1 on "
@@ -650,6 +760,7 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch topics (or the models in the scratch registry)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_shard(p)
 
     p = _command(sub, "prune", help="delete old segments no sink of the config still needs")
     _add_config(p, help="the standby's (apply) config: its sinks' progress decides what "
@@ -663,6 +774,7 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     p.add_argument("--no-sink-check", action="store_true",
                    help="allow a config without sinks: prune by age and the head alone, "
                    "whatever a standby has applied")
+    _add_shard(p)
 
     p = _command(sub, "bench", help="replication-lag benchmark through the running ship and "
                  "apply: stamped records into a bench topic on the primary (created and "

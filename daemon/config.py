@@ -45,6 +45,7 @@ from drstream.daemon.plugins import (
     installed,
 )
 from drstream.daemon.secrets import SECRET_REF_HELP, is_secret_ref
+from drstream.daemon.shards import MAX_SHARDS, SUFFIX_MAX, Shard, shard_log_id
 
 LOG_ID_FIELD = rf"^{LOG_ID_PATTERN}$"
 KEY_ID_FIELD = rf"^{KEY_ID_RE.pattern}$"
@@ -160,7 +161,8 @@ class ApplyConfig(Strict):
         DEFAULT_APPLY_TIP_FROM, pattern=r"^(auto|[^:]*:\d+)$",
         description="host:port of ship's HTTP server, whose /tip stream says when a segment "
                     "is durable (daemon/tip.py); 'auto': service.ship_metrics_listen of this "
-                    "config; null: probe the store only")
+                    "config; null: probe the store only; {shard} in the host expands to the "
+                    "shard index")
 
 
 DEFAULT_SHIP_METRICS_LISTEN = "127.0.0.1:9464"
@@ -182,6 +184,34 @@ class ServiceConfig(Strict):
                     "scan) this long, not ready meanwhile, before they exit 3")
 
 
+class ShardsConfig(Strict):
+    """A log set (docs/shards.md): `count` ship/apply pairs, shard k shipping the Kafka
+    partitions a stable hash assigns to it into its own log `<log_id>-s<k>of<count>`."""
+
+    count: int = Field(1, ge=1, le=MAX_SHARDS, description="shards in the set (1: one log)")
+    index: int | None = Field(
+        None, ge=0, description="the shard this process runs (ship and apply of a set need "
+        "one: here or --shard K); other commands work on every shard unless it is given")
+    port_stride: int = Field(
+        0, ge=0, le=1000, description="shard k listens at the service ports + k * this "
+        "(several shards on one host); 0: the same ports (one shard per host or pod)")
+
+    @model_validator(mode="after")
+    def _index_below_count(self) -> ShardsConfig:
+        if self.index is not None and self.index >= self.count:
+            raise ValueError(f"index {self.index} is not below count {self.count} "
+                             f"(shards are 0 .. {self.count - 1})")
+        return self
+
+
+def _shift_port(address: str | None, delta: int) -> str | None:
+    """host:port moved by `delta` (port 0, any free port, stays 0)."""
+    if address is None or not delta:
+        return address
+    host, _, port = address.rpartition(":")
+    return address if port == "0" else f"{host}:{int(port) + delta}"
+
+
 # A connector section, already validated by its connector's own model.
 Section = SerializeAsAny[InstanceOf[ConnectorConfig]]
 
@@ -198,12 +228,57 @@ class Config(Strict):
     allowed_regions: list[str] | None = Field(
         None, description="data residency: every store and cluster must declare one of these")
     logging: LoggingConfig = LoggingConfig()
+    shards: ShardsConfig = Field(default_factory=lambda: ShardsConfig.model_validate({}))
     _connectors: Connectors = PrivateAttr(default_factory=installed)
+    _shard: Shard | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _room_for_shard_suffix(self) -> Config:
+        if self.shards.count > 1 and len(self.log_id) + SUFFIX_MAX > 128:
+            raise ValueError(f"log_id {self.log_id!r} is too long for a set of shards: at most "
+                             f"{128 - SUFFIX_MAX} characters (each shard appends -s<k>of<N>)")
+        return self
 
     @property
     def connectors(self) -> Connectors:
         """The connector registry this config was validated with."""
         return self._connectors
+
+    @property
+    def shard(self) -> Shard | None:
+        """The shard this config runs (for_shard), None for a plain log or a whole set."""
+        return self._shard
+
+    def shard_indexes(self) -> list[int]:
+        """The shards a command works on: the one selected (shards.index), else every one."""
+        if self.shards.index is not None:
+            return [self.shards.index]
+        return list(range(self.shards.count))
+
+    def for_shard(self, index: int) -> Config:
+        """One shard's config: its log id, the sources and sinks it runs (every shard the
+        partitioned ones, shard 0 also the rest), its listen ports. A set of one is self."""
+        count = self.shards.count
+        if count == 1 or self._shard is not None:
+            return self
+        first = index == 0
+        registry = self.connectors
+        delta = index * self.shards.port_stride
+        tip = self.apply.tip_from
+        if tip not in (None, "auto"):
+            tip = _shift_port(tip.replace("{shard}", str(index)), delta)
+        service = self.service.model_copy(update={
+            "ship_metrics_listen": _shift_port(self.service.ship_metrics_listen, delta),
+            "apply_metrics_listen": _shift_port(self.service.apply_metrics_listen, delta)})
+        out = self.model_copy(update={
+            "log_id": shard_log_id(self.log_id, index, count),
+            "sources": [s for s in self.sources if first or registry.source_type(s).sharded],
+            "sinks": [s for s in self.sinks if first or registry.sink_type(s).sharded],
+            "service": service, "apply": self.apply.model_copy(update={"tip_from": tip}),
+            "shards": self.shards.model_copy(update={"index": index})})
+        out._connectors = registry
+        out._shard = Shard(index, count)
+        return out
 
     def tip_address(self) -> str | None:
         """Where apply hears ship's durable tip (apply.tip_from resolved), or None."""
@@ -215,7 +290,7 @@ class Config(Strict):
         """What every source and sink of this config is built with."""
         return Context(log_id=self.log_id, blobs=blobs,
                        buffer_max_bytes=self.ship.buffer_max_bytes,
-                       outage_budget_s=self.service.outage_budget_s)
+                       outage_budget_s=self.service.outage_budget_s, shard=self._shard)
 
 
 def _fmt_loc(loc: tuple[int | str, ...]) -> str:

@@ -32,6 +32,7 @@ from drstream.daemon.store import Store
 if TYPE_CHECKING:
     from drstream.daemon.blobs import BlobStore
     from drstream.daemon.plan import ReplayPlan
+    from drstream.daemon.shards import Shard
 
 ENTRY_POINT_GROUP = "drstream.connectors"
 
@@ -105,6 +106,9 @@ class Context:
     buffer_max_bytes: int = 0  # sources: consumed but unencoded bytes before pausing
     # how long to retry a source that cannot be reached at start before giving up
     outage_budget_s: float = DEFAULT_OUTAGE_BUDGET_S
+    # the shard of a log set this source ships (a partitioned source reads only the
+    # partitions it owns); None: not sharded
+    shard: Shard | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,9 @@ class SourceType(Generic[C]):
     factory: Callable[[C, Context], Source]
     # config keys that re-point the source: a reload that changes them needs a restart
     restart_fields: tuple[str, ...] = ()
+    # its stream is split over the shards of a log set by (topic, partition); False: the
+    # whole stream is shipped by shard 0 (docs/shards.md)
+    sharded: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,7 @@ class SinkType(Generic[C]):
     name: str
     config_model: type[C]
     factory: Callable[[C, Context], Sink]
+    sharded: bool = False  # applies a sharded stream: runs in every shard, else in shard 0
 
 
 @dataclass(frozen=True)
@@ -438,11 +446,14 @@ class Connectors:
     def source(self, config: ConnectorConfig, ctx: Context) -> Source:
         return self.source_type(config).factory(config, ctx)
 
-    def sink(self, config: ConnectorConfig, ctx: Context) -> Sink:
+    def sink_type(self, config: ConnectorConfig) -> SinkType[Any]:
         found = self.sink_named(config.type)
         if found is None:
             raise DrstreamError(f"unknown sink type {config.type!r}")
-        return found.factory(config, ctx)
+        return found
+
+    def sink(self, config: ConnectorConfig, ctx: Context) -> Sink:
+        return self.sink_type(config).factory(config, ctx)
 
     def kind_of(self, stream: str) -> StreamKind | None:
         c = self.connector(stream.split(":", 1)[0])

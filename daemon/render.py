@@ -14,7 +14,7 @@ from drstream.daemon.plan import ReplayPlan
 from drstream.daemon.plugins import StreamKind
 from drstream.daemon.prune import PruneResult
 from drstream.daemon.replay import Progress, ReplayResult
-from drstream.daemon.status import FailoverReport, StatusReport
+from drstream.daemon.status import FailoverReport, SetStatus, StatusReport
 from drstream.daemon.truncate import TruncateResult
 from drstream.daemon.verify import Report
 
@@ -81,6 +81,16 @@ def _findings(problems: Sequence[object], warnings: Sequence[str], *, width: int
     """A report's closing PROBLEM and WARNING lines, their text at column `width` + 3."""
     return ([f"  {'PROBLEM':<{width}} {p}" for p in problems]
             + [f"  {'WARNING':<{width}} {w}" for w in warnings])
+
+
+def status_set(r: SetStatus) -> list[str]:
+    out = [line for report in r.shards.values() for line in status(report)]
+    failing = ", ".join(f"{label} (log {r.shards[label].log_id})" for label in r.failing)
+    out.append(f"set {r.log_id} of {len(r.shards)} shards: "
+               f"{'OK' if r.ok else 'PROBLEMS in ' + failing}; worst RPO "
+               f"{seconds(r.worst('streams', 'rpo_s'))}, worst apply lag "
+               f"{seconds(r.worst('sinks', 'apply_lag_s'))}")
+    return out
 
 
 def _stream_status(stream: str, s: dict[str, Any]) -> str:

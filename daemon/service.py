@@ -17,7 +17,7 @@ from typing import Protocol
 
 from drstream.daemon import __version__
 from drstream.daemon.config import Config, load_config
-from drstream.daemon.errors import EXIT_FAILURE, ConfigError
+from drstream.daemon.errors import EXIT_FAILURE, ConfigError, ConfigFieldError
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.logging import configure_logging, get_logger
 from drstream.daemon.metrics import INFO, Health, MetricsServer
@@ -60,10 +60,12 @@ def _exit_now(code: int) -> None:
 
 
 class Service:
-    def __init__(self, role: str, config_path: str, config: Config) -> None:
+    def __init__(self, role: str, config_path: str, config: Config,
+                 select: Callable[[Config], Config] = lambda c: c) -> None:
         self.role = role
         self.config_path = config_path
         self.config = config
+        self.select = select  # the shard this service runs, of a reloaded config
         self.notifier = Notifier()
         self.health = Health(config.service.stall_after_s)
         self.stop = asyncio.Event()
@@ -141,7 +143,7 @@ class Service:
         self.notifier.reloading()
         changed: list[str] = []
         try:
-            new = load_config(self.config_path)
+            new = self.select(load_config(self.config_path))
             changed = [k for k in FROZEN_ON_RELOAD if getattr(new, k) != getattr(self.config, k)]
             if changed:
                 raise ConfigError(self.config_path, [])  # reported below with the keys
@@ -150,6 +152,8 @@ class Service:
             configure_logging(new.logging.level, new.logging.format)
             self.config = new
             log.info("config_reloaded", path=self.config_path)
+        except ConfigFieldError as e:  # the shard this service runs is gone (--shard)
+            log.error("config_reload_rejected", path=self.config_path, error=str(e))
         except ConfigError as e:
             detail = str(e) if e.errors else f"{changed} cannot change without a restart"
             log.error("config_reload_rejected", path=self.config_path, error=detail)

@@ -185,6 +185,49 @@ async def status(config: Config, store: Store, keyring: KeyRing,
     return report
 
 
+@dataclass
+class SetStatus:
+    """`drstream status` over a log set: each shard's report (by its log id) and the set's
+    worst RPO and apply lag; a shard that could not be read is a problem of its own while
+    the others are reported as usual."""
+
+    log_id: str  # the set's (the config's) log_id
+    shards: dict[str, StatusReport]  # "shard k/N" -> its report
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.shards.values())
+
+    @property
+    def failing(self) -> list[str]:
+        return [label for label, r in self.shards.items() if not r.ok]
+
+    def worst(self, section: str, key: str) -> float | None:
+        """The largest known value of `key` over every stream or sink of every shard."""
+        found = [v[key] for r in self.shards.values() for v in getattr(r, section).values()
+                 if v.get(key) is not None]
+        return max(found, default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"log_id": self.log_id, "ok": self.ok, "failing_shards": self.failing,
+                "rpo_s": self.worst("streams", "rpo_s"),
+                "apply_lag_s": self.worst("sinks", "apply_lag_s"),
+                "shards": {label: r.to_json() for label, r in self.shards.items()}}
+
+
+async def status_or_problem(config: Config, store: Store, keyring: KeyRing,
+                            thresholds: Thresholds) -> StatusReport:
+    """status(), or for a log that cannot be read (a gap, a damaged head) a report whose
+    problem names the shard and the object: the other shards of a set still report."""
+    try:
+        return await status(config, store, keyring, thresholds)
+    except DrstreamError as e:
+        where = f"{config.shard.label} (log {config.log_id})" if config.shard else config.log_id
+        return StatusReport(log_id=config.log_id, store=store.url, durable_head_seq=None,
+                            head_written_at_ms=None, head_age_s=None,
+                            problems=[f"{where}: {e}"])
+
+
 def _sink_status(cp: Checkpoint | DrstreamError, head: LogHead) -> dict[str, Any]:
     if isinstance(cp, DrstreamError):
         return {"reachable": False, "error": str(cp)}

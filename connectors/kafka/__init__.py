@@ -11,8 +11,8 @@ from drstream.daemon.plugins import Connector, SinkType, SourceType
 CONNECTOR = Connector(
     name="kafka",
     source=SourceType("kafka", KafkaSourceConfig, KafkaSource,
-                      restart_fields=("bootstrap_servers",)),
-    sink=SinkType("kafka", KafkaSinkConfig, KafkaSink),
+                      restart_fields=("bootstrap_servers",), sharded=True),
+    sink=SinkType("kafka", KafkaSinkConfig, KafkaSink, sharded=True),
     stream=KafkaStreams(),
     bench=kafka_bench,
 )

@@ -94,6 +94,7 @@ class KafkaSource(Closing):
         self.stream = config.stream
         self.group_id = config.group_id or f"drstream-{ctx.log_id}"
         self.buffer_max_bytes = ctx.buffer_max_bytes
+        self.shard = ctx.shard  # None: every partition is this source's
         self._positions: Positions = {}
         self._delivered: Positions = {}
         self._buffered = 0
@@ -181,7 +182,8 @@ class KafkaSource(Closing):
             admin = AdminClient(conf)
             md = admin.list_topics(timeout=timeout)
             parts = [TopicPartition(name, p) for name, t in md.topics.items()
-                     if t.error is None and self._selected(name) for p in t.partitions]
+                     if t.error is None and self._selected(name) for p in t.partitions
+                     if self._owns(name, p)]
             earliest, latest, max_ts = (OffsetSpec.earliest(),  # type: ignore[no-untyped-call]
                                         OffsetSpec.latest(),  # type: ignore[no-untyped-call]
                                         OffsetSpec.max_timestamp())  # type: ignore[no-untyped-call]
@@ -419,7 +421,7 @@ class KafkaSource(Closing):
             if t.error is None and self._selected(name)
         }
         new_parts = [(t, p) for t, n in wanted.items() for p in range(n)
-                     if p >= self._topics.get(t, 0)]
+                     if p >= self._topics.get(t, 0) and self._owns(t, p)]
         if new_parts:
             self._assign(new_parts, initial=initial)
         dropped = [tp for tp in self._assigned if tp.topic not in wanted]
@@ -432,6 +434,12 @@ class KafkaSource(Closing):
         self._refresh_metadata(force=initial or bool(changed))
         if self.config.groups.include:
             self._refresh_groups()
+
+    def _owns(self, topic: str, partition: int) -> bool:
+        """A partition this shard ships (every one without shards). Topic metadata is
+        shipped by every shard alike: each shard's apply creates the topics it writes to
+        itself, never waiting on another shard (docs/shards.md)."""
+        return self.shard is None or self.shard.owns(topic, partition)
 
     def _selected(self, topic: str) -> bool:
         import re
@@ -553,7 +561,10 @@ class KafkaSource(Closing):
         reader = Consumer({**client_config(self.config), "group.id": group,
                            "enable.auto.commit": False})
         try:
-            tps = [TopicPartition(t, p) for t, n in self._topics.items() for p in range(n)]
+            # only the partitions this shard ships: a group's offset travels in the log of
+            # the records below it, so its translation on the standby stays exact
+            tps = [TopicPartition(t, p) for t, n in self._topics.items() for p in range(n)
+                   if self._owns(t, p)]
             parts: dict[str, dict[str, int]] = {}
             for tp in reader.committed(tps, timeout=10) if tps else []:
                 if tp.offset >= 0 and tp.error is None:

@@ -29,9 +29,11 @@ from drstream.daemon.plugins import installed
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = {"ship": ROOT / "systemd" / "drstream-ship.service",
          "apply": ROOT / "systemd" / "drstream-apply.service"}
+TEMPLATES = {"ship": ROOT / "systemd" / "drstream-ship@.service",
+             "apply": ROOT / "systemd" / "drstream-apply@.service"}
 PRUNE = ROOT / "systemd" / "drstream-prune.service"
 TIMER = ROOT / "systemd" / "drstream-prune.timer"
-SERVICES = {**UNITS, "prune": PRUNE}
+SERVICES = {**UNITS, **{f"{r}@": p for r, p in TEMPLATES.items()}, "prune": PRUNE}
 CALENDAR_PERIOD_S = {"hourly": 3600, "daily": 86400, "weekly": 7 * 86400}
 INSTALLED_BIN = "/usr/bin/drstream"
 CONFIG = "/etc/drstream/drstream.yaml"
@@ -381,3 +383,46 @@ def test_prune_timer(tmp_path: Path) -> None:
     # a run that hangs is ended before the next one is due
     timeout = seconds(one(parse_unit(PRUNE.read_text()), "Service", "TimeoutStartSec"))
     assert timeout < CALENDAR_PERIOD_S[calendar], (timeout, calendar)
+
+
+# --------------------------------------------------------------------------- shard templates
+#
+# drstream-ship@.service and drstream-apply@.service run one shard of a log set each
+# (instance = shard index, docs/shards.md). They are the plain units line for line but
+# for the shard: a hardening or timeout change to one that misses the other fails here.
+
+TEMPLATE_KEYS = {"Description", "ExecStart", "SyslogIdentifier"}
+
+
+@pytest.mark.parametrize("role", sorted(UNITS))
+def test_template_is_the_plain_unit_with_a_shard(role: str) -> None:
+    plain, template = parse_unit(UNITS[role].read_text()), parse_unit(TEMPLATES[role].read_text())
+    for section in plain.keys() | template.keys():
+        a = [kv for kv in plain.get(section, []) if kv[0] not in TEMPLATE_KEYS]
+        b = [kv for kv in template.get(section, []) if kv[0] not in TEMPLATE_KEYS]
+        assert a == b, f"[{section}] of {TEMPLATES[role].name} differs from {UNITS[role].name}"
+    s = "Service"
+    assert one(template, s, "ExecStart") == f"{one(plain, s, 'ExecStart')} --shard %i"
+    assert one(template, s, "SyslogIdentifier") == f"drstream-{role}@%i"
+    assert "%i" in one(template, "Unit", "Description")
+
+
+def instance(template: Unit, k: str) -> Unit:
+    """The template as systemd instantiates it for instance `k` (%i expanded)."""
+    return {section: [(key, v.replace("%i", k)) for key, v in kvs]
+            for section, kvs in template.items()}
+
+
+@pytest.mark.parametrize("role", sorted(UNITS))
+def test_template_instance_selects_the_shard(role: str, tmp_path: Path) -> None:
+    """Instance K runs shard K of the config's set; an instance past the set's count is a
+    usage error (exit 2: not restarted) naming --shard; K of a set of one is refused too."""
+    template = parse_unit(TEMPLATES[role].read_text())
+    raw = dr_config(tmp_path, shards={"count": 3})
+    raw["service"] = {**raw["service"], "outage_budget_s": 1}  # type: ignore[dict-item]
+    res = run_unit_command(instance(template, "3"), tmp_path, raw)
+    assert res.returncode == 2, res.stderr
+    assert "--shard" in res.stderr and "K is 0 .. 2" in res.stderr, res.stderr
+    res = run_unit_command(instance(template, "2"), tmp_path, raw)
+    assert res.returncode == 3, res.stderr  # the shard starts, then its cluster is down
+    assert "Traceback" not in res.stderr, res.stderr

@@ -1,0 +1,250 @@
+"""A log set of 3 shards, each a `drstream ship --shard K` and `drstream apply --shard K`
+process on this host (docs/shards.md), against real Kafka clusters and the file store.
+
+1. While a producer writes (plain records and transactions, one in three aborted), random
+   shards' ship or apply processes are killed with SIGKILL at random moments and started
+   again; afterwards the standby equals the primary record by record on every partition,
+   every shard applied exactly the partitions it owns, and consumer groups committed on
+   the primary on every partition fail over exactly (`drstream failover` over the set).
+2. A shard whose log is damaged (a segment removed from its middle) is named by
+   `drstream status` (exit 1) while the other shards keep shipping and applying.
+The seed is printed; DRSTREAM_TEST_SEED=N replays a schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drstream.daemon.shards import shard_log_id, shard_of
+from tests.infra.kafka import KafkaCluster
+from tests.integration.applylib import (
+    TP,
+    CheckpointWatch,
+    DrSetup,
+    ProcessPool,
+    as_source,
+    checkpoint_watch,
+    commit_group,
+    compare_replica,
+    count,
+    create_topics,
+    next_offsets,
+    process_pool,
+    read_topics,
+    seeded_rng,
+    unique,
+    write_dr_config,
+)
+from tests.integration.shiplib import LoadProducer
+from tests.integration.test_apply_groups import check_group, wait_groups_synced
+from tests.support.procs import DrstreamProcess, drstream, show, wait_for
+
+pytestmark = pytest.mark.integration
+
+SHARDS = 3
+KILLS = 10
+RATE = 300  # records/s: a 2-core host also runs both brokers and 6 drstream processes
+SHIP = {"heartbeat_interval_s": 1, "flush_interval_s": 0.1, "max_bytes": 4096,
+        "max_in_flight": 4}
+
+
+class ShardProcess(DrstreamProcess):
+    """`drstream ship|apply --config PATH --shard K`."""
+
+    def __init__(self, command: str, setup: DrSetup, shard: int, log_path: Path,
+                 label: str) -> None:
+        super().__init__([command, "--config", str(setup.path), "--shard", str(shard)],
+                         log_path, label)
+        self.shard = shard
+
+
+def start(pool: ProcessPool, command: str, setup: DrSetup, shard: int,
+          label: str) -> ShardProcess:
+    proc = ShardProcess(command, setup, shard, pool.dir / f"{command}-{label}.log", label)
+    pool.started.append(proc)  # type: ignore[arg-type]  # reaped and shown like the others
+    return proc
+
+
+def shard_view(setup: DrSetup, shard: int) -> DrSetup:
+    """The set's flow as shard `shard` runs it: its own log, hence its own checkpoint."""
+    raw = {**setup.raw, "log_id": shard_log_id(setup.log_id, shard, SHARDS)}
+    return DrSetup(setup.path, raw)
+
+
+def owned(targets: dict[TP, int], shard: int) -> dict[TP, int]:
+    return {tp: o for tp, o in targets.items() if shard_of(tp[0], tp[1], SHARDS) == shard}
+
+
+def spread_topics(primary: str, label: str, partitions: int = 4) -> dict[str, int]:
+    """Two topics whose partitions give every shard at least one."""
+    while True:
+        base = unique(label)
+        topics = {f"{base}.a": partitions, f"{base}.b": partitions}
+        owners = {shard_of(t, p, SHARDS) for t, n in topics.items() for p in range(n)}
+        if owners == set(range(SHARDS)):
+            create_topics(primary, topics)
+            return topics
+
+
+def set_setup(tmp_path: Path, primary: str, standby: str, topics: dict[str, int],
+              group_prefix: str) -> DrSetup:
+    base = next(iter(topics)).rsplit(".", 1)[0]
+    setup = write_dr_config(
+        tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
+        source_bootstrap=primary, sink_bootstrap=standby,
+        include=[re.escape(base) + r"\..*"], log_id=unique("shards"), ship=SHIP,
+        source={"groups": {"include": [re.escape(group_prefix) + r"-.*"]}},
+        apply={"group_sync_interval_s": 1})
+    setup.rewrite(shards={"count": SHARDS})
+    return setup
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[ProcessPool]:
+    with process_pool(tmp_path) as p:
+        yield p
+
+
+class ShardKiller:
+    """Keeps every shard's ship and apply running; kills a random one of them after a
+    random delay (counted from its spawn or from its 'started' line) and starts it again."""
+
+    def __init__(self, pool: ProcessPool, setup: DrSetup, rng: random.Random) -> None:
+        self.pool, self.setup, self.rng = pool, setup, rng
+        self.procs = {(role, k): start(pool, role, setup, k, f"{role}-{k}-0")
+                      for role in ("ship", "apply") for k in range(SHARDS)}
+        self.kills: list[tuple[str, int]] = []
+
+    def run(self, kills: int, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.kills) < kills:
+            assert time.monotonic() < deadline, f"only {len(self.kills)} kills in {timeout}s"
+            role, k = self.rng.choice(sorted(self.procs))
+            proc = self.procs[role, k]
+            if self.rng.random() < 0.5:
+                wait_for(proc.ready, 60, f"{role} shard {k} started", [proc])
+            time.sleep(self.rng.uniform(0.2, 2.0))
+            for other in self.procs.values():
+                assert other.alive(), f"{other.label} died\n{other.describe()}"
+            proc.kill()
+            self.kills.append((role, k))
+            print(f"kill {len(self.kills)}: {role} shard {k}")
+            self.procs[role, k] = start(self.pool, role, self.setup, k,
+                                        f"{role}-{k}-{len(self.kills)}")
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.stop_ok()
+
+
+def wait_every_shard(watch: CheckpointWatch, setup: DrSetup, targets: dict[TP, int],
+                     procs: list[ShardProcess]) -> None:
+    for k in range(SHARDS):
+        watch.wait_applied(shard_view(setup, k), owned(targets, k), timeout=120,
+                           procs=procs)  # type: ignore[arg-type]
+
+
+def test_three_shards_kill9_exactly_once_and_exact_group_failover(
+    primary_kafka: KafkaCluster, standby_kafka: KafkaCluster, tmp_path: Path,
+    pool: ProcessPool,
+) -> None:
+    rng = seeded_rng()
+    primary, standby = primary_kafka.bootstrap_servers, standby_kafka.bootstrap_servers
+    topics = spread_topics(primary, "shards")
+    prefix = unique("sg")
+    setup = set_setup(tmp_path, primary, standby, topics, prefix)
+    with checkpoint_watch(standby) as watch:
+        load = LoadProducer(primary, topics, rate_per_s=RATE, seed=rng.randrange(2**31))
+        load.start()
+        try:
+            load.wait_produced(100)
+            killer = ShardKiller(pool, setup, rng)
+            killer.run(KILLS)
+        finally:
+            load.halt()
+        load.stop()
+        print(f"produced {load.produced} records, {load.transactions} transactions "
+              f"({load.aborted} aborted); kills {killer.kills}")
+        source = read_topics(primary, topics)
+        # a group on every partition, committed mid-partition on the primary
+        group = f"{prefix}-consumers"
+        committed = {tp: recs[len(recs) // 2].offset for tp, recs in source.items()}
+        commit_group(primary, group, committed)
+        procs = list(killer.procs.values())
+        wait_every_shard(watch, setup, next_offsets(source), procs)
+        wait_groups_synced(standby, {group: committed}, procs)
+        killer.stop_all()
+
+    # every shard applied only its own partitions, under its own log and checkpoint
+    with checkpoint_watch(standby) as watch:
+        watch._start = None  # read the checkpoint topic from its beginning
+        for k in range(SHARDS):
+            cp = watch.get(shard_view(setup, k).checkpoint_key)
+            assert cp is not None, f"no checkpoint of shard {k}"
+            applied = {(t, int(p)) for t, parts in cp["positions"][setup.stream].items()
+                       for p in parts}
+            assert applied == set(owned(next_offsets(source), k)), f"shard {k}: {applied}"
+
+    replica = read_topics(standby, topics)
+    compare_replica(as_source(replica, origin="primary"), source,
+                    what="standby vs primary after kills of random shards")
+    print(f"{count(replica)} records on the standby, each exactly once, in order")
+
+    res = drstream("failover", "--config", str(setup.path), "--json")
+    assert res.returncode == 0, show(res)
+    reports = json.loads(res.stdout)
+    assert [r["log_id"] for r in reports] == [shard_log_id(setup.log_id, k, SHARDS)
+                                              for k in range(SHARDS)]
+    problems = check_group(standby, group, committed, source)
+    assert not problems, "\n".join(problems)
+
+
+def test_status_names_a_damaged_shard_while_the_others_keep_going(
+    primary_kafka: KafkaCluster, standby_kafka: KafkaCluster, tmp_path: Path,
+    pool: ProcessPool,
+) -> None:
+    primary, standby = primary_kafka.bootstrap_servers, standby_kafka.bootstrap_servers
+    topics = spread_topics(primary, "shard-dmg")
+    setup = set_setup(tmp_path, primary, standby, topics, unique("sg"))
+    load = LoadProducer(primary, topics, rate_per_s=100, txn_every=10**9).start()
+    procs = {(role, k): start(pool, role, setup, k, f"{role}-{k}")
+             for role in ("ship", "apply") for k in range(SHARDS)}
+    try:
+        for proc in procs.values():
+            wait_for(proc.ready, 60, f"{proc.label} started", [proc])
+        ok = drstream("status", "--config", str(setup.path))
+        assert ok.returncode == 0, show(ok)
+        assert f"set {setup.log_id} of 3 shards: OK" in ok.stdout, show(ok)
+
+        damaged = shard_view(setup, 1)
+        seg_dir = tmp_path / "store" / "logs" / damaged.log_id
+        wait_for(lambda: len(list(seg_dir.glob("*.seg"))) >= 4, 60, "4 segments of shard 1")
+        (seg_dir / f"{2:020d}.seg").unlink()
+        res = drstream("status", "--config", str(setup.path))
+        assert res.returncode == 1, show(res)
+        assert f"PROBLEMS in shard 1/3 (log {damaged.log_id})" in res.stdout, show(res)
+        assert f"shard 1/3 (log {damaged.log_id}): " in res.stdout and "missing" in res.stdout
+        for k in (0, 2):
+            assert f"log {shard_log_id(setup.log_id, k, SHARDS)} at " in res.stdout
+        narrowed = drstream("status", "--config", str(setup.path), "--shard", "2", "--json")
+        assert narrowed.returncode == 0, show(narrowed)
+        assert list(json.loads(narrowed.stdout)["shards"]) == ["shard 2/3"]
+
+        # the other shards keep shipping and applying what is produced after the damage
+        with checkpoint_watch(standby) as watch:
+            time.sleep(1.0)
+            now = next_offsets(read_topics(primary, topics))
+            others = [p for (_, k), p in procs.items() if k != 1]
+            for k in (0, 2):
+                watch.wait_applied(shard_view(setup, k), owned(now, k), timeout=60,
+                                   procs=others)  # type: ignore[arg-type]
+    finally:
+        load.halt()
+        load.stop()
