@@ -45,7 +45,7 @@ from drstream.daemon.plugins import (
     installed,
 )
 from drstream.daemon.secrets import CREDENTIAL_NAME, SecretError, check_file, is_secret_ref
-from drstream.daemon.shards import parse_shard
+from drstream.daemon.shards import MAX_SHARDS, parse_shard
 from drstream.daemon.store import Store
 
 # replay --parallel: segment fetches in flight (apply.prefetch takes the same range)
@@ -454,8 +454,8 @@ async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
                                f"name the {kind.traits.target_noun} to write to, or use "
                                "--dry-run")
     keyring = keyring_from_config(config)
-    shards = stream_shards(config, plan.stream)
     async with connectors.open_store(config.store) as store:
+        shards = await with_predecessors(store, keyring, stream_shards(config, plan.stream))
         for shard in shards:  # every log checked before anything is written
             await check_log(store, keyring, shard.log_id,
                             "--log-id" if args.store else "log_id", plan.stream)
@@ -465,6 +465,37 @@ async def _replay(args: argparse.Namespace, connectors: Connectors) -> int:
                                   pin=not plan.dry_run)
             print(file=sys.stderr)
             _emit(render.replay(shard.log_id, plan, kind, result))
+    return EXIT_OK
+
+
+async def with_predecessors(store: Store, keyring: KeyRing, shards: list[Config]
+                            ) -> list[Config]:
+    """The logs a replay of `shards` reads: those the set was handed over from by a shard
+    count change (older sets first, each to its end), then the set's own."""
+    from drstream.daemon.reshard import predecessors
+
+    older: list[str] = []
+    for shard in shards:
+        older += [p for p in await predecessors(store, keyring, shard.log_id) if p not in older]
+    return [shards[0].model_copy(update={"log_id": p}) for p in older] + shards
+
+
+async def _shards_change(args: argparse.Namespace, connectors: Connectors) -> int:
+    from drstream.daemon.reshard import change_count
+
+    config = _config(args, connectors)
+    if config.shards.index is not None:
+        raise ConfigFieldError("--shard", config.shards.index, "a count change takes the "
+                               "whole set")
+    if not 1 <= args.to <= MAX_SHARDS:
+        raise ConfigFieldError("--to", args.to, f"a shard count is 1 to {MAX_SHARDS}")
+    keyring = keyring_from_config(config)
+    async with connectors.open_store(config.store) as store:
+        report = await change_count(config, store, keyring, args.to)
+    if args.json:
+        _emit_json(report.to_json())
+    else:
+        _emit(render.shards_change(report))
     return EXIT_OK
 
 
@@ -659,7 +690,7 @@ HANDLERS: dict[str, Handler] = {
     "ship": functools.partial(_serve, role="ship"),
     "apply": functools.partial(_serve, role="apply"), "status": _status, "failover": _failover,
     "replay": _replay, "drill": _drill, "prune": _prune, "bench": _bench,
-    "log truncate": _log_truncate,
+    "log truncate": _log_truncate, "shards change": _shards_change,
 }
 SERVICES = ("ship", "apply")  # drain on a signal instead of ending at once
 
@@ -814,6 +845,15 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
                    help="the last segment to keep")
     p.add_argument("--reason", help="why, for the audit record")
     p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    shards = sub.add_parser("shards", help="change the shard count of a log set (planned)")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+    p = _command(shards_sub, "change", group="shards",
+                 help="seal every log of the set at its head and start the logs of a set of "
+                 "--to shards exactly there (stop the old ship shards first); docs/shards.md")
+    _add_config(p, help="the ship (primary) config, with the current shards.count")
+    p.add_argument("--to", type=int, required=True, metavar="M", help="the new shard count")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 

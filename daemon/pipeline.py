@@ -20,12 +20,13 @@ from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import Body, EventBatch, KafkaColumns, make_manifest
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import LogWriter
-from drstream.daemon.errors import ConfigError, ConfigFieldError, DrstreamError
+from drstream.daemon.errors import ConfigError, ConfigFieldError, DrstreamError, LogStateError
 from drstream.daemon.gcpace import paced_gc
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.lifecycle import Starting
 from drstream.daemon.logging import get_logger
 from drstream.daemon.metrics import BYTES, DURABLE_HEAD, RECORDS, SEGMENTS, SHIP_LAG, Health
+from drstream.daemon.shards import SEALED
 from drstream.daemon.source import Delivery, Source
 from drstream.daemon.store import Store
 from drstream.daemon.tip import TipSource
@@ -130,6 +131,11 @@ class Shipper(Starting):
         if self.ready.is_set():
             return
         manifest = await self.writer.open()
+        if manifest is not None and SEALED in manifest.extra:
+            raise LogStateError(
+                f"log {self.config.log_id} was handed over to a set of "
+                f"{manifest.extra[SEALED].get('count')} shards (drstream shards change): "
+                "this shard of the old set ships no more; run the new set's shards")
         self.positions = dict(manifest.positions) if manifest else {}
         for src in self.sources:
             await src.start(self.positions.get(src.stream))

@@ -14,6 +14,7 @@ from drstream.daemon.plan import ReplayPlan
 from drstream.daemon.plugins import StreamKind
 from drstream.daemon.prune import PruneResult
 from drstream.daemon.replay import Progress, ReplayResult
+from drstream.daemon.reshard import ChangeReport
 from drstream.daemon.status import FailoverReport, SetStatus, StatusReport
 from drstream.daemon.truncate import TruncateResult
 from drstream.daemon.verify import Report
@@ -81,6 +82,16 @@ def _findings(problems: Sequence[object], warnings: Sequence[str], *, width: int
     """A report's closing PROBLEM and WARNING lines, their text at column `width` + 3."""
     return ([f"  {'PROBLEM':<{width}} {p}" for p in problems]
             + [f"  {'WARNING':<{width}} {w}" for w in warnings])
+
+
+def shards_change(r: ChangeReport) -> list[str]:
+    out = [f"set {r.log_id}: {r.old_count} -> {r.new_count} shards"]
+    out += [f"  sealed   {log_id} at seq {seq}" for log_id, seq in r.sealed.items()]
+    out += [f"  started  {log_id}: {len(parts)} partitions" for log_id, parts in r.started.items()]
+    out.append(f"  audit record: {r.audit_object}")
+    out.append(f"next: set shards.count: {r.new_count} in the config, start its ship and apply "
+               "shards; keep the old apply shards running until each applied its seal")
+    return out
 
 
 def status_set(r: SetStatus) -> list[str]:

@@ -15,6 +15,10 @@ import hashlib
 from dataclasses import dataclass
 
 MAX_SHARDS = 256
+# Manifest `extra` keys of a shard count change (daemon/reshard.py): an old log's last
+# segment (no ship writes after it) and a new log's first (where it takes over from).
+SEALED = "drstream.sealed"
+HANDOVER = "drstream.handover"
 # What a shard appends to the set's log_id: "-s12of256" is at most 9 characters.
 SUFFIX_MAX = len(f"-s{MAX_SHARDS - 1}of{MAX_SHARDS}")
 

@@ -38,12 +38,17 @@ from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import Context
 from drstream.daemon.records import AppliedSegment, Checkpoint, ProduceBatch
+from drstream.daemon.shards import HANDOVER
 
 log = get_logger("drstream.kafka.sink")
 T = TypeVar("T")
 
 # src topic -> partition (str) -> [source next offset, target next offset]
 OffsetMap = dict[str, dict[str, list[int]]]
+# A log taken over from others waits for their applies: poll their checkpoints this often,
+# and say what it waits for every HANDOVER_LOG_EVERY_S.
+HANDOVER_POLL_S = 1.0
+HANDOVER_LOG_EVERY_S = 10.0
 
 
 class KafkaSink(Closing):
@@ -123,18 +128,23 @@ class KafkaSink(Closing):
         log.info("sink_started", sink=self.name, applied_seq=self._cp.seq, txn_id=self.txn_id)
 
     def _read_checkpoint(self) -> Checkpoint:
+        return self._read_checkpoints([self._ckpt_key]).get(self._ckpt_key, Checkpoint())
+
+    def _read_checkpoints(self, keys: list[bytes]) -> dict[bytes, Checkpoint]:
+        """The newest committed checkpoint of each of `keys` (those that have one)."""
         consumer = self._consumer()
         topic = self.config.checkpoint_topic
+        last: dict[bytes, bytes] = {}
         try:
             _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0),
                                                      timeout=ADMIN_TIMEOUT_S)
             consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-            last: bytes | None = None
             deadline = time.monotonic() + ADMIN_TIMEOUT_S
             while high > 0 and time.monotonic() < deadline:
                 for m in consumer.consume(500, 0.5):
-                    if m.error() is None and m.key() == self._ckpt_key:
-                        last = m.value()
+                    key = m.key()
+                    if m.error() is None and key in keys and m.value() is not None:
+                        last[key] = m.value()  # type: ignore[assignment]
                 [pos] = consumer.position([TopicPartition(topic, 0)])
                 if pos.offset >= high:
                     break
@@ -143,7 +153,42 @@ class KafkaSink(Closing):
                     raise SinkError(f"{self.name}: timed out reading checkpoint topic {topic}")
         finally:
             consumer.unassign()
-        return decode_checkpoint(last) if last else Checkpoint()
+        return {key: decode_checkpoint(value) for key, value in last.items()}
+
+    def _take_over(self, handover: dict[str, Any], positions: dict[str, Any],
+                   offsets: OffsetMap, groups: dict[str, Any]) -> None:
+        """The first segment of a log that took over from others (a shard count change,
+        daemon/reshard.py): wait until this cluster's apply of every old log has applied
+        that log's seal, so no partition is written out of order, then take over their
+        offset maps and group offsets for the partitions this log now carries, so a group
+        on a partition that gets no new record still translates exactly."""
+        wanted = {f"{p['log_id']}/{self.config.name}".encode(): int(p["seq"])
+                  for p in handover.get("from", [])}
+        waited = 0.0
+        while True:
+            found = self._read_checkpoints(list(wanted))
+            behind = {k.decode(): (found[k].seq if k in found else 0, seq)
+                      for k, seq in wanted.items() if k not in found or found[k].seq < seq}
+            if not behind:
+                break
+            if waited % HANDOVER_LOG_EVERY_S == 0:
+                log.info("handover_waiting", sink=self.name, log_id=self.log_id,
+                         behind={k: f"applied {a} of {s}" for k, (a, s) in behind.items()})
+            time.sleep(HANDOVER_POLL_S)
+            waited += HANDOVER_POLL_S
+        mine = {(t, p) for t, parts in positions.items() for p in parts}
+        for cp in found.values():
+            for t, parts in cp.offsets.get("map", {}).items():
+                for p, entry in parts.items():
+                    if (t, p) in mine:
+                        offsets.setdefault(t, {})[p] = list(entry)
+            for g, topics in cp.offsets.get("groups", {}).items():
+                for t, parts in topics.items():
+                    for p, o in parts.items():
+                        if (t, p) in mine:
+                            groups.setdefault(g, {}).setdefault(t, {})[p] = o
+        log.info("handover_taken", sink=self.name, log_id=self.log_id,
+                 partitions=len(mine), from_logs=[k.decode() for k in wanted])
 
     def _consumer(self) -> Consumer:
         if self._reader is None:
@@ -179,6 +224,10 @@ class KafkaSink(Closing):
         assert admin is not None
         admin.admin.poll(0)  # hands its queued log lines to the logger (common.client_config)
         for seg in segments:
+            handover = seg.body.manifest.extra.get(HANDOVER)
+            if handover is not None:
+                self._take_over(handover, seg.body.manifest.positions.get(self.config.source, {}),
+                                offsets, groups)
             extra = seg.body.manifest.extra.get(self.config.source, {})
             if extra.get("topics"):
                 admin.ensure_topics(extra["topics"])

@@ -8,6 +8,8 @@ process on this host (docs/shards.md), against real Kafka clusters and the file 
    the primary on every partition fail over exactly (`drstream failover` over the set).
 2. A shard whose log is damaged (a segment removed from its middle) is named by
    `drstream status` (exit 1) while the other shards keep shipping and applying.
+3. `drstream shards change` from 2 to 3 shards under load: the standby equals the primary,
+   groups fail over exactly, and `replay --until` before and after the change is exact.
 The seed is printed; DRSTREAM_TEST_SEED=N replays a schedule.
 """
 
@@ -29,6 +31,7 @@ from tests.integration.applylib import (
     CheckpointWatch,
     DrSetup,
     ProcessPool,
+    Records,
     as_source,
     checkpoint_watch,
     commit_group,
@@ -44,6 +47,7 @@ from tests.integration.applylib import (
 )
 from tests.integration.shiplib import LoadProducer
 from tests.integration.test_apply_groups import check_group, wait_groups_synced
+from tests.integration.test_replay import read_target, rfc3339, until_time
 from tests.support.procs import DrstreamProcess, drstream, show, wait_for
 
 pytestmark = pytest.mark.integration
@@ -56,45 +60,46 @@ SHIP = {"heartbeat_interval_s": 1, "flush_interval_s": 0.1, "max_bytes": 4096,
 
 
 class ShardProcess(DrstreamProcess):
-    """`drstream ship|apply --config PATH --shard K`."""
+    """`drstream ship|apply --config PATH --shard K` (or K/N)."""
 
-    def __init__(self, command: str, setup: DrSetup, shard: int, log_path: Path,
+    def __init__(self, command: str, setup: DrSetup, shard: int | str, log_path: Path,
                  label: str) -> None:
         super().__init__([command, "--config", str(setup.path), "--shard", str(shard)],
                          log_path, label)
         self.shard = shard
 
 
-def start(pool: ProcessPool, command: str, setup: DrSetup, shard: int,
+def start(pool: ProcessPool, command: str, setup: DrSetup, shard: int | str,
           label: str) -> ShardProcess:
     proc = ShardProcess(command, setup, shard, pool.dir / f"{command}-{label}.log", label)
     pool.started.append(proc)  # type: ignore[arg-type]  # reaped and shown like the others
     return proc
 
 
-def shard_view(setup: DrSetup, shard: int) -> DrSetup:
+def shard_view(setup: DrSetup, shard: int, count: int = SHARDS) -> DrSetup:
     """The set's flow as shard `shard` runs it: its own log, hence its own checkpoint."""
-    raw = {**setup.raw, "log_id": shard_log_id(setup.log_id, shard, SHARDS)}
+    raw = {**setup.raw, "log_id": shard_log_id(setup.log_id, shard, count)}
     return DrSetup(setup.path, raw)
 
 
-def owned(targets: dict[TP, int], shard: int) -> dict[TP, int]:
-    return {tp: o for tp, o in targets.items() if shard_of(tp[0], tp[1], SHARDS) == shard}
+def owned(targets: dict[TP, int], shard: int, count: int = SHARDS) -> dict[TP, int]:
+    return {tp: o for tp, o in targets.items() if shard_of(tp[0], tp[1], count) == shard}
 
 
-def spread_topics(primary: str, label: str, partitions: int = 4) -> dict[str, int]:
-    """Two topics whose partitions give every shard at least one."""
+def spread_topics(primary: str, label: str, partitions: int = 4,
+                  counts: tuple[int, ...] = (SHARDS,)) -> dict[str, int]:
+    """Two topics whose partitions give every shard at least one, for each set size."""
     while True:
         base = unique(label)
         topics = {f"{base}.a": partitions, f"{base}.b": partitions}
-        owners = {shard_of(t, p, SHARDS) for t, n in topics.items() for p in range(n)}
-        if owners == set(range(SHARDS)):
+        if all({shard_of(t, p, n) for t, c in topics.items() for p in range(c)} == set(range(n))
+               for n in counts):
             create_topics(primary, topics)
             return topics
 
 
 def set_setup(tmp_path: Path, primary: str, standby: str, topics: dict[str, int],
-              group_prefix: str) -> DrSetup:
+              group_prefix: str, count: int = SHARDS) -> DrSetup:
     base = next(iter(topics)).rsplit(".", 1)[0]
     setup = write_dr_config(
         tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
@@ -102,7 +107,7 @@ def set_setup(tmp_path: Path, primary: str, standby: str, topics: dict[str, int]
         include=[re.escape(base) + r"\..*"], log_id=unique("shards"), ship=SHIP,
         source={"groups": {"include": [re.escape(group_prefix) + r"-.*"]}},
         apply={"group_sync_interval_s": 1})
-    setup.rewrite(shards={"count": SHARDS})
+    setup.rewrite(shards={"count": count})
     return setup
 
 
@@ -145,10 +150,27 @@ class ShardKiller:
 
 
 def wait_every_shard(watch: CheckpointWatch, setup: DrSetup, targets: dict[TP, int],
-                     procs: list[ShardProcess]) -> None:
-    for k in range(SHARDS):
-        watch.wait_applied(shard_view(setup, k), owned(targets, k), timeout=120,
+                     procs: list[ShardProcess], count: int = SHARDS) -> None:
+    for k in range(count):
+        watch.wait_applied(shard_view(setup, k, count), owned(targets, k, count), timeout=120,
                            procs=procs)  # type: ignore[arg-type]
+
+
+def standby_equal_and_failover_exact(setup: DrSetup, standby: str, topics: dict[str, int],
+                                     source: Records, group: str, committed: dict[TP, int],
+                                     what: str) -> list[dict[str, object]]:
+    """The standby equals the primary record by record; `drstream failover` over the set
+    commits `group` exactly on every partition. Returns failover's per-shard reports."""
+    replica = read_topics(standby, topics)
+    compare_replica(as_source(replica, origin="primary"), source,
+                    what=f"standby vs primary {what}")
+    print(f"{count(replica)} records on the standby, each exactly once, in order")
+    res = drstream("failover", "--config", str(setup.path), "--json")
+    assert res.returncode == 0, show(res)
+    problems = check_group(standby, group, committed, source)
+    assert not problems, "\n".join(problems)
+    reports: list[dict[str, object]] = json.loads(res.stdout)
+    return reports
 
 
 def test_three_shards_kill9_exactly_once_and_exact_group_failover(
@@ -192,18 +214,10 @@ def test_three_shards_kill9_exactly_once_and_exact_group_failover(
                        for p in parts}
             assert applied == set(owned(next_offsets(source), k)), f"shard {k}: {applied}"
 
-    replica = read_topics(standby, topics)
-    compare_replica(as_source(replica, origin="primary"), source,
-                    what="standby vs primary after kills of random shards")
-    print(f"{count(replica)} records on the standby, each exactly once, in order")
-
-    res = drstream("failover", "--config", str(setup.path), "--json")
-    assert res.returncode == 0, show(res)
-    reports = json.loads(res.stdout)
+    reports = standby_equal_and_failover_exact(setup, standby, topics, source, group,
+                                               committed, "after kills of random shards")
     assert [r["log_id"] for r in reports] == [shard_log_id(setup.log_id, k, SHARDS)
                                               for k in range(SHARDS)]
-    problems = check_group(standby, group, committed, source)
-    assert not problems, "\n".join(problems)
 
 
 def test_status_names_a_damaged_shard_while_the_others_keep_going(
@@ -248,3 +262,82 @@ def test_status_names_a_damaged_shard_while_the_others_keep_going(
     finally:
         load.halt()
         load.stop()
+
+
+def replay_until(setup: DrSetup, standby: str, cut_ms: int, source: Records) -> None:
+    """`drstream replay --until` over the set (walking from the logs before the count
+    change into those after it) equals the primary's records up to the cut."""
+    suffix = f".pitr-{unique('x')[-10:]}"
+    res = drstream("replay", "--config", str(setup.path), "--until", rfc3339(cut_ms),
+                   "--target-bootstrap", standby, "--rename", "{topic}" + suffix,
+                   "--name", unique("pitr"))
+    assert res.returncode == 0, show(res)
+    expected = until_time(source, cut_ms)
+    assert 0 < count(expected) < count(source), "the cut falls inside the load"
+    compare_replica(read_target(standby, source, suffix), expected,
+                    what=f"replay --until {rfc3339(cut_ms)} across the count change")
+
+
+def test_shard_count_change_2_to_3_under_load(
+    primary_kafka: KafkaCluster, standby_kafka: KafkaCluster, tmp_path: Path,
+    pool: ProcessPool,
+) -> None:
+    """Two shards run under load; their ships and applies stop, `drstream shards change
+    --to 3` seals both logs and starts three exactly at their positions. The new set
+    starts while the old applies are still down: the new applies wait for them (nothing
+    of a partition is written before the old log's records of it); the old applies come
+    back and finish their logs. The standby equals the primary record by record, groups
+    fail over exactly on every partition, a ship of the old set refuses to start, and
+    replays to a time before and after the change are exact."""
+    rng = seeded_rng()
+    primary, standby = primary_kafka.bootstrap_servers, standby_kafka.bootstrap_servers
+    topics = spread_topics(primary, "reshard", counts=(2, 3))
+    prefix = unique("sg")
+    setup = set_setup(tmp_path, primary, standby, topics, prefix, count=2)
+    load = LoadProducer(primary, topics, rate_per_s=RATE, seed=rng.randrange(2**31)).start()
+    try:
+        ships = [start(pool, "ship", setup, k, f"old-ship-{k}") for k in range(2)]
+        old_applies = [start(pool, "apply", setup, f"{k}/2", f"old-apply-{k}")
+                       for k in range(2)]
+        for proc in ships + old_applies:
+            wait_for(proc.ready, 60, f"{proc.label} started", [proc])
+        load.wait_produced(300)
+        before_ms = int(time.time() * 1000)
+        load.wait_produced(load.produced + 300)
+        for proc in ships + old_applies:
+            proc.stop_ok()
+        res = drstream("shards", "change", "--config", str(setup.path), "--to", "3", "--json")
+        assert res.returncode == 0, show(res)
+        report = json.loads(res.stdout)
+        assert sorted(report["sealed"]) == [shard_log_id(setup.log_id, k, 2) for k in (0, 1)]
+        setup.rewrite(shards={"count": 3})
+        refused = drstream("ship", "--config", str(setup.path), "--shard", "1/2")
+        assert refused.returncode == 3 and "handed over to a set of 3" in refused.stderr, \
+            show(refused)
+        new = [start(pool, role, setup, k, f"new-{role}-{k}")
+               for role in ("ship", "apply") for k in range(3)]
+        for proc in new[3:]:
+            proc.wait_output('"handover_waiting"')
+        old_applies = [start(pool, "apply", setup, f"{k}/2", f"old-apply-again-{k}")
+                       for k in range(2)]
+        for proc in new[3:]:
+            proc.wait_output('"handover_taken"')
+        load.wait_produced(load.produced + 600)
+        after_ms = int(time.time() * 1000)
+        load.wait_produced(load.produced + 300)
+    finally:
+        load.halt()
+    load.stop()
+    source = read_topics(primary, topics)
+    group = f"{prefix}-after-change"
+    committed = {tp: recs[len(recs) // 3].offset for tp, recs in source.items()}
+    commit_group(primary, group, committed)
+    with checkpoint_watch(standby) as watch:
+        wait_every_shard(watch, setup, next_offsets(source), new, count=3)
+    wait_groups_synced(standby, {group: committed}, new)
+    for proc in new + old_applies:
+        proc.stop_ok()
+    standby_equal_and_failover_exact(setup, standby, topics, source, group, committed,
+                                     "across the 2 -> 3 change")
+    replay_until(setup, standby, before_ms, source)
+    replay_until(setup, standby, after_ms, source)
