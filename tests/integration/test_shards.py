@@ -21,11 +21,13 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from drstream.daemon.shards import shard_log_id, shard_of
 from tests.infra.kafka import KafkaCluster
+from tests.infra.stores import store_fields
 from tests.integration.applylib import (
     TP,
     CheckpointWatch,
@@ -99,16 +101,22 @@ def spread_topics(primary: str, label: str, partitions: int = 4,
 
 
 def set_setup(tmp_path: Path, primary: str, standby: str, topics: dict[str, int],
-              group_prefix: str, count: int = SHARDS) -> DrSetup:
+              group_prefix: str, count: int = SHARDS, store: dict[str, Any] | None = None
+              ) -> DrSetup:
     base = next(iter(topics)).rsplit(".", 1)[0]
     setup = write_dr_config(
-        tmp_path, store={"type": "file", "path": str(tmp_path / "store")},
+        tmp_path, store=store or {"type": "file", "path": str(tmp_path / "store")},
         source_bootstrap=primary, sink_bootstrap=standby,
         include=[re.escape(base) + r"\..*"], log_id=unique("shards"), ship=SHIP,
         source={"groups": {"include": [re.escape(group_prefix) + r"-.*"]}},
         apply={"group_sync_interval_s": 1})
     setup.rewrite(shards={"count": count})
     return setup
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    return store_fields(request.param, request, tmp_path)
 
 
 @pytest.fixture
@@ -175,13 +183,13 @@ def standby_equal_and_failover_exact(setup: DrSetup, standby: str, topics: dict[
 
 def test_three_shards_kill9_exactly_once_and_exact_group_failover(
     primary_kafka: KafkaCluster, standby_kafka: KafkaCluster, tmp_path: Path,
-    pool: ProcessPool,
+    pool: ProcessPool, store: dict[str, Any],
 ) -> None:
     rng = seeded_rng()
     primary, standby = primary_kafka.bootstrap_servers, standby_kafka.bootstrap_servers
     topics = spread_topics(primary, "shards")
     prefix = unique("sg")
-    setup = set_setup(tmp_path, primary, standby, topics, prefix)
+    setup = set_setup(tmp_path, primary, standby, topics, prefix, store=store)
     with checkpoint_watch(standby) as watch:
         load = LoadProducer(primary, topics, rate_per_s=RATE, seed=rng.randrange(2**31))
         load.start()
@@ -216,8 +224,18 @@ def test_three_shards_kill9_exactly_once_and_exact_group_failover(
 
     reports = standby_equal_and_failover_exact(setup, standby, topics, source, group,
                                                committed, "after kills of random shards")
-    assert [r["log_id"] for r in reports] == [shard_log_id(setup.log_id, k, SHARDS)
-                                              for k in range(SHARDS)]
+    logs = [shard_log_id(setup.log_id, k, SHARDS) for k in range(SHARDS)]
+    assert [r["log_id"] for r in reports] == logs
+    # the set's other commands: every shard's log verified deep, drilled, pruned dry
+    res = drstream("verify", "--config", str(setup.path), "--deep", "--json")
+    assert res.returncode == 0, show(res)
+    assert [r["log_id"] for r in json.loads(res.stdout)] == logs
+    res = drstream("drill", "--config", str(setup.path), "--json")
+    assert res.returncode == 0, show(res)
+    assert [d["log_id"] for d in json.loads(res.stdout)] == logs
+    res = drstream("prune", "--config", str(setup.path), "--older-than", "1d", "--dry-run")
+    assert res.returncode == 0, show(res)
+    assert all(f"prune of log {log_id}" in res.stdout for log_id in logs), show(res)
 
 
 def test_status_names_a_damaged_shard_while_the_others_keep_going(
