@@ -131,8 +131,8 @@ def test_help_lists_only_working_commands() -> None:
     commands = result.stdout.split("COMMAND", 2)[2].split("options:")[0]
     listed = [m.group(1) for m in re.finditer(r"^    (\S+)", commands, re.MULTILINE)]
     assert sorted(listed) == [
-        "apply", "bench", "drill", "failover", "keys", "log", "prune", "replay", "ship",
-        "status", "validate", "verify",
+        "apply", "bench", "drill", "failover", "keys", "log", "prune", "replay", "shards",
+        "ship", "status", "validate", "verify",
     ]
 
 
