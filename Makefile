@@ -27,7 +27,7 @@ test: install
 # The kill -9 crash tests that `make test` runs with fewer kills, at full length (~5 min).
 soak: install
 	$(PY) -m pytest --soak -k kill9 tests/integration/test_writer_crash.py \
-		tests/integration/test_ship_crash.py $(PYTEST_ARGS)
+		tests/integration/test_ship_crash.py tests/integration/test_shards.py $(PYTEST_ARGS)
 
 unit: install
 	$(PY) -m pytest tests/unit tests/contract -k "not s3 and not gcs and not azure" -m "not integration" $(PYTEST_ARGS)
