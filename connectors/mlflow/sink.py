@@ -50,6 +50,7 @@ from drstream.daemon.errors import DrstreamError, SinkError, SinkFencedError
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import Context
+from drstream.daemon.progress import apply_in_turn, changes_done
 from drstream.daemon.records import Checkpoint
 from drstream.daemon.retry import Backoff, retrying
 from drstream.daemon.secrets import read_secret
@@ -251,12 +252,8 @@ class MlflowSink(Closing):
                 validate_event(ev)
             except EventError as e:
                 raise SinkError(f"{self.name}: segment {seq} event #{i}: {e}") from e
-        done = 0
-        if self._partial is not None and self._partial["seq"] == seq:
-            if self._partial["digest"] != digest.hex():
-                raise SinkError(f"{self.name}: segment {seq} differs from the one partly "
-                                "applied before a restart (log rewritten?)")
-            done = self._partial["done"]
+        done = changes_done(self._partial, seq, digest, self.name)
+        if done:
             log.info("segment_resumed", sink=self.name, seq=seq, events_done=done,
                      events=len(events))
         m = body.manifest
@@ -266,12 +263,10 @@ class MlflowSink(Closing):
         cp = Checkpoint(seq=seq, digest=digest, created_at_ms=created_at_ms,
                         max_record_ms=newest,
                         positions={self.stream: m.positions.get(self.stream, {})})
-        for i in range(done, len(events)):
-            ev = events[i]
-            await self._retrying(_describe(ev), functools.partial(self._apply_event, ev))
-            if i + 1 < len(events):
-                partial = {"seq": seq, "digest": digest.hex(), "done": i + 1}
-                await self._write_checkpoint(self._cp, partial)
+        await apply_in_turn(
+            events, seq, digest, done,
+            lambda ev: self._retrying(_describe(ev), functools.partial(self._apply_event, ev)),
+            lambda partial: self._write_checkpoint(self._cp, partial))
         self._partial = None
         if events or time.monotonic() - self._persisted_at >= IDLE_CHECKPOINT_INTERVAL_S:
             await self._write_checkpoint(cp, None)
