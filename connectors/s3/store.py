@@ -17,7 +17,7 @@ import hashlib
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote
 
 import aiohttp
@@ -48,6 +48,8 @@ from drstream.daemon.remotestore import (
 from drstream.daemon.secrets import read_secret
 from drstream.daemon.store import ObjectInfo, ObjectTooLargeError, check_prefix
 
+T = TypeVar("T")
+
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 PAGE = 1000  # keys per list page (the API's maximum)
 
@@ -74,7 +76,10 @@ class ObjectLockConfig(RetentionConfig):
     mode: Literal["GOVERNANCE", "COMPLIANCE"]
 
 
-class S3StoreConfig(CloudStoreConfig):
+class S3BucketConfig(CloudStoreConfig):
+    """Where a bucket prefix is and how to talk to it: what the log store, the object
+    source and the object sink (objconfig.py) all say."""
+
     type: Literal["s3"]
     bucket: str
     region: str = "us-east-1"
@@ -82,7 +87,6 @@ class S3StoreConfig(CloudStoreConfig):
     # both absent -> botocore's default credential chain.
     access_key_id: str | None = None
     secret_access_key: str | None = None
-    object_lock: ObjectLockConfig | None = None
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     # aiohttp's connect/read timeouts do not cover writes: request_timeout_s bounds those.
     read_timeout_s: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
@@ -100,13 +104,17 @@ class S3StoreConfig(CloudStoreConfig):
     _refs = field_validator("access_key_id", "secret_access_key")(secret_ref)
 
     @model_validator(mode="after")
-    def _consistent(self) -> S3StoreConfig:
+    def _consistent(self) -> S3BucketConfig:
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ValueError(
                 "access_key_id and secret_access_key go together (or leave both out to "
                 "use the default AWS credential chain)"
             )
         return self
+
+
+class S3StoreConfig(S3BucketConfig):
+    object_lock: ObjectLockConfig | None = None
 
 
 def retain_days(config: S3StoreConfig) -> int | None:
@@ -139,6 +147,13 @@ def _status(e: ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
+def is_missing(e: BaseException) -> bool:
+    """A StoreError (or ClientError) that says the key or version does not exist."""
+    cause = e if isinstance(e, ClientError) else e.__cause__
+    return isinstance(cause, ClientError) and (
+        _code(cause) in _MISSING_KEY_CODES or _code(cause) == "NoSuchVersion")
+
+
 def _retriable(e: ClientError) -> bool:
     return _code(e) in _RETRIABLE_CODES or _status(e) >= 500 or _status(e) == 429
 
@@ -148,14 +163,15 @@ def _ms(when: Any) -> int:
     return int(when.timestamp() * 1000) if isinstance(when, dt.datetime) else 0
 
 
-class S3Store(RemoteStore[S3StoreConfig, Any]):  # aiobotocore's client is untyped
+class S3Store(RemoteStore[S3BucketConfig, Any]):  # aiobotocore's client is untyped
     """A Store over one bucket and key prefix of an S3 API endpoint; fencing rests on
     `If-None-Match: *`."""
 
     CREDENTIAL_FIELDS = "access_key_id/secret_access_key"
     RETENTION = "an Object Lock retention"
 
-    def __init__(self, config: S3StoreConfig) -> None:
+    def __init__(self, config: S3BucketConfig, where: str = "store") -> None:
+        self.where = where  # the config section, in secret errors
         super().__init__(config, f"s3://{config.bucket}/{config.prefix}",
                          config.endpoint_url or f"AWS S3 ({config.region})",
                          f"bucket {config.bucket!r}")
@@ -175,9 +191,10 @@ class S3Store(RemoteStore[S3StoreConfig, Any]):  # aiobotocore's client is untyp
         creds: dict[str, str] = {}
         if c.access_key_id and c.secret_access_key:
             creds = {
-                "aws_access_key_id": read_secret(c.access_key_id, "store.access_key_id"),
+                "aws_access_key_id": read_secret(c.access_key_id,
+                                                 f"{self.where}.access_key_id"),
                 "aws_secret_access_key": read_secret(
-                    c.secret_access_key, "store.secret_access_key"
+                    c.secret_access_key, f"{self.where}.secret_access_key"
                 ),
             }
         boto_config = AioConfig(
@@ -224,6 +241,16 @@ class S3Store(RemoteStore[S3StoreConfig, Any]):  # aiobotocore's client is untyp
                 "denied (HEAD bucket: 403)"
             ) from cause
 
+    @property
+    def client(self) -> Any:
+        """The open aiobotocore client (for the object source and sink)."""
+        return self._c
+
+    async def request(self, op: str, key: str | None, call: Callable[[], Awaitable[T]]) -> T:
+        """`call` (a request on `client`) under this store's retries and error mapping;
+        a missing key raises StoreError whose cause `is_missing` recognises."""
+        return await self._retrying(op, key, call)
+
     # -- error mapping ---------------------------------------------------------------
 
     def _attempt_error(self, op: str, key: str | None, e: Exception) -> Exception | None:
@@ -267,7 +294,7 @@ class S3Store(RemoteStore[S3StoreConfig, Any]):  # aiobotocore's client is untyp
             "Bucket": self.bucket, "Key": self._full(key), "Body": data,
             "IfNoneMatch": "*", "ContentMD5": base64.b64encode(md5).decode(),
         }
-        lock = self.config.object_lock
+        lock = getattr(self.config, "object_lock", None)  # a log store's (S3StoreConfig)
         if lock is not None and retain:
             args["ObjectLockMode"] = lock.mode
             args["ObjectLockRetainUntilDate"] = dt.datetime.now(dt.UTC) + dt.timedelta(

@@ -72,7 +72,24 @@ def mlflow_kit(request: pytest.FixtureRequest, ctx: Context) -> SinkKit:
     return SinkKit(config, body, ctx)
 
 
-KITS = {"kafka": kafka_kit, "mlflow": mlflow_kit}
+def s3_kit(request: pytest.FixtureRequest, ctx: Context) -> SinkKit:
+    s3 = request.getfixturevalue("s3")
+    request.getfixturevalue("s3_creds_env")
+    bucket = request.getfixturevalue("s3_bucket")
+    config = installed().sinks["s3"].config_model.model_validate({
+        **s3.store_fields(bucket, "replica"), "name": f"contract-{os.urandom(4).hex()}",
+        "source": "s3:datasets"})
+
+    def body() -> Body:
+        batch = EventBatch("s3:datasets", [
+            {"type": "object.deleted", "key": "gone", "version_id": None,
+             "last_modified_ms": None, "seen_ms": CREATED_MS}])
+        return Body(make_manifest({"s3:datasets": {}}, [batch]), [batch])
+
+    return SinkKit(config, body, ctx)
+
+
+KITS = {"kafka": kafka_kit, "mlflow": mlflow_kit, "s3": s3_kit}
 
 
 def test_every_sink_type_is_under_contract() -> None:

@@ -74,7 +74,22 @@ async def mlflow_kit(request: pytest.FixtureRequest, ctx: Context) -> SourceKit:
     return SourceKit(config, lambda: asyncio.to_thread(create_model), ctx)
 
 
-KITS = {"kafka": kafka_kit, "mlflow": mlflow_kit}
+async def s3_kit(request: pytest.FixtureRequest, ctx: Context) -> SourceKit:
+    s3 = request.getfixturevalue("s3")
+    request.getfixturevalue("s3_creds_env")
+    bucket = request.getfixturevalue("s3_bucket")
+    config = installed().sources["s3"].config_model.model_validate(
+        {**s3.store_fields(bucket, "data"), "interval_s": 0.3})
+    n = [0]
+
+    def put_object() -> None:
+        s3.client.put_object(Bucket=bucket, Key=f"data/object-{n[0]}", Body=b"x" * n[0])
+        n[0] += 1
+
+    return SourceKit(config, lambda: asyncio.to_thread(put_object), ctx)
+
+
+KITS = {"kafka": kafka_kit, "mlflow": mlflow_kit, "s3": s3_kit}
 
 
 def test_every_source_type_is_under_contract() -> None:
