@@ -5,7 +5,7 @@ A server that cannot start fails the run (ServiceStartError); it is never skippe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -28,6 +28,21 @@ def s3_bucket(s3: S3Server) -> Iterator[str]:
     yield name
     if s3.alive():
         s3.delete_bucket(name)
+
+
+@pytest.fixture
+def s3_buckets(s3: S3Server) -> Iterator[Callable[[], str]]:
+    """Make new, uniquely named buckets; each is emptied and removed after the test."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(s3.create_bucket(unique_bucket_name()))
+        return made[-1]
+
+    yield make
+    for name in made:
+        if s3.alive():
+            s3.delete_bucket(name)
 
 
 @pytest.fixture
