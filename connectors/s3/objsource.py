@@ -323,6 +323,8 @@ class ObjectSource(Closing):
                 [(m, True) for m in page.get("DeleteMarkers", [])]
             for v, marker in rows:
                 rel = self._rel(v["Key"])
+                if after is not None and key_order(rel) <= key_order(after):
+                    continue  # some servers list the marker's own key again
                 vid = str(v.get("VersionId") or "null")
                 if v.get("IsLatest"):
                     latest[rel] = vid

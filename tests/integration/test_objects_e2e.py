@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,31 @@ def test_scripted_history_then_replay_until_and_drill(
 
 def _reports(doc: object) -> list[dict[str, object]]:
     return doc if isinstance(doc, list) else [doc]  # type: ignore[list-item, return-value]
+
+
+def test_status_shows_the_pending_objects_and_the_rpo(
+        s3: S3Server, buckets: tuple[str, str, str], pool: ProcessPool,
+        tmp_path: Path) -> None:
+    primary, standby, _ = buckets
+    setup = write_objects_config(tmp_path, s3, source_bucket=primary, standby_bucket=standby)
+    s3.client.put_object(Bucket=primary, Key="data/shipped", Body=b"1")
+    ship, apply = pool.ship(setup), pool.apply(setup)
+    ship.wait_ready(60)
+    apply.wait_ready(60)
+    wait_equal(s3, (primary, "data"), (standby, "replica"), [ship, apply])
+    ship.stop_ok()
+    apply.stop_ok()
+
+    def status() -> dict[str, Any]:
+        res = drstream("status", "--config", str(setup.path), "--json")
+        doc: dict[str, Any] = json.loads(res.stdout)["streams"]["s3:datasets"]
+        return doc
+
+    caught_up = status()
+    assert (caught_up["pending_records"], caught_up["rpo_s"]) == (0, 0.0), caught_up
+    s3.client.put_object(Bucket=primary, Key="data/new one", Body=b"2")
+    s3.client.delete_object(Bucket=primary, Key="data/shipped")
+    time.sleep(1.5)
+    behind = status()
+    assert behind["pending_records"] == 2, behind
+    assert behind["rpo_s"] >= 1.0, behind
