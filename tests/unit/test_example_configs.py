@@ -33,3 +33,9 @@ def test_single_host_example_shows_every_key() -> None:
         path = Path(__file__).parents[2] / "configs" / f"ship-primary-{kind}.yaml"
         example = yaml.safe_load(path.read_text())
         assert set(example["store"]) == set(installed().stores[kind].config_model.model_fields)
+
+
+def test_datasets_example_shows_every_source_and_sink_key() -> None:
+    doc = yaml.safe_load((Path(__file__).parents[2] / "configs" / "datasets-s3.yaml").read_text())
+    assert set(doc["sources"][0]) == set(installed().sources["s3"].config_model.model_fields)
+    assert set(doc["sinks"][0]) == set(installed().sinks["s3"].config_model.model_fields)
