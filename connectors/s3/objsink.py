@@ -153,6 +153,12 @@ class ObjectSink(Closing):
                 if isinstance(b, EventBatch) and b.stream == self.stream for ev in b.events]
 
     async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
+        if self._cp.seq == 0 and seq > 1 and self.stream in body.manifest.positions:
+            # the log was pruned: the objects shipped before `seq` are not in it any more
+            raise SinkError(f"{self._where()}: the log starts at segment {seq} (pruned): "
+                            f"the objects {self.stream} shipped before it are gone, so a new "
+                            "standby prefix cannot be built from it; copy the prefix from a "
+                            "standby that has it, with its checkpoint object")
         raw = self.events_of(body)
         events = []
         for i, ev in enumerate(raw):

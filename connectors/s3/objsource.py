@@ -225,8 +225,10 @@ class ObjectSource(Closing):
         assert self.blobs is not None
         cursor: str | None = pos.get("cursor")
         resumed = cursor is not None
-        writer = StateWriter(self.blobs, pos.get("done", []) if resumed else [])
-        old = OldState(self.blobs, list(pos.get("rest" if resumed else "state", [])), cursor)
+        previous = list(pos.get("rest" if resumed else "state", []))
+        writer = StateWriter(self.blobs, pos.get("done", []) if resumed else [],
+                             known=frozenset(previous))
+        old = OldState(self.blobs, previous, cursor)
         events: list[dict[str, Any]] = []
         captured, changed = 0, resumed
         self.scans += 1

@@ -15,10 +15,14 @@ from typing import Any
 import pytest
 
 from drstream.connectors.s3 import objsource
-from drstream.connectors.s3.objconfig import ObjectSourceConfig
+from drstream.connectors.s3.objconfig import ObjectSinkConfig, ObjectSourceConfig
 from drstream.connectors.s3.objreplay import fold
+from drstream.connectors.s3.objsink import ObjectSink
 from drstream.connectors.s3.objsource import ObjectSource
+from drstream.daemon.codec import make_manifest
+from drstream.daemon.errors import SinkError
 from drstream.daemon.plugins import Context
+from drstream.daemon.records import Body, EventBatch
 from tests.contract.conftest import log_context
 from tests.infra.s3 import S3Server
 
@@ -114,3 +118,22 @@ async def _resume(config: ObjectSourceConfig, ctx: Context, positions: dict[str,
     async with ObjectSource(config, ctx) as src:
         await src.start(positions)
         return await _scan(src)
+
+
+async def test_a_new_standby_is_not_built_from_a_pruned_log(
+        s3: S3Server, s3_creds_env: None, s3_buckets: Callable[[], str],
+        tmp_path: Path) -> None:
+    """The objects shipped before a pruned log's first segment are gone: a fresh sink
+    refuses to start there instead of building a standby that silently lacks them."""
+    config = ObjectSinkConfig.model_validate({**s3.store_fields(s3_buckets(), "replica"),
+                                              "source": "s3:datasets"})
+    batch = EventBatch("s3:datasets", [{"type": "object.deleted", "key": "k",
+                                        "version_id": None, "last_modified_ms": None,
+                                        "seen_ms": 1}])
+    body = Body(make_manifest({"s3:datasets": {"state": []}}, [batch]), [batch])
+    async with log_context(tmp_path, "objects-pruned") as ctx, ObjectSink(config, ctx) as sink:
+        assert (await sink.start()).seq == 0
+        with pytest.raises(SinkError, match=r"starts at segment 5 \(pruned\)"):
+            await sink.apply(5, bytes(32), 1, body)
+        await sink.apply(1, bytes(32), 1, body)  # from the start it applies
+        assert sink.checkpoint().seq == 1

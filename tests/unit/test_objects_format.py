@@ -135,9 +135,21 @@ def test_versioned_changes_ship_every_version_newer_than_the_shipped_one(
         assert out == ([] if old is None or old.deleted else [Entry("k", "", "", 0, 0, True)])
         return
     newer = [v for v in listed[::-1] if old is None or v.last_modified_ms > old.last_modified_ms]
-    assert out == (newer or ([listed[0]] if old is not None and old not in listed else []))
+    latest_moved = old is not None and listed[0].version_id != old.version_id
+    assert out == (newer or ([listed[0]] if latest_moved else []))
     if out:
         assert out[-1] == listed[0]  # the standby ends at the newest version
+
+
+def test_a_version_in_the_shipped_ones_second_is_not_shipped_again() -> None:
+    """Listing times have one-second resolution and versions and delete markers come in
+    two lists: after shipping the delete marker of second t, a re-creation at t+5 ships
+    only the re-creation, not the version of second t listed beside the marker."""
+    v1 = Entry("b", "v1", "e1", 3, 5000)
+    marker = Entry("b", "m", "", 0, 5000, True)
+    v3 = Entry("b", "v3", "e3", 4, 10000)
+    assert changes(marker, [v3, v1, marker]) == [v3]
+    assert changes(v1, [marker, v1]) == [marker]  # latest, in the same second
 
 
 # -- events -------------------------------------------------------------------------------
@@ -199,3 +211,24 @@ def test_any_flipped_byte_of_a_state_chunk_plaintext_is_caught_or_harmless(
         except StateError:
             continue
         assert all(key_order(a.key) < key_order(b.key) for a, b in itertools.pairwise(out))
+
+
+def test_an_unchanged_state_is_written_again_without_a_request(tmp_path: Path) -> None:
+    rows = [Entry(f"k{i:05d}", "", "etag", i, i) for i in range(9000)]
+
+    async def run() -> None:
+        async with FileStore(FileStoreConfig(type="file", path=str(tmp_path / "store"))) as fs:
+            blobs = _blobs(fs)
+            first = StateWriter(blobs)
+            for e in rows:
+                await first.add(e)
+            await first.flush()
+            stored = blobs.uploaded
+            again = StateWriter(blobs, known=frozenset(first.chunks))
+            for e in rows:
+                await again.add(e)
+            await again.flush()
+            assert again.chunks == first.chunks
+            assert (blobs.uploaded, blobs.skipped) == (stored, 0)  # not even a HEAD
+
+    asyncio.run(run())
