@@ -56,7 +56,7 @@ class ObjectSinkConfig(S3BucketConfig):
     checkpoint_bucket: str | None = Field(
         None, description="bucket of the checkpoint object (default: `bucket`)")
     checkpoint_prefix: str = Field(DEFAULT_CHECKPOINT_PREFIX, pattern=r"^[A-Za-z0-9._/-]{1,200}$",
-                                   description="the checkpoint is <this>/<log_id>/<name>.json")
+                                   description="checkpoint: <this>/<log_id>/<prefix>/<name>.json")
 
     @model_validator(mode="after")
     def _checkpoint_outside(self) -> ObjectSinkConfig:
@@ -70,6 +70,12 @@ class ObjectSinkConfig(S3BucketConfig):
                              f"replicated prefix {self.prefix!r}: set prefix, or "
                              "checkpoint_bucket to another bucket")
         return self
+
+    def checkpoint_key(self, log_id: str) -> str:
+        """The checkpoint object of this sink for log `log_id`: one per target prefix, so
+        replays of one name into several prefixes of a bucket keep apart."""
+        where = f"{self.prefix}/" if self.prefix else ""
+        return f"{self.checkpoint_prefix.strip('/')}/{log_id}/{where}{self.name}.json"
 
     @property
     def applies(self) -> str:

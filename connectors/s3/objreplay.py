@@ -135,8 +135,7 @@ class ObjectDrill:
         self.plan = dataclasses.replace(plan, name=f"drill-{stamp}", fold=True)
         self.config = target_config(self.plan, f"replay-{self.plan.name}")
         self.target = f"s3://{self.config.bucket}/{self.config.prefix}"
-        self.checkpoint_key = (f"{self.config.checkpoint_prefix.strip('/')}/{log_id}/"
-                               f"{self.config.name}.json")
+        self.checkpoint_key = self.config.checkpoint_key(log_id)
         self.store = S3Store(self.config, where=TARGET)
         self.report: dict[str, Any] = {"kind": "objects", "stream": plan.stream,
                                        "scratch": self.target}
@@ -213,7 +212,7 @@ class ObjectDrill:
                f"{report['applied_through_seq']}",
                f"  checked                {report['objects']} objects "
                f"({report['object_bytes'] / 2**20:.2f} MiB by sha256)",
-               f"  RPO at the point       {report['rpo_at_point_s']}s",
+               f"  RPO at the point       {_rpo(report['rpo_at_point_s'])}",
                f"  mismatches             {len(report['mismatches'])}"]
         out += [f"    {m['key']!r} {m['field']}: log {m['log']!r} scratch {m['target']!r}"
                 for m in report["mismatches"][:20]]
@@ -268,3 +267,5 @@ class ObjectStreams:
         return ObjectDrill(plan, stamp, log_id)
 
 
+def _rpo(value: float | None) -> str:
+    return "unknown (no change kept)" if value is None else f"{value}s"

@@ -10,9 +10,9 @@ atomically: a crash or a wrong checksum never leaves a partial object under the 
 key (the upload is aborted; one a crash left behind is aborted before the key's next
 upload starts).
 
-The checkpoint is one JSON object, `<checkpoint_prefix>/<log_id>/<name>.json`, outside
-the replicated prefix: the applied seq and digest and, while a segment is half applied,
-how many of its events are done, written after each object. A restart redoes at most
+The checkpoint is one JSON object, `<checkpoint_prefix>/<log_id>/<prefix>/<name>.json`,
+outside the replicated prefix: the applied seq and digest and, while a segment is half
+applied, how many of its events are done, written after each object. A restart redoes at most
 the one object in flight; a put or delete done twice leaves the same object.
 """
 
@@ -65,8 +65,7 @@ class ObjectSink(Closing):
         self._prefix = config.prefix + "/" if config.prefix else ""
         self.url = f"s3://{config.bucket}/{config.prefix}"
         self.checkpoint_bucket = config.checkpoint_bucket or config.bucket
-        self.checkpoint_key = (f"{config.checkpoint_prefix.strip('/')}/{ctx.log_id}/"
-                               f"{config.name}.json")
+        self.checkpoint_key = config.checkpoint_key(ctx.log_id)
         self._cp = Checkpoint()
         self._partial: dict[str, Any] | None = None
         self._persisted_seq = 0
