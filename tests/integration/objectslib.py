@@ -60,13 +60,17 @@ def write_objects_config(tmp_path: Path, s3: S3Server, *, source_bucket: str,
 
 
 def view(s3: S3Server, bucket: str, prefix: str) -> View:
-    """Every object under `prefix/`: size, sha256, content type and user metadata."""
+    """Every object under `prefix/`: size, sha256, content type and user metadata (one
+    deleted between the listing and its read is left out)."""
     c = s3.client
     out: View = {}
     base = prefix + "/" if prefix else ""
     for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
         for o in page.get("Contents", []):
-            resp = c.get_object(Bucket=bucket, Key=o["Key"])
+            try:
+                resp = c.get_object(Bucket=bucket, Key=o["Key"])
+            except c.exceptions.NoSuchKey:
+                continue  # deleted since the listing (apply is running)
             h, size = hashlib.sha256(), 0
             for piece in resp["Body"].iter_chunks(MiB):
                 h.update(piece)

@@ -68,13 +68,14 @@ def test_scripted_history_then_replay_until_and_drill(
     apply.wait_ready(60)
     history = History(s3, primary, "data", BIG_OBJECT_MB * MiB)
     middle = 6  # after "delete b": a, the unicode key and c exist
-    mid_view, mid_ms = None, 0
+    mid_view, mid_ms, mid_seq = None, 0, 0
     started = time.monotonic()
     for i, (_label, step) in enumerate(history.steps):
         step()
         if i + 1 == middle:
             # the ship saw every change so far (the standby shows it), then time passes
             mid_view = wait_equal(s3, (primary, "data"), (standby, "replica"), [ship, apply])
+            mid_seq = _head_seq(setup.path)
             time.sleep(1.2)  # S3 times are kept to the millisecond, listings to the second
             mid_ms = int(time.time() * 1000)
             time.sleep(1.2)
@@ -98,6 +99,11 @@ def test_scripted_history_then_replay_until_and_drill(
                    "--target-s3", f"s3://{scratch}/restored", "--until", _iso(mid_ms))
     assert res.returncode == 0, show(res)
     assert view(s3, scratch, "restored") == mid_view
+    # and through the segment that was the log's head then
+    res = drstream("replay", "--config", str(setup.path), "--stream", "s3:datasets",
+                   "--target-s3", f"s3://{scratch}/by-seq", "--until-seq", str(mid_seq))
+    assert res.returncode == 0, show(res)
+    assert view(s3, scratch, "by-seq") == mid_view
 
     # a drill over the whole log compares a scratch restore object by object
     res = drstream("drill", "--config", str(setup.path), "--stream", "s3:datasets",
@@ -121,6 +127,12 @@ def test_scripted_history_then_replay_until_and_drill(
     big.write_bytes(bytes(raw))
     res = drstream("verify", "--config", str(setup.path), "--deep")
     assert res.returncode != 0 and big.name in res.stdout + res.stderr, show(res)
+
+
+def _head_seq(config: Path) -> int:
+    res = drstream("status", "--config", str(config), "--json")
+    seq: int = json.loads(res.stdout)["durable_head_seq"]
+    return seq
 
 
 def _reports(doc: object) -> list[dict[str, object]]:

@@ -103,14 +103,22 @@ async def test_steps_resume_and_later_scans(
             _strip([e for s, _ in steps[2:] for e in s])
         assert resumed[-1][1] == steps[-1][1]  # the same state chunks
 
-        # the next scan ships exactly what changed since
+        # the next scan ships exactly what changed since; content already shipped under
+        # another key (a re-upload, a DVC cache file) is not stored again
+        assert ctx.blobs is not None
         s3.client.put_object(Bucket=bucket, Key="data/k0001", Body=b"new")
         s3.client.delete_object(Bucket=bucket, Key="data/k0002")
-        s3.client.put_object(Bucket=bucket, Key="data/zz new", Body=b"z")
+        s3.client.put_object(Bucket=bucket, Key="data/zz copy", Body=live["k0003"])
+        uploaded = ctx.blobs.uploaded
         later = await _resume(config, ctx, steps[-1][1])
         events = [e for s, _ in later for e in s]
         assert [(e["type"], e["key"]) for e in events] == [
-            ("object.put", "k0001"), ("object.deleted", "k0002"), ("object.put", "zz new")]
+            ("object.put", "k0001"), ("object.deleted", "k0002"), ("object.put", "zz copy")]
+        first = next(e for s, _ in steps for e in s if e["key"] == "k0003")
+        assert events[2]["chunks"] == first["chunks"]
+        # uploaded: the new content of k0001 and the state chunks that changed, nothing else
+        new_chunks = set(later[-1][1]["state"]) - set(steps[-1][1]["state"])
+        assert ctx.blobs.uploaded - uploaded == 1 + len(new_chunks)
 
 
 async def _resume(config: ObjectSourceConfig, ctx: Context, positions: dict[str, Any]
