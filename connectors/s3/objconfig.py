@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from drstream.connectors.s3.store import BUCKET_RE, S3BucketConfig
 from drstream.daemon.blobs import MAX_CHUNK
+from drstream.daemon.plugins import SinkConfig
 
 NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
 DEFAULT_INTERVAL_S = 30.0
@@ -45,7 +46,7 @@ class ObjectSourceConfig(S3BucketConfig):
         return f"s3:{self.name}"
 
 
-class ObjectSinkConfig(S3BucketConfig):
+class ObjectSinkConfig(S3BucketConfig, SinkConfig):
     """The standby bucket prefix `apply` writes (same keys below its own prefix)."""
 
     name: str = Field("standby", pattern=NAME_RE, description="this sink's name")
@@ -76,11 +77,3 @@ class ObjectSinkConfig(S3BucketConfig):
         replays of one name into several prefixes of a bucket keep apart."""
         where = f"{self.prefix}/" if self.prefix else ""
         return f"{self.checkpoint_prefix.strip('/')}/{log_id}/{where}{self.name}.json"
-
-    @property
-    def applies(self) -> str:
-        return self.source
-
-    @property
-    def sink_name(self) -> str:
-        return f"s3:{self.name}"
