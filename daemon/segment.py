@@ -20,6 +20,7 @@ import hashlib
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Final, TypeVar
 
 import zstandard
@@ -117,6 +118,7 @@ def chain_break(seq: int, header: SegmentHeader, prev: bytes | None) -> str | No
 # --------------------------------------------------------------------------- helpers
 
 _E = TypeVar("_E", bound=SegmentError)
+_T = TypeVar("_T")
 
 
 def _recontext(e: SegmentError, cls: type[_E], log_id: str | None, seq: int | None) -> _E:
@@ -376,13 +378,8 @@ def _content_size(frame: bytes, log_id: str, seq: int) -> int:
     return int(size)
 
 
-def decrypt_segment(
-    data: bytes,
-    keyring: KeyRing,
-    *,
-    expect_log_id: str | None = None,
-    expect_seq: int | None = None,
-) -> tuple[SegmentHeader, bytes]:
+def decrypt_segment(data: bytes, keyring: KeyRing, *, expect_log_id: str | None = None,
+                    expect_seq: int | None = None) -> tuple[SegmentHeader, bytes]:
     """Authenticate, decrypt and decompress: (header, plaintext body bytes).
 
     expect_log_id / expect_seq: where the caller found the segment; a header naming
@@ -404,21 +401,23 @@ def decrypt_segment(
     return header, plaintext
 
 
-def decode_segment(
-    data: bytes,
-    keyring: KeyRing,
-    *,
-    expect_log_id: str | None = None,
-    expect_seq: int | None = None,
-) -> tuple[SegmentHeader, Body]:
-    """decrypt_segment, then decode the body (manifest and every record)."""
+def _decode_with(data: bytes, keyring: KeyRing, expect_log_id: str | None,
+                 expect_seq: int | None, decode: Callable[[bytes], _T]
+                 ) -> tuple[SegmentHeader, _T]:
+    """decrypt_segment, then `decode` the body; a codec error now names the segment."""
     header, plaintext = decrypt_segment(
         data, keyring, expect_log_id=expect_log_id, expect_seq=expect_seq
     )
     try:
-        return header, decode_body(plaintext)
+        return header, decode(plaintext)
     except SegmentFormatError as e:
         raise _recontext(e, SegmentFormatError, header.log_id, header.seq) from e
+
+
+def decode_segment(data: bytes, keyring: KeyRing, *, expect_log_id: str | None = None,
+                   expect_seq: int | None = None) -> tuple[SegmentHeader, Body]:
+    """decrypt_segment, then decode the body (manifest and every record)."""
+    return _decode_with(data, keyring, expect_log_id, expect_seq, decode_body)
 
 
 def decode_segment_produce(
@@ -433,23 +432,12 @@ def decode_segment_produce(
     """decode_segment with each Kafka batch as produce() arguments (accel.decode_produce:
     every record's headers end with `tail` and the source-offset header): what a Kafka
     sink writes, without a record object. Errors: decode_segment's."""
-    header, plaintext = decrypt_segment(
-        data, keyring, expect_log_id=expect_log_id, expect_seq=expect_seq
-    )
-    try:
-        manifest, batches = decode_produce(plaintext, tail, offset_header)
-    except SegmentFormatError as e:
-        raise _recontext(e, SegmentFormatError, header.log_id, header.seq) from e
-    return header, Body(manifest, batches)
+    return _decode_with(data, keyring, expect_log_id, expect_seq,
+                        lambda plaintext: Body(*decode_produce(plaintext, tail, offset_header)))
 
 
-def read_manifest(
-    data: bytes,
-    keyring: KeyRing,
-    *,
-    expect_log_id: str | None = None,
-    expect_seq: int | None = None,
-) -> tuple[SegmentHeader, Manifest]:
+def read_manifest(data: bytes, keyring: KeyRing, *, expect_log_id: str | None = None,
+                  expect_seq: int | None = None) -> tuple[SegmentHeader, Manifest]:
     """Authenticate the whole segment, but decompress and decode only the manifest."""
     header, frame = _open(data, keyring, expect_log_id, expect_seq)
     log_id, seq = header.log_id, header.seq
