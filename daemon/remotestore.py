@@ -13,6 +13,7 @@ fix (credentials, permissions, a missing bucket) raises StoreError at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ClassVar, Generic, TypeVar, cast
@@ -135,11 +136,12 @@ def _what(op: str, key: str | None) -> str:
 class RemoteStore(Starting, Generic[S, K]):
     """A Store over one bucket (or container) and name prefix of an HTTP object store.
 
-    A subclass opens and releases its library's client (`_connect`, `_disconnect`),
-    makes one request in its hooks (`_create_once`, `_names`, `_versions`, and the reads)
-    and says what a library error of one attempt is (`_attempt_error`, `_service_error`);
-    this class runs every attempt under the retries, words the errors and holds the parts
-    of the Store interface that are the same everywhere."""
+    A subclass opens its library's client in `_connect` (entering into `self._opened`
+    what close() must release), makes one request in its hooks (`_create_once`, `_names`,
+    `_versions`, and the reads) and says what a library error of one attempt is
+    (`_attempt_error`, `_service_error`); this class runs every attempt under the retries,
+    words the errors and holds the parts of the Store interface that are the same
+    everywhere."""
 
     CREDENTIAL_FIELDS: ClassVar[str]  # the config fields to check when they are rejected
     RETENTION: ClassVar[str]  # what, besides a missing permission, can forbid a delete
@@ -152,6 +154,7 @@ class RemoteStore(Starting, Generic[S, K]):
         self._prefix = config.prefix + "/" if config.prefix else ""
         self._started = False
         self._client: K | None = None  # set by _connect
+        self._opened = contextlib.AsyncExitStack()  # what _connect opened, however far
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url} at {self.endpoint})"
@@ -171,14 +174,12 @@ class RemoteStore(Starting, Generic[S, K]):
 
     async def close(self) -> None:
         self._started = False
-        await self._disconnect()
+        self._client = None
+        opened, self._opened = self._opened, contextlib.AsyncExitStack()
+        await opened.aclose()
 
     async def _connect(self) -> None:
         """Open the client and fail, clearly, on a missing bucket or refused credentials."""
-        raise NotImplementedError
-
-    async def _disconnect(self) -> None:
-        """Release what `_connect` opened, however far it got (idempotent)."""
         raise NotImplementedError
 
     def _full(self, key: str) -> str:

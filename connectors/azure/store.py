@@ -33,18 +33,10 @@ from azure.storage.blob import ContentSettings, ImmutabilityPolicy
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from pydantic import field_validator, model_validator
 
+from drstream.daemon import remotestore
 from drstream.daemon.errors import ConfigFieldError, StoreError
-from drstream.daemon.remotestore import (
-    RETRIABLE_STATUS,
-    CloudStoreConfig,
-    Refusal,
-    RemoteStore,
-    RetentionConfig,
-    Transient,
-    config_from_url,
-    secret_ref,
-    split_url,
-)
+from drstream.daemon.plugins import Connector, StoreType
+from drstream.daemon.remotestore import Refusal, Transient
 from drstream.daemon.secrets import read_secret
 from drstream.daemon.store import ObjectInfo, ObjectTooLargeError
 
@@ -64,14 +56,14 @@ _CREDENTIAL_CODES = frozenset({"AuthenticationFailed", "AuthorizationFailure",
 _EXISTS_CODES = frozenset({"BlobAlreadyExists", "ConditionNotMet"})
 
 
-class ImmutabilityConfig(RetentionConfig):
+class ImmutabilityConfig(remotestore.RetentionConfig):
     """Version-level immutability (a container with it enabled): a time-based retention
     policy on every blob written; `Locked` cannot be shortened."""
 
     mode: Literal["Unlocked", "Locked"]
 
 
-class AzureStoreConfig(CloudStoreConfig):
+class AzureStoreConfig(remotestore.CloudStoreConfig):
     type: Literal["azure"]
     account: str
     container: str
@@ -96,7 +88,8 @@ class AzureStoreConfig(CloudStoreConfig):
                              "with a letter or digit, no '--')")
         return v
 
-    _refs = field_validator("account_key", "sas_token", "connection_string")(secret_ref)
+    _refs = field_validator("account_key", "sas_token",
+                            "connection_string")(remotestore.secret_ref)
 
     @model_validator(mode="after")
     def _one_credential(self) -> AzureStoreConfig:
@@ -119,7 +112,7 @@ def azure_config_from_url(url: str) -> AzureStoreConfig:
     (referenced, never copied), the endpoint is the account's public one unless the
     connection string names another."""
     expected = "az://account/container/prefix"
-    parts = split_url(url, "az", expected)
+    parts = remotestore.split_url(url, "az", expected)
     container, _, prefix = unquote(parts.path).lstrip("/").partition("/")
     if not container:
         raise ConfigFieldError("store", url, f"expected {expected}")
@@ -128,7 +121,7 @@ def azure_config_from_url(url: str) -> AzureStoreConfig:
         raise ConfigFieldError("store", url, "no Azure credential: set one of "
                                + ", ".join(env for _, env in URL_CREDENTIAL_ENV))
     field, ref = next(iter(creds.items()))
-    return config_from_url(AzureStoreConfig, url, {
+    return remotestore.config_from_url(AzureStoreConfig, url, {
         "type": "azure", "account": parts.netloc, "container": container, "prefix": prefix,
         field: ref,
     })
@@ -147,7 +140,7 @@ def _ms(when: dt.datetime | None) -> int | None:
     return int(when.timestamp() * 1000) if when is not None else None
 
 
-class AzureStore(RemoteStore[AzureStoreConfig, ContainerClient]):
+class AzureStore(remotestore.RemoteStore[AzureStoreConfig, ContainerClient]):
     """A Store over one container and blob-name prefix of an Azure storage account;
     fencing rests on `If-None-Match: *`."""
 
@@ -160,13 +153,6 @@ class AzureStore(RemoteStore[AzureStoreConfig, ContainerClient]):
             config.endpoint_url or f"https://{config.account}.blob.core.windows.net",
             f"container {config.container!r}")
         self.container = config.container
-        self._service: BlobServiceClient | None = None
-
-    @staticmethod
-    def _service_error(e: BaseException | None) -> str | None:
-        if not isinstance(e, HttpResponseError):
-            return None
-        return f"HTTP {_status(e)} {_code(e) or getattr(e, 'reason', '') or ''}".strip()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -191,15 +177,11 @@ class AzureStore(RemoteStore[AzureStoreConfig, ContainerClient]):
         return BlobServiceClient(self.endpoint, credential=credential, **opts)
 
     async def _connect(self) -> None:
-        self._service = self._service_client()
-        self.endpoint = self.config.endpoint_url or self._service.url.rstrip("/")
-        self._client = self._service.get_container_client(self.container)
+        service = self._service_client()
+        self._opened.push_async_callback(service.close)
+        self.endpoint = self.config.endpoint_url or service.url.rstrip("/")
+        self._client = service.get_container_client(self.container)
         await self._check_container()
-
-    async def _disconnect(self) -> None:
-        service, self._service, self._client = self._service, None, None
-        if service is not None:
-            await service.close()
 
     async def _check_container(self) -> None:
         """Fail at open, clearly, on a missing container or refused credentials: a list of
@@ -208,10 +190,16 @@ class AzureStore(RemoteStore[AzureStoreConfig, ContainerClient]):
 
     # -- retries and error mapping -----------------------------------------------
 
+    @staticmethod
+    def _service_error(e: BaseException | None) -> str | None:
+        if not isinstance(e, HttpResponseError):
+            return None
+        return f"HTTP {_status(e)} {_code(e) or getattr(e, 'reason', '') or ''}".strip()
+
     def _attempt_error(self, op: str, key: str | None, e: Exception) -> Exception | None:
         if isinstance(e, HttpResponseError):
-            if _status(e) in RETRIABLE_STATUS or (_status(e) == 0
-                                                  and not isinstance(e, ResourceExistsError)):
+            if _status(e) in remotestore.RETRIABLE_STATUS or (
+                    _status(e) == 0 and not isinstance(e, ResourceExistsError)):
                 return Transient(e)
             return self._http_error(op, key, e)
         if isinstance(e, ServiceRequestError | ServiceResponseError | aiohttp.ClientError
@@ -400,3 +388,10 @@ class AzureStore(RemoteStore[AzureStoreConfig, ContainerClient]):
                 yield str(blob.name)
             if marker is None:
                 return
+
+
+CONNECTOR = Connector(
+    name="azure",
+    store=StoreType("azure", AzureStoreConfig, AzureStore, azure_config_from_url, ("az",),
+                    retain_days),
+)

@@ -35,7 +35,7 @@ from pydantic import field_validator
 from drstream.daemon.errors import ConfigFieldError, StoreError
 from drstream.daemon.files import write_fsynced
 from drstream.daemon.lifecycle import Starting
-from drstream.daemon.plugins import ConnectorConfig
+from drstream.daemon.plugins import Connector, ConnectorConfig, StoreType
 from drstream.daemon.store import (
     RESERVED_PREFIX,
     ObjectInfo,
@@ -429,3 +429,9 @@ def _entirely_before(full: str, start_after: str | None, is_dir: bool) -> bool:
     if not is_dir:
         return full <= start_after
     return full < start_after and not start_after.startswith(full)
+
+
+CONNECTOR = Connector(
+    name="file",
+    store=StoreType("file", FileStoreConfig, FileStore, file_config_from_url, ("file",)),
+)

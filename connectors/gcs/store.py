@@ -28,18 +28,10 @@ from gcloud.aio.auth import Token
 from multidict import CIMultiDict
 from pydantic import field_validator, model_validator
 
+from drstream.daemon import remotestore
 from drstream.daemon.errors import ConfigFieldError, StoreError
-from drstream.daemon.remotestore import (
-    RETRIABLE_STATUS,
-    CloudStoreConfig,
-    Refusal,
-    RemoteStore,
-    RetentionConfig,
-    Transient,
-    config_from_url,
-    secret_ref,
-    split_url,
-)
+from drstream.daemon.plugins import Connector, StoreType
+from drstream.daemon.remotestore import Refusal, Transient
 from drstream.daemon.secrets import read_secret
 from drstream.daemon.store import ObjectInfo, ObjectTooLargeError
 
@@ -50,14 +42,14 @@ BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 PAGE = 1000  # objects per list page (the JSON API's maximum)
 
 
-class ObjectRetentionConfig(RetentionConfig):
+class ObjectRetentionConfig(remotestore.RetentionConfig):
     """Per-object retention (a bucket with object retention enabled); `Locked` cannot be
     shortened by anyone."""
 
     mode: Literal["Unlocked", "Locked"]
 
 
-class GcsStoreConfig(CloudStoreConfig):
+class GcsStoreConfig(remotestore.CloudStoreConfig):
     type: Literal["gcs"]
     bucket: str
     # Secret references. service_account: the key JSON; token: an OAuth2 access token.
@@ -75,7 +67,7 @@ class GcsStoreConfig(CloudStoreConfig):
                              "starting and ending with a letter or digit)")
         return v
 
-    _refs = field_validator("service_account", "token")(secret_ref)
+    _refs = field_validator("service_account", "token")(remotestore.secret_ref)
 
     @model_validator(mode="after")
     def _one_credential(self) -> GcsStoreConfig:
@@ -93,11 +85,11 @@ def retain_days(config: GcsStoreConfig) -> int | None:
 def gcs_config_from_url(url: str) -> GcsStoreConfig:
     """`gs://bucket/prefix`; the endpoint comes from STORAGE_EMULATOR_HOST (the variable
     Google's client libraries read), credentials from Application Default Credentials."""
-    parts = split_url(url, "gs", "gs://bucket/prefix")
+    parts = remotestore.split_url(url, "gs", "gs://bucket/prefix")
     emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
     if emulator and "://" not in emulator:
         emulator = f"http://{emulator}"
-    return config_from_url(GcsStoreConfig, url, {
+    return remotestore.config_from_url(GcsStoreConfig, url, {
         "type": "gcs", "bucket": parts.netloc, "prefix": unquote(parts.path),
         "endpoint_url": emulator, "anonymous": emulator is not None,
     })
@@ -123,7 +115,7 @@ def _ms(rfc3339: str | None) -> int | None:
     return int(dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-class GcsStore(RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
+class GcsStore(remotestore.RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
     """A Store over one bucket and name prefix of Google Cloud Storage; fencing rests on
     `ifGenerationMatch=0`."""
 
@@ -145,8 +137,9 @@ class GcsStore(RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
 
     async def _connect(self) -> None:
         c = self.config
-        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+        self._client = session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
             total=None, connect=c.connect_timeout_s))
+        self._opened.push_async_callback(session.close)
         if c.token is not None:
             self._static_token = read_secret(c.token, "store.token")
         elif not c.anonymous:
@@ -172,11 +165,6 @@ class GcsStore(RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
                                    "not a Google credentials JSON (a service-account key file)")
         return io.StringIO(text)
 
-    async def _disconnect(self) -> None:
-        session, self._client, self._token = self._client, None, None
-        if session is not None:
-            await session.close()
-
     async def _check_bucket(self) -> None:
         """Fail at open, clearly, on a missing bucket or refused credentials."""
         status, _, _ = await self._request(
@@ -194,7 +182,7 @@ class GcsStore(RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
         try:
             return {"Authorization": f"Bearer {await self._token.get()}"}
         except aiohttp.ClientResponseError as e:
-            if e.status in RETRIABLE_STATUS:
+            if e.status in remotestore.RETRIABLE_STATUS:
                 raise Transient(e) from e
             raise StoreError(f"store {self.url}: Google credentials rejected when minting a "
                              f"token (HTTP {e.status}); check service_account or the "
@@ -238,7 +226,7 @@ class GcsStore(RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
         except (aiohttp.ClientError, OSError) as e:
             raise Transient(e) from e
         err = _HttpError(resp.status, _error_message(answer))
-        if resp.status in RETRIABLE_STATUS:
+        if resp.status in remotestore.RETRIABLE_STATUS:
             raise Transient(err) from err
         raise self._http_error(op, key, err) from err
 
@@ -377,3 +365,9 @@ class GcsStore(RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
         async for items in self._pages("list", prefix, params):
             for obj in items:
                 yield obj["name"]
+
+
+CONNECTOR = Connector(
+    name="gcs",
+    store=StoreType("gcs", GcsStoreConfig, GcsStore, gcs_config_from_url, ("gs",), retain_days),
+)

@@ -10,7 +10,6 @@ operation goes through the shared retry loop (daemon/remotestore.py), which back
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -33,18 +32,10 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import Field, field_validator, model_validator
 
+from drstream.daemon import remotestore
 from drstream.daemon.errors import StoreError
 from drstream.daemon.plugins import MAX_SECONDS
-from drstream.daemon.remotestore import (
-    CloudStoreConfig,
-    Refusal,
-    RemoteStore,
-    RetentionConfig,
-    Transient,
-    config_from_url,
-    secret_ref,
-    split_url,
-)
+from drstream.daemon.remotestore import Refusal, Transient
 from drstream.daemon.secrets import read_secret
 from drstream.daemon.store import ObjectInfo, ObjectTooLargeError, check_prefix
 
@@ -72,11 +63,11 @@ _CREDENTIAL_CODES = frozenset({
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
-class ObjectLockConfig(RetentionConfig):
+class ObjectLockConfig(remotestore.RetentionConfig):
     mode: Literal["GOVERNANCE", "COMPLIANCE"]
 
 
-class S3BucketConfig(CloudStoreConfig):
+class S3BucketConfig(remotestore.CloudStoreConfig):
     """Where a bucket prefix is and how to talk to it: what the log store, the object
     source and the object sink (objconfig.py) all say."""
 
@@ -101,7 +92,7 @@ class S3BucketConfig(CloudStoreConfig):
             )
         return v
 
-    _refs = field_validator("access_key_id", "secret_access_key")(secret_ref)
+    _refs = field_validator("access_key_id", "secret_access_key")(remotestore.secret_ref)
 
     @model_validator(mode="after")
     def _consistent(self) -> S3BucketConfig:
@@ -124,9 +115,9 @@ def retain_days(config: S3StoreConfig) -> int | None:
 
 def s3_config_from_url(url: str) -> S3StoreConfig:
     """`s3://bucket/prefix`; endpoint, region and credentials come from AWS_* env vars."""
-    parts = split_url(url, "s3", "s3://bucket/prefix")
+    parts = remotestore.split_url(url, "s3", "s3://bucket/prefix")
     env = os.environ
-    return config_from_url(S3StoreConfig, url, {
+    return remotestore.config_from_url(S3StoreConfig, url, {
         "type": "s3", "bucket": parts.netloc, "prefix": unquote(parts.path),
         "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
         "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -163,7 +154,7 @@ def _ms(when: Any) -> int:
     return int(when.timestamp() * 1000) if isinstance(when, dt.datetime) else 0
 
 
-class S3Store(RemoteStore[S3BucketConfig, Any]):  # aiobotocore's client is untyped
+class S3Store(remotestore.RemoteStore[S3BucketConfig, Any]):  # aiobotocore's client is untyped
     """A Store over one bucket and key prefix of an S3 API endpoint; fencing rests on
     `If-None-Match: *`."""
 
@@ -176,13 +167,6 @@ class S3Store(RemoteStore[S3BucketConfig, Any]):  # aiobotocore's client is unty
                          config.endpoint_url or f"AWS S3 ({config.region})",
                          f"bucket {config.bucket!r}")
         self.bucket = config.bucket
-        self._stack: contextlib.AsyncExitStack | None = None
-
-    @staticmethod
-    def _service_error(e: BaseException | None) -> str | None:
-        if not isinstance(e, ClientError):
-            return None
-        return f"{_code(e) or _status(e)}: {e.response.get('Error', {}).get('Message', '')}"
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -203,8 +187,7 @@ class S3Store(RemoteStore[S3BucketConfig, Any]):  # aiobotocore's client is unty
             retries={"total_max_attempts": 1, "mode": "standard"},  # our loop retries
             s3={"addressing_style": c.addressing_style},
         )
-        self._stack = contextlib.AsyncExitStack()
-        self._client = await self._stack.enter_async_context(
+        self._client = await self._opened.enter_async_context(
             get_session().create_client(
                 "s3", region_name=c.region, endpoint_url=c.endpoint_url,
                 config=boto_config, **creds,
@@ -212,11 +195,6 @@ class S3Store(RemoteStore[S3BucketConfig, Any]):  # aiobotocore's client is unty
         )
         self._c.meta.events.register_last("before-call.s3", _no_expect_continue)
         await self._check_bucket()
-
-    async def _disconnect(self) -> None:
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
 
     async def _check_bucket(self) -> None:
         """Fail at open, clearly, on a missing bucket or refused credentials.
@@ -252,6 +230,12 @@ class S3Store(RemoteStore[S3BucketConfig, Any]):  # aiobotocore's client is unty
         return await self._retrying(op, key, call)
 
     # -- error mapping ---------------------------------------------------------------
+
+    @staticmethod
+    def _service_error(e: BaseException | None) -> str | None:
+        if not isinstance(e, ClientError):
+            return None
+        return f"{_code(e) or _status(e)}: {e.response.get('Error', {}).get('Message', '')}"
 
     def _attempt_error(self, op: str, key: str | None, e: Exception) -> Exception | None:
         if isinstance(e, ClientError):
