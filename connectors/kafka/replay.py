@@ -16,7 +16,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -32,7 +32,7 @@ from drstream.daemon.codec import (
     update_record_digest,
 )
 from drstream.daemon.errors import HIDDEN, MISSING, ConfigFieldError
-from drstream.daemon.plan import parse_assignments
+from drstream.daemon.plan import ReplayPlan, parse_assignments
 from drstream.daemon.plugins import (
     ConnectorConfig,
     DrillCheck,
@@ -41,9 +41,6 @@ from drstream.daemon.plugins import (
     StreamTraits,
 )
 from drstream.daemon.records import ProduceBatch
-
-if TYPE_CHECKING:
-    from drstream.daemon.plan import ReplayPlan
 
 TARGET = "--target-bootstrap"
 TOPICS = "--topics"

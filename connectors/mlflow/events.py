@@ -32,7 +32,7 @@ import copy
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from drstream.daemon.errors import DrstreamError
@@ -124,20 +124,16 @@ def _artifacts_error(v: Any) -> str | None:
     return None
 
 
-_CHECKS: dict[str, tuple[Any, str]] = {
-    "name": (_name, "a non-empty string"),
-    "new_name": (_name, "a non-empty string"),
-    "description": (_str, "a string"),
-    "tags": (_tags, "an object of string -> string (non-empty keys)"),
-    "key": (_name, "a non-empty string"),
-    "value": (_str, "a string"),
-    "version": (_int_version, "an integer >= 1"),
-    "stage": (_str, "a string"),
-    "run_id": (_opt_str, "a string or null"),
-    "source": (_str, "a string"),
-    "alias": (_name, "a non-empty string"),
-    "created_ms": (_timestamp, "an integer >= 0 (milliseconds since the epoch)"),
-}
+# Each check, what it wants (for the error), and the event fields it checks.
+_CHECKERS: tuple[tuple[Callable[[Any], bool], str, tuple[str, ...]], ...] = (
+    (_name, "a non-empty string", ("name", "new_name", "key", "alias")),
+    (_str, "a string", ("description", "value", "stage", "source")),
+    (_opt_str, "a string or null", ("run_id",)),
+    (_int_version, "an integer >= 1", ("version",)),
+    (_timestamp, "an integer >= 0 (milliseconds since the epoch)", ("created_ms",)),
+    (_tags, "an object of string -> string (non-empty keys)", ("tags",)),
+)
+_CHECKS = {f: (check, wants) for check, wants, fields in _CHECKERS for f in fields}
 
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "model.created": ("name", "description", "tags"),

@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -36,6 +36,7 @@ from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
 from drstream.daemon.errors import MISSING, ConfigFieldError, DrstreamError
 from drstream.daemon.logging import get_logger
+from drstream.daemon.plan import ReplayPlan
 from drstream.daemon.plugins import (
     ConnectorConfig,
     DrillCheck,
@@ -44,9 +45,6 @@ from drstream.daemon.plugins import (
     StreamTraits,
 )
 from drstream.daemon.secrets import read_secret
-
-if TYPE_CHECKING:
-    from drstream.daemon.plan import ReplayPlan
 
 log = get_logger("drstream.replay")
 

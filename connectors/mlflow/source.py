@@ -72,9 +72,8 @@ class MlflowSource(Closing):
     def __init__(self, config: MlflowSourceConfig, ctx: Context) -> None:
         self.config = config
         self.stream = config.stream
-        self.log_id = log_id = ctx.log_id
         self.blobs = ctx.blobs
-        self.webhook_name = f"drstream-{log_id}"
+        self.webhook_name = f"drstream-{ctx.log_id}"
         self._state: State = empty_state()
         self._positions: dict[str, Any] = {}
         self._client: RegistryClient | None = None
