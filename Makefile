@@ -24,10 +24,12 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The kill -9 crash tests that `make test` runs with fewer kills, at full length (~5 min).
+# The kill -9 crash tests that `make test` runs with fewer kills, at full length, and the
+# minute-long store outage (~7 min).
 soak: install
-	$(PY) -m pytest --soak -k kill9 tests/integration/test_writer_crash.py \
-		tests/integration/test_ship_crash.py tests/integration/test_shards.py $(PYTEST_ARGS)
+	$(PY) -m pytest --soak -k "kill9 or minute_without_the_store" \
+		tests/integration/test_writer_crash.py tests/integration/test_ship_crash.py \
+		tests/integration/test_shards.py tests/integration/test_store_outage.py $(PYTEST_ARGS)
 
 unit: install
 	$(PY) -m pytest tests/unit tests/contract -k "not s3 and not gcs and not azure" -m "not integration" $(PYTEST_ARGS)

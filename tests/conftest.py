@@ -16,6 +16,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "kills per test; `make test` runs each with fewer")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `soak` (minutes each) run only under --soak: `make soak`."""
+    if config.getoption("--soak"):
+        return
+    kept = [i for i in items if i.get_closest_marker("soak") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
+
+
 @pytest.fixture
 def soak(request: pytest.FixtureRequest) -> bool:
     """True under --soak: crash tests use their full kill counts."""

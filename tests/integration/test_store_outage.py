@@ -40,7 +40,8 @@ from tests.integration.test_monitoring_scrape import role_config, value
 from tests.integration.test_service import answers, produce, scrape
 from tests.support.procs import wait_for
 
-pytestmark = pytest.mark.integration
+# a minute of outage plus the catch-up: make soak, not make test
+pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
 REFUSE_S = BLACKHOLE_S = 30.0
 
