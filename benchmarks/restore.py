@@ -22,8 +22,13 @@ confluent-kafka produce loop of the same records in the same run.
 6. Every target topic is read back (read_committed) and compared with the primary, per
    partition, by record count and digest (key, value, headers, timestamp).
 
-Reported: MB/s of payload (keys + values + header keys and values, 10^6 bytes = 1 MB),
-ratio to the bare loop, CPU seconds per GiB of the drstream process trees (/proc), peak RSS.
+7. For S3, a bare GET loop: every object of the log fetched from the S3 server with
+   `--parallel` concurrent GETs through aiobotocore, the restore's other ceiling; replay
+   from S3 is also given over the slower of the two ceilings.
+
+Reported: MB/s of payload (keys + values + header keys and values, 10^6 bytes = 1 MB;
+for the bare GET loop, the log's payload over its wall time), ratio to the bare loop, CPU
+seconds per GiB of the drstream process trees (/proc), peak RSS.
 Written to benchmarks/results/restore.{json,md}. A benchmark: nothing asserts on time.
 """
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -162,12 +168,14 @@ def run_bare(standby: Any, batches: list[tuple[int, list[Any]]], partitions: int
 # --------------------------------------------------------------------------- apply
 
 
-def dr_config(workdir: Path, store: dict[str, Any], standby: str) -> Path:
+def dr_config(workdir: Path, store: dict[str, Any], standby: str,
+              apply_settings: dict[str, Any]) -> Path:
     raw = yaml.safe_load((workdir / "drstream.yaml").read_text())
     raw["store"] = store
     raw["sinks"] = [{"type": "kafka", "name": "standby", "bootstrap_servers": standby,
                      "source": STREAM}]
     raw["service"] = {"ship_metrics_listen": None, "apply_metrics_listen": None}
+    raw["apply"] = {**(raw.get("apply") or {}), **apply_settings}
     path = workdir / f"apply-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -200,9 +208,10 @@ class CheckpointWatch:
 
 
 def run_apply(workdir: Path, standby: Any, prepared: dict[str, Any],
-              timeout: float) -> dict[str, Any]:
+              args: argparse.Namespace) -> dict[str, Any]:
+    timeout = args.timeout
     config = dr_config(workdir, {"type": "file", "path": str(workdir / "store")},
-                       standby.bootstrap_servers)
+                       standby.bootstrap_servers, args.apply)
     watch = CheckpointWatch(standby.bootstrap_servers)
     log_path = workdir / "apply.log"
     t0 = time.monotonic()
@@ -272,6 +281,41 @@ def run_replay(workdir: Path, store_url: str, env: dict[str, str], standby: Any,
             "topic": rename.format(topic=TOPIC)}
 
 
+def run_bare_get(server: Any, bucket: str, parallel: int, payload: int) -> dict[str, Any]:
+    """The ceiling of a restore from this S3 server: every object of the log fetched with
+    `parallel` concurrent GETs through aiobotocore (the S3 store's client), bodies read and
+    dropped. A replay from S3 cannot outrun the slower of this and the bare produce loop."""
+    import asyncio
+
+    from aiobotocore.session import get_session
+
+    async def fetch_all() -> tuple[float, int, int]:
+        async with get_session().create_client(
+                "s3", endpoint_url=server.endpoint_url, region_name=server.region,
+                aws_access_key_id=server.access_key,
+                aws_secret_access_key=server.secret_key) as client:
+            keys = [o["Key"] async for page in client.get_paginator("list_objects_v2")
+                    .paginate(Bucket=bucket) for o in page.get("Contents", [])]
+            gate = asyncio.Semaphore(parallel)
+
+            async def get(key: str) -> int:
+                async with gate:
+                    resp = await client.get_object(Bucket=bucket, Key=key)
+                    async with resp["Body"] as body:
+                        return len(await body.read())
+
+            t0 = time.monotonic()
+            sizes = await asyncio.gather(*map(get, keys))
+            return time.monotonic() - t0, len(keys), sum(sizes)
+
+    wall, objects, nbytes = asyncio.run(fetch_all())
+    progress(f"bare GET (s3): {nbytes / 1e6 / wall:.1f} MB/s stored bytes ({wall:.1f}s)",
+             force=True)
+    return {"wall_s": wall, "objects": objects, "stored_bytes": nbytes,
+            "stored_mb_per_s": nbytes / 1e6 / wall, "mb_per_s": payload / 1e6 / wall,
+            "parallel": parallel, "cpu_s_per_gib": float("nan")}
+
+
 def s3_copy(workdir: Path) -> tuple[Any, str, dict[str, str]]:
     from tests.infra.s3 import S3Server
 
@@ -328,20 +372,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     prepared["payload_bytes"])
             del batches
             if "apply" in args.runs:
-                runs["apply-file"] = run_apply(workdir, standby, prepared, args.timeout)
+                runs["apply-file"] = run_apply(workdir, standby, prepared, args)
             for store in args.stores:
                 if store == "file":
                     url, env = f"file://{workdir / 'store'}", {}
                 else:
                     s3, url, env = s3_copy(workdir)
+                    runs["bare-get-s3"] = run_bare_get(s3, url.removeprefix("s3://"),
+                                                       args.parallel, prepared["payload_bytes"])
                 runs[f"replay-{store}"] = run_replay(workdir, url, env, standby, store,
                                                      prepared, args.parallel)
             bare = runs["bare"]["mb_per_s"]
-            for r in runs.values():
+            for name, r in runs.items():
                 r["over_bare"] = r["mb_per_s"] / bare
-            checks = check_targets(primary, standby, [r["topic"] for r in runs.values()])
+                if name == "replay-s3" and "bare-get-s3" in runs:  # the slower ceiling
+                    r["over_ceiling"] = r["mb_per_s"] / min(bare, runs["bare-get-s3"]["mb_per_s"])
+            checks = check_targets(primary, standby,
+                                   [r["topic"] for r in runs.values() if "topic" in r])
             for r in runs.values():
-                r["target_equal_to_primary"] = checks[r["topic"]]["equal"]
+                if "topic" in r:
+                    r["target_equal_to_primary"] = checks[r["topic"]]["equal"]
             report["checks"] = checks
     finally:
         if s3 is not None:
@@ -351,11 +401,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> tuple[str, str]:
-    headers = ["run", "MB/s", "x bare", "wall s", "CPU s/GiB", "peak RSS MiB", "target == primary"]
-    rows = [[name, f"{r['mb_per_s']:.1f}", f"{r['over_bare']:.2f}", f"{r['wall_s']:.1f}",
-             f"{r['cpu_s_per_gib']:.1f}",
+    headers = ["run", "MB/s", "x bare", "x ceiling", "wall s", "CPU s/GiB", "peak RSS MiB",
+               "target == primary"]
+    rows = [[name, f"{r['mb_per_s']:.1f}", f"{r['over_bare']:.2f}",
+             f"{r['over_ceiling']:.2f}" if "over_ceiling" in r else "-", f"{r['wall_s']:.1f}",
+             f"{r['cpu_s_per_gib']:.1f}" if r["cpu_s_per_gib"] == r["cpu_s_per_gib"] else "-",
              f"{r['peak_rss_bytes'] / MiB:.0f}" if r.get("peak_rss_bytes") else "-",
-             "yes" if r["target_equal_to_primary"] else "NO"]
+             {True: "yes", False: "NO"}.get(r.get("target_equal_to_primary"), "-")]
             for name, r in report["runs"].items()]
     log = report["log"]
     head = (f"log: {log['records']:,} records, {log['payload_bytes'] / 1e6:,.0f} MB payload in "
@@ -378,6 +430,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--runs", default="apply,replay", help="apply,replay (bare always runs)")
     ap.add_argument("--parallel", type=int, default=8, help="replay --parallel")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--apply", type=json.loads, default={}, metavar="JSON",
+                    help="the `apply:` settings of the apply run, "
+                         "e.g. '{\"batch_max_segments\": 32}'")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     args.stores = [s for s in args.stores.split(",") if s] if "replay" in args.runs else []
