@@ -107,8 +107,7 @@ def per_record(msgs: list[Any]) -> tuple[list[KafkaBatch], int]:
         if m.error() is not None:
             continue
         headers = m.headers() or []
-        origin = [v for k, v in headers if k == ORIGIN_HEADER]
-        if origin and (origin[0] or b"").decode() in SKIP:
+        if replicated(headers):
             continue
         ts_type, ts = m.timestamp()
         rec = KafkaRecord(m.offset(), ts, ts_type, m.key(), m.value(), headers)
@@ -117,12 +116,16 @@ def per_record(msgs: list[Any]) -> tuple[list[KafkaBatch], int]:
     return [KafkaBatch("kafka:primary", t, p, r) for (t, p), r in runs.items()], nbytes
 
 
+def replicated(headers: list[tuple[str, bytes | None]]) -> bool:
+    """KafkaSource._replicated with skip_origins = SKIP: the first origin header decides,
+    and a value that is not UTF-8 is compared as decoded with replacement characters."""
+    origins = [v for k, v in headers if k == ORIGIN_HEADER]
+    return bool(origins) and (origins[0] or b"").decode(errors="replace") in SKIP
+
+
 def keep(m: Any) -> bool:
     """The source's filter (KafkaSource._keep with skip_origins = SKIP)."""
-    if m.error() is not None:
-        return False
-    return not any(k == ORIGIN_HEADER and (v or b"").decode() in SKIP
-                   for k, v in m.headers() or [])
+    return m.error() is None and not replicated(m.headers() or [])
 
 
 @PROPERTY
