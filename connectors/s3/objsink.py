@@ -47,13 +47,11 @@ class ObjectSink(Closing):
     def __init__(self, config: ObjectSinkConfig, ctx: Context) -> None:
         self.config = config
         self.name = config.sink_name
-        self.log_id = ctx.log_id
-        self.blobs = ctx.blobs
         self.stream = config.source
+        self.blobs = ctx.blobs  # the objects' bytes
         self.store = S3Store(config, where=f"sinks[{self.name}]")
-        self.bucket = config.bucket
-        self._prefix = config.prefix + "/" if config.prefix else ""
-        self.url = f"s3://{config.bucket}/{config.prefix}"
+        self.bucket, self.url = config.bucket, self.store.url
+        self._prefix = self.store.key_prefix
         self.checkpoint_bucket = config.checkpoint_bucket or config.bucket
         self.checkpoint_key = config.checkpoint_key(ctx.log_id)
         self._progress = SinkProgress(self.name, self._write_checkpoint)
