@@ -8,7 +8,8 @@ create-if-absent so a record is never replaced.
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from drstream.daemon.errors import DrstreamError
 from drstream.daemon.layout import AUDIT, audit_key, audit_of
@@ -24,6 +25,29 @@ async def store_report(store: Store, log_id: str, report: dict[str, Any]) -> dic
         raise DrstreamError(f"audit object {key} already exists; report not stored")
     report["audit_object"] = key
     return report
+
+
+@dataclass
+class ActionReport:
+    """The report of an operator action that changes the log (log truncate, shards
+    change): "action", the log, what the action did (`body`), and the audit object it
+    was stored as once `record` has stored it."""
+
+    action: ClassVar[str]
+    log_id: str
+    audit_object: str = field(default="", kw_only=True)
+
+    def body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "log_id": self.log_id, **self.body(),
+                "audit_object": self.audit_object}
+
+    async def record(self, store: Store, **extra: Any) -> None:
+        """Store the report, with `extra` fields beside it, under audit/."""
+        stored = await store_report(store, self.log_id, self.to_json() | extra)
+        self.audit_object = stored["audit_object"]
 
 
 async def audit_records(store: Store, action: str, log_id: str) -> list[dict[str, Any]]:

@@ -633,6 +633,18 @@ def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str
     return p
 
 
+def _group(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+           help: str) -> functools.partial[argparse.ArgumentParser]:
+    """A command of several actions ("log truncate"): the maker of its actions' parsers."""
+    actions = sub.add_parser(name, help=help).add_subparsers(
+        dest=f"{name}_command", required=True, metavar="ACTION")
+    return functools.partial(_command, actions, group=name)
+
+
+def _add_json(p: argparse.ArgumentParser, help: str = "machine-readable output") -> None:
+    p.add_argument("--json", action="store_true", help=help)
+
+
 def _add_secret_args(p: argparse.ArgumentParser, *, keys: bool = True) -> None:
     """How an operator hands over what the service gets from systemd credentials."""
     if keys:
@@ -723,10 +735,8 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     _add_shard(p, "check the config as shard K (of N) runs it (with shards.count, every shard "
                "is listed)")
 
-    keys = sub.add_parser("keys", help="manage encryption keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    p = _command(keys_sub, "generate", group="keys",
-                 help="write a new random 256-bit key file (mode 0600)")
+    keys = _group(sub, "keys", help="manage encryption keys")
+    p = keys("generate", help="write a new random 256-bit key file (mode 0600)")
     p.add_argument("path", help="where to write the key; an existing file is never overwritten")
     p.add_argument("--id", default="k1",
                    help="key id to show in the config snippet ([A-Za-z0-9._-], up to 64)")
@@ -740,7 +750,7 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
                    help="decrypt and decode every segment (needs the keys: --config or --key)")
     p.add_argument("--from-seq", type=int, default=1, metavar="N")
     p.add_argument("--to-seq", type=int, default=None, metavar="N")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
+    _add_json(p, "machine-readable report")
     _add_shard(p, "with --config of a log set: only shard K's log (default every shard's)")
 
     p = _command(sub, "ship", help="tail the configured sources into the delta log until SIGTERM")
@@ -760,13 +770,13 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
                    help="a problem when a stream's RPO is unknown or over this")
     p.add_argument("--max-lag", type=float, metavar="SECONDS",
                    help="a problem when a sink's apply lag is over this")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_json(p)
     _add_shard(p)
 
     p = _command(sub, "failover", help="apply every durable segment, sync consumer-group "
                  "offsets, report and record the final RPO")
     _add_config(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_json(p)
     _add_shard(p)
 
     p = _command(sub, "replay", help="rebuild topics or a model registry from the log up "
@@ -790,7 +800,7 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
     _add_replay_args(p, connectors, stream_options)
     p.add_argument("--keep", action="store_true",
                    help="keep the scratch topics (or the models in the scratch registry)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_json(p, "print the report as JSON")
     _add_shard(p)
 
     p = _command(sub, "prune", help="delete old segments no sink of the config still needs")
@@ -832,29 +842,26 @@ def build_parser(connectors: Connectors, *, stream_options: bool = True
                    help="after the load, how long to wait for the last records (default 60)")
     p.add_argument("--keep", action="store_true",
                    help="keep the bench topic and its standby copy (default: both removed)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_json(p, "print the report as JSON")
     p.add_argument("--out", metavar="PATH", help="also write the JSON report to PATH")
 
-    logs = sub.add_parser("log", help="repair a log the writer stopped on (audited)")
-    logs_sub = logs.add_subparsers(dest="log_command", required=True, metavar="ACTION")
-    p = _command(logs_sub, "truncate", group="log",
-                 help="remove every segment after a seq (never one under Object Lock), "
-                 "storing an audit record first; ship then resumes after that seq")
+    logs = _group(sub, "log", help="repair a log the writer stopped on (audited)")
+    p = logs("truncate", help="remove every segment after a seq (never one under Object "
+             "Lock), storing an audit record first; ship then resumes after that seq")
     _add_config(p, keys=False)
     p.add_argument("--after", type=int, required=True, metavar="SEQ",
                    help="the last segment to keep")
     p.add_argument("--reason", help="why, for the audit record")
     p.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_json(p)
 
-    shards = sub.add_parser("shards", help="change the shard count of a log set (planned)")
-    shards_sub = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
-    p = _command(shards_sub, "change", group="shards",
-                 help="seal every log of the set at its head and start the logs of a set of "
-                 "--to shards exactly there (stop the old ship shards first); docs/shards.md")
+    shards = _group(sub, "shards", help="change the shard count of a log set (planned)")
+    p = shards("change", help="seal every log of the set at its head and start the logs of a "
+               "set of --to shards exactly there (stop the old ship shards first); "
+               "docs/shards.md")
     _add_config(p, help="the ship (primary) config, with the current shards.count")
     p.add_argument("--to", type=int, required=True, metavar="M", help="the new shard count")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_json(p)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,22 @@ class DrillReport:
     @property
     def ok(self) -> bool:
         return bool(self.doc["ok"])
+
+
+def drill_lines(report: dict[str, Any], counts: Callable[[dict[str, Any]], list[str]],
+                mismatch: Callable[[dict[str, Any]], str], *, most: int = 20,
+                kept: str = "record") -> list[str]:
+    """A kind's lines of a drill report for a person: its `counts` lines, the RPO at the
+    drill point (unknown when no `kept` was kept), and the first `most` mismatches, each
+    worded by `mismatch`; none when the replay failed (the error is said already)."""
+    if "error" in report:
+        return []
+    rpo = report["rpo_at_point_s"]
+    rpo_text = f"unknown (no {kept} kept)" if rpo is None else f"{rpo}s"
+    return [*counts(report),
+            f"  RPO at the point       {rpo_text}",
+            f"  mismatches             {len(report['mismatches'])}",
+            *(f"    {mismatch(m)}" for m in report["mismatches"][:most])]
 
 
 def drill_stamp() -> str:

@@ -416,11 +416,17 @@ class Connectors:
         return next((c.bench for c in self.all() if c.bench and c.source
                      and c.source.name == source_type), None)
 
-    def store_type(self, config: ConnectorConfig) -> StoreType[Any]:
-        found = self.store_named(config.type)
+    def _type_of(self, attr: str, config: ConnectorConfig) -> Any:
+        """The `attr` ("store", "source", "sink") type `config` names; an unknown one is
+        an error that lists the valid ones."""
+        found = self._find(attr, config.type)
         if found is None:
-            valid = ", ".join(sorted(self.stores))
-            raise DrstreamError(f"unknown store type {config.type!r}; valid types: {valid}")
+            valid = ", ".join(sorted(getattr(self, attr + "s")))
+            raise DrstreamError(f"unknown {attr} type {config.type!r}; valid types: {valid}")
+        return found
+
+    def store_type(self, config: ConnectorConfig) -> StoreType[Any]:
+        found: StoreType[Any] = self._type_of("store", config)
         return found
 
     def open_store(self, config: ConnectorConfig) -> Store:
@@ -438,18 +444,14 @@ class Connectors:
         raise ConfigFieldError("store", url, f"unknown store URL scheme; valid: {valid}")
 
     def source_type(self, config: ConnectorConfig) -> SourceType[Any]:
-        found = self.source_named(config.type)
-        if found is None:
-            raise DrstreamError(f"unknown source type {config.type!r}")
+        found: SourceType[Any] = self._type_of("source", config)
         return found
 
     def source(self, config: ConnectorConfig, ctx: Context) -> Source:
         return self.source_type(config).factory(config, ctx)
 
     def sink_type(self, config: ConnectorConfig) -> SinkType[Any]:
-        found = self.sink_named(config.type)
-        if found is None:
-            raise DrstreamError(f"unknown sink type {config.type!r}")
+        found: SinkType[Any] = self._type_of("sink", config)
         return found
 
     def sink(self, config: ConnectorConfig, ctx: Context) -> Sink:

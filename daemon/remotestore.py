@@ -182,6 +182,11 @@ class RemoteStore(Starting, Generic[S, K]):
         """Open the client and fail, clearly, on a missing bucket or refused credentials."""
         raise NotImplementedError
 
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this store starts with in the bucket ("" or "prefix/")."""
+        return self._prefix
+
     def _full(self, key: str) -> str:
         return self._prefix + check_key(key)
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from drstream.daemon.audit import store_report
+from drstream.daemon.audit import ActionReport
 from drstream.daemon.codec import Body, make_manifest
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import DeltaLog, LogWriter
@@ -37,18 +37,18 @@ log = get_logger("drstream.reshard")
 
 
 @dataclass
-class ChangeReport:
-    log_id: str
+class ChangeReport(ActionReport):
+    """The seal seq of each old log and the partitions each new log starts with."""
+
+    action: ClassVar[str] = "shards-change"
     old_count: int
     new_count: int
     sealed: dict[str, int] = field(default_factory=dict)  # old log -> seal seq
     started: dict[str, list[str]] = field(default_factory=dict)  # new log -> partitions
-    audit_object: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        return {"action": "shards-change", "log_id": self.log_id, "from": self.old_count,
-                "to": self.new_count, "sealed": self.sealed, "started": self.started,
-                "audit_object": self.audit_object}
+    def body(self) -> dict[str, Any]:
+        return {"from": self.old_count, "to": self.new_count, "sealed": self.sealed,
+                "started": self.started}
 
 
 def _check(config: Config, to: int) -> list[str]:
@@ -156,8 +156,7 @@ async def change_count(config: Config, store: Store, keyring: KeyRing, to: int
         await _start_log(store, keyring, new_id, positions, handover)
         report.started[new_id] = sorted(f"{t}[{p}]" for s in streams
                                         for t, parts in positions[s].items() for p in parts)
-    stored = await store_report(store, config.log_id, report.to_json())
-    report.audit_object = stored["audit_object"]
+    await report.record(store)
     return report
 
 

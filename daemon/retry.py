@@ -17,6 +17,10 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+# A polling source (a registry, a bucket listing) polls again this soon after a failed
+# poll, doubling per failure up to its own cap or its poll interval, whichever is shorter.
+POLL_RETRY_FIRST_S = 0.5
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -36,6 +40,11 @@ class Backoff:
     def exhausted(self, attempt: int, elapsed_s: float) -> bool:
         return (self.attempts is not None and attempt >= self.attempts) or (
             self.deadline_s is not None and elapsed_s > self.deadline_s)
+
+
+def poll_retry_s(failures: int, interval_s: float, most_s: float) -> float:
+    """How long a polling source waits after `failures` failed polls in a row."""
+    return Backoff(POLL_RETRY_FIRST_S, min(most_s, interval_s)).step(failures)
 
 
 async def retrying(call: Callable[[], Awaitable[T]], backoff: Backoff, *,

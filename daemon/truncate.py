@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from drstream.daemon.audit import store_report
+from drstream.daemon.audit import ActionReport
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import DeltaLog
 from drstream.daemon.errors import DrstreamError
@@ -31,15 +31,16 @@ log = get_logger("drstream.truncate")
 
 
 @dataclass
-class TruncateResult:
-    log_id: str
+class TruncateResult(ActionReport):
+    """Each segment removed (or, on a dry run, to be removed) with its size and SHA-256;
+    `hidden` when only a delete marker stood for it."""
+
+    action: ClassVar[str] = "log-truncate"
     after_seq: int
     removed: list[dict[str, Any]] = field(default_factory=list)  # seq, key, sha256, size
-    audit_object: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        return {"action": "log-truncate", "log_id": self.log_id, "after_seq": self.after_seq,
-                "removed": self.removed, "audit_object": self.audit_object}
+    def body(self) -> dict[str, Any]:
+        return {"after_seq": self.after_seq, "removed": self.removed}
 
 
 async def truncate(config: Config, store: Store, after_seq: int, *, dry_run: bool = False,
@@ -71,8 +72,7 @@ async def truncate(config: Config, store: Store, after_seq: int, *, dry_run: boo
                             f"removed: {', '.join(locked[:5])}; nothing was changed")
     if dry_run or not seqs:
         return result
-    doc = result.to_json() | {"at_ms": int(time.time() * 1000), "reason": reason}
-    result.audit_object = (await store_report(store, config.log_id, doc))["audit_object"]
+    await result.record(store, at_ms=int(time.time() * 1000), reason=reason)
     for seq in reversed(seqs):  # newest first: what remains never has a hole
         await store.purge(log_.key(seq))
         log.warning("segment_truncated", log_id=config.log_id, seq=seq, key=log_.key(seq),

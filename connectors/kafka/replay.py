@@ -31,6 +31,7 @@ from drstream.daemon.codec import (
     make_manifest,
     update_record_digest,
 )
+from drstream.daemon.drill import drill_lines
 from drstream.daemon.errors import HIDDEN, MISSING, ConfigFieldError
 from drstream.daemon.plan import ReplayPlan, parse_assignments
 from drstream.daemon.plugins import (
@@ -224,15 +225,11 @@ class KafkaDrill:
         return {}
 
     def lines(self, report: dict[str, Any]) -> list[str]:
-        if "error" in report:
-            return []
-        out = [f"  records                {report['records']} in {report['partitions']} "
-               f"partitions, through seq {report['applied_through_seq']}",
-               f"  RPO at the point       {_rpo(report['rpo_at_point_s'])}",
-               f"  mismatches             {len(report['mismatches'])}"]
-        out += [f"    {m['topic']}[{m['partition']}]: log {m['log']} target {m['target']}"
-                for m in report["mismatches"][:10]]
-        return out
+        return drill_lines(report, lambda r: [
+            f"  records                {r['records']} in {r['partitions']} partitions, "
+            f"through seq {r['applied_through_seq']}"],
+            lambda m: f"{m['topic']}[{m['partition']}]: log {m['log']} target {m['target']}",
+            most=10)
 
 
 class KafkaStreams:
@@ -301,7 +298,3 @@ class KafkaStreams:
         if sink is None:
             raise ConfigFieldError(TARGET, MISSING, "no Kafka sink in the config to drill against")
         return KafkaDrill(plan, sink, stamp)
-
-
-def _rpo(value: float | None) -> str:
-    return "unknown (no record kept)" if value is None else f"{value}s"

@@ -34,6 +34,7 @@ from drstream.connectors.mlflow.events import (
 from drstream.connectors.mlflow.verify import compare_registry, delete_replica, replicated_models
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
+from drstream.daemon.drill import drill_lines
 from drstream.daemon.errors import MISSING, ConfigFieldError, DrstreamError
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plan import ReplayPlan
@@ -45,6 +46,7 @@ from drstream.daemon.plugins import (
     StreamTraits,
 )
 from drstream.daemon.secrets import read_secret
+from drstream.daemon.tally import EventFilter, EventTally
 
 log = get_logger("drstream.replay")
 
@@ -53,27 +55,22 @@ TOKEN = "--target-mlflow-token"
 
 
 @dataclass
-class EventTally:
-    """What a registry replay kept: events (per model), bytes (event JSON plus the
-    artifact files of new versions), the write time of the newest kept segment carrying
-    the stream's positions (the registry as the source last saw it), and for drills the
-    state folded from the kept events."""
+class RegistryTally(EventTally):
+    """Besides the counts (bytes: event JSON plus the artifact files of new versions):
+    events per model, and for drills the state folded from the kept events."""
 
-    events: int = 0
-    bytes: int = 0
-    newest_ms: int | None = None
     per_model: dict[str, int] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=lambda: {"models": {}})
 
 
-class RegistryFilter:
+class RegistryFilter(EventFilter[RegistryTally]):
     """Keeps the EventBatches of the plan's stream from the segments written up to its
     time; the first segment of a pruned log contributes the seed events instead."""
 
     def __init__(self, plan: ReplayPlan,
                  seed: tuple[int, list[dict[str, Any]]] | None = None) -> None:
         self.plan = plan
-        self.registry = EventTally()
+        self.tally = RegistryTally()
         # (seq, events): the first segment of a pruned log, whose events are replaced by
         # the ones that build the state its manifest names from nothing
         self.seed = seed
@@ -82,10 +79,8 @@ class RegistryFilter:
         until = self.plan.until_ms
         keep = until is None or created_at_ms <= until
         batches: list[KafkaBatch | EventBatch] = []
-        t = self.registry
         if keep and self.plan.stream in body.manifest.positions:
-            # the source had shipped everything it saw up to this segment's write time
-            t.newest_ms = created_at_ms if t.newest_ms is None else max(t.newest_ms, created_at_ms)
+            self.tally.shipped_by(created_at_ms)
         if self.seed is not None and self.seed[0] == seq:
             if keep and self.seed[1]:
                 batches.append(EventBatch(self.plan.stream, list(self.seed[1])))
@@ -102,7 +97,7 @@ class RegistryFilter:
         return Body(manifest, list(batches))
 
     def _count_events(self, seq: int, events: list[dict[str, Any]]) -> None:
-        t = self.registry
+        t = self.tally
         t.events += len(events)
         for i, ev in enumerate(events):
             name = str(ev.get("name", ""))
@@ -116,21 +111,9 @@ class RegistryFilter:
                 except EventError as e:
                     raise EventError(f"log segment seq {seq} event #{i}: {e}") from e
 
-    @property
-    def count(self) -> int:
-        return self.registry.events
-
-    @property
-    def bytes(self) -> int:
-        return self.registry.bytes
-
-    @property
-    def newest_ms(self) -> int | None:
-        return self.registry.newest_ms
-
     def lines(self, plan: ReplayPlan) -> list[str]:
         return [f"  {model}: {n} event{'' if n == 1 else 's'}"
-                for model, n in sorted(self.registry.per_model.items())]
+                for model, n in sorted(self.tally.per_model.items())]
 
 
 def _token(plan: ReplayPlan) -> str | None:
@@ -182,8 +165,8 @@ class RegistryDrill:
     async def compare(self, filt: StreamFilter) -> DrillCheck:
         assert isinstance(filt, RegistryFilter)
         started = time.monotonic()
-        check = await compare_registry(self.client, self.plan.stream, filt.registry.state)
-        return DrillCheck({"events": filt.registry.events, "models": check.models,
+        check = await compare_registry(self.client, self.plan.stream, filt.tally.state)
+        return DrillCheck({"events": filt.tally.events, "models": check.models,
                            "versions": check.versions, "files": check.files,
                            "file_bytes": check.file_bytes,
                            "verify_s": round(time.monotonic() - started, 3)},
@@ -196,20 +179,10 @@ class RegistryDrill:
         return {"deleted_models": deleted}
 
     def lines(self, report: dict[str, Any]) -> list[str]:
-        if "error" in report:
-            return []
-        out = [f"  events                 {report['events']} through seq "
-               f"{report['applied_through_seq']}",
-               f"  checked                {report['models']} models, {report['versions']} "
-               f"versions, {report['files']} files ({report['file_bytes'] / 2**20:.2f} MiB "
-               "by sha256)",
-               f"  RPO at the point       {_rpo(report['rpo_at_point_s'])}",
-               f"  mismatches             {len(report['mismatches'])}"]
-        for m in report["mismatches"][:20]:
-            where = f"model {m['model']!r}" + (
-                f" version {m['version']}" if m["version"] is not None else "")
-            out.append(f"    {where} {m['field']}: log {m['log']!r} scratch {m['target']!r}")
-        return out
+        return drill_lines(report, lambda r: [
+            f"  events                 {r['events']} through seq {r['applied_through_seq']}",
+            f"  checked                {r['models']} models, {r['versions']} versions, "
+            f"{r['files']} files ({r['file_bytes'] / 2**20:.2f} MiB by sha256)"], _mismatch)
 
 
 class MlflowStreams:
@@ -282,5 +255,7 @@ class MlflowStreams:
         return RegistryDrill(plan, target, stamp, log_id)
 
 
-def _rpo(value: float | None) -> str:
-    return "unknown (no record kept)" if value is None else f"{value}s"
+def _mismatch(m: dict[str, Any]) -> str:
+    where = f"model {m['model']!r}" + (
+        f" version {m['version']}" if m["version"] is not None else "")
+    return f"{where} {m['field']}: log {m['log']!r} scratch {m['target']!r}"

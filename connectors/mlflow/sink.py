@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -46,11 +45,11 @@ from drstream.connectors.mlflow.events import (
     validate_event,
 )
 from drstream.daemon.codec import Body, EventBatch
-from drstream.daemon.errors import DrstreamError, SinkError, SinkFencedError
+from drstream.daemon.errors import SinkError, SinkFencedError
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import Context
-from drstream.daemon.progress import apply_in_turn, changes_done
+from drstream.daemon.progress import SinkProgress
 from drstream.daemon.records import Checkpoint
 from drstream.daemon.retry import Backoff, retrying
 from drstream.daemon.secrets import read_secret
@@ -59,9 +58,6 @@ log = get_logger("drstream.mlflow.sink")
 T = TypeVar("T")
 
 NO_STAGE = "None"
-# Segments without events for this sink move the checkpoint in memory; it is written to
-# the registry at most this often (and at close), sparing a call per idle segment.
-IDLE_CHECKPOINT_INTERVAL_S = 10.0
 # A registry that does not answer (restarting, 5xx) is retried this long per event
 # before apply gives up with a retriable error.
 RETRY = Backoff(base_s=0.2, max_s=5.0, deadline_s=120.0)
@@ -82,10 +78,7 @@ class MlflowSink(Closing):
             lambda: self.client, ctx.blobs, sink=self.name, where=self._where(),
             log_id=log_id, experiment=f"drstream.{log_id}.{config.name}",
             artifact_prefix=config.artifact_prefix)
-        self._cp = Checkpoint()
-        self._partial: dict[str, Any] | None = None
-        self._persisted_seq = 0
-        self._persisted_at = 0.0
+        self._progress = SinkProgress(self.name, self._write_checkpoint)
         self._started = False
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -116,7 +109,7 @@ class MlflowSink(Closing):
             raise SinkError(f"{self._where()}: {what}: {e}", retriable=e.retriable) from e
 
     def checkpoint(self) -> Checkpoint:
-        return self._cp
+        return self._progress.cp
 
     # -- checkpoint ----------------------------------------------------------------------
 
@@ -151,9 +144,6 @@ class MlflowSink(Closing):
             except MlflowApiError as e:
                 raise SinkError(f"{self._where()}: write checkpoint seq {cp.seq}: {e}",
                                 retriable=e.retriable) from e
-        if partial is None:
-            self._persisted_seq = cp.seq
-            self._persisted_at = time.monotonic()
 
     async def _check_owner(self) -> None:
         model = await self.client.get_model(self.checkpoint_model)
@@ -191,29 +181,25 @@ class MlflowSink(Closing):
 
     async def start(self) -> Checkpoint:
         if self._started:
-            return self._cp
+            return self._progress.cp
         self._started = True
         await self._take_ownership()
-        self._cp, self._partial = await self._retrying("read checkpoint", self._read_checkpoint)
-        self._persisted_seq = self._cp.seq
-        self._persisted_at = time.monotonic()
-        log.info("sink_started", sink=self.name, applied_seq=self._cp.seq,
-                 partial=self._partial, registry=self.config.tracking_uri)
-        return self._cp
+        self._progress.resume(*await self._retrying("read checkpoint", self._read_checkpoint))
+        log.info("sink_started", sink=self.name, applied_seq=self._progress.cp.seq,
+                 partial=self._progress.partial, registry=self.config.tracking_uri)
+        return self._progress.cp
 
     async def sync_groups(self, force: bool = False) -> dict[str, Any]:
         return {}
 
     async def close(self) -> None:
-        try:
-            if self._client is not None and self._cp.seq > self._persisted_seq:
-                await self._write_checkpoint(self._cp, None, retry=False)
-        except DrstreamError as e:
-            log.warning("checkpoint_not_written_at_close", sink=self.name, error=str(e))
+        if self._client is None:
+            return
+        try:  # a registry that does not answer is not waited for at close (RETRY: 120 s)
+            await self._progress.flush(functools.partial(self._write_checkpoint, retry=False))
         finally:
-            if self._client is not None:
-                await self._client.close()
-                self._client = None
+            await self._client.close()
+            self._client = None
 
     # -- apply one segment ---------------------------------------------------------------
 
@@ -243,7 +229,7 @@ class MlflowSink(Closing):
 
     async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
         # Nothing applied yet and the log starts after seq 1 (pruned): seed from the state.
-        events = (await self._seed_events(seq, body) if self._cp.seq == 0 and seq > 1
+        events = (await self._seed_events(seq, body) if self._progress.cp.seq == 0 and seq > 1
                   else self.events_of(body))
         if events:  # a fenced apply must not change the standby before it notices
             await self._retrying("check the checkpoint model's owner", self._check_owner)
@@ -252,27 +238,17 @@ class MlflowSink(Closing):
                 validate_event(ev)
             except EventError as e:
                 raise SinkError(f"{self.name}: segment {seq} event #{i}: {e}") from e
-        done = changes_done(self._partial, seq, digest, self.name)
-        if done:
-            log.info("segment_resumed", sink=self.name, seq=seq, events_done=done,
-                     events=len(events))
         m = body.manifest
-        newest = self._cp.max_record_ms
+        newest = self._progress.cp.max_record_ms
         if m.max_timestamp_ms is not None:
             newest = max(newest or m.max_timestamp_ms, m.max_timestamp_ms)
         cp = Checkpoint(seq=seq, digest=digest, created_at_ms=created_at_ms,
                         max_record_ms=newest,
                         positions={self.stream: m.positions.get(self.stream, {})})
-        await apply_in_turn(
-            events, seq, digest, done,
+        await self._progress.apply(
+            events, seq, digest, cp,
             lambda ev: self._retrying(_describe(ev), functools.partial(self._apply_event, ev)),
-            lambda partial: self._write_checkpoint(self._cp, partial))
-        self._partial = None
-        if events or time.monotonic() - self._persisted_at >= IDLE_CHECKPOINT_INTERVAL_S:
-            await self._write_checkpoint(cp, None)
-        self._cp = cp
-        if events:
-            log.info("segment_applied", sink=self.name, seq=seq, events=len(events))
+            unit="events")
 
     def handlers(self) -> dict[str, Callable[[Event], Awaitable[None]]]:
         """The handler of every registry event type (events.EVENT_FIELDS); each is

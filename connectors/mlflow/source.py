@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from drstream.connectors.mlflow import metrics
 from drstream.connectors.mlflow.client import MlflowApiError, RegistryClient, Snapshot, keep_aliases
 from drstream.connectors.mlflow.config import MlflowSourceConfig
 from drstream.connectors.mlflow.events import (
@@ -36,13 +37,6 @@ from drstream.connectors.mlflow.events import (
     empty_state,
     read_state_blob,
 )
-from drstream.connectors.mlflow.metrics import (
-    ARTIFACT_BYTES,
-    EVENTS,
-    RECONCILE_SECONDS,
-    RECONCILES,
-    SOURCE_UP,
-)
 from drstream.connectors.mlflow.webhook import WebhookReceiver
 from drstream.daemon.blobs import MAX_CHUNK
 from drstream.daemon.codec import EventBatch
@@ -50,14 +44,15 @@ from drstream.daemon.errors import DrstreamError, SourceError
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import Context
-from drstream.daemon.retry import Backoff
+from drstream.daemon.retry import poll_retry_s
 from drstream.daemon.secrets import read_secret
 from drstream.daemon.source import Delivery, SourceProbe
 
 log = get_logger("drstream.mlflow.source")
 
-RETRY_MIN_S = 0.5  # first retry after the registry stopped answering
-RETRY_MAX_S = 10.0  # retries back off to this (or interval_s if shorter)
+# A registry that stopped answering is polled again after 0.5 s, doubling to this (or to
+# interval_s, if shorter).
+RETRY_MAX_S = 10.0
 CAPTURE_QUEUE = 2  # chunks downloaded ahead of the blob upload, per file
 # Artifact bytes captured per reconcile: past this, the remaining new versions are left
 # for the next reconcile (which starts at once), so a large initial sync is shipped, and
@@ -127,7 +122,7 @@ class MlflowSource(Closing):
         self._positions = dict(positions or {})
         self._state = await self._load_state(self._positions)
         self._client = self._new_client()
-        SOURCE_UP.labels(self.stream).set(0)
+        metrics.SOURCE_UP.labels(self.stream).set(0)
         if self.config.webhook is not None:
             hook = self.config.webhook
             self._receiver = WebhookReceiver(
@@ -230,11 +225,11 @@ class MlflowSource(Closing):
         wait = min(self.config.interval_s, NARROWED_RETRY_S) if self._narrowed \
             else self.config.interval_s
         self._next_at = time.monotonic() + wait
-        RECONCILE_SECONDS.labels(self.stream).observe(time.monotonic() - started)
+        metrics.RECONCILE_SECONDS.labels(self.stream).observe(time.monotonic() - started)
         return delivery
 
     def _backoff(self) -> float:
-        return Backoff(RETRY_MIN_S, min(RETRY_MAX_S, self.config.interval_s)).step(self._failures)
+        return poll_retry_s(self._failures, self.config.interval_s, RETRY_MAX_S)
 
     def _down(self, e: DrstreamError) -> None:
         self._failures += 1
@@ -243,21 +238,21 @@ class MlflowSource(Closing):
             log.warning("mlflow_registry_unreachable", stream=self.stream, error=str(e))
         self.up = False
         self.last_error = str(e)
-        SOURCE_UP.labels(self.stream).set(0)
+        metrics.SOURCE_UP.labels(self.stream).set(0)
 
     def _mark_up(self) -> None:
         if self.up is False:
             log.info("mlflow_registry_reachable_again", stream=self.stream)
         self.up = True
         self.last_error = None
-        SOURCE_UP.labels(self.stream).set(1)
+        metrics.SOURCE_UP.labels(self.stream).set(1)
 
     async def _reconcile(self, trigger: str) -> Delivery | None:
         assert self._client is not None and self.blobs is not None
         snap = await self._client.snapshot(self._state, self.config.models)
         self._mark_up()
         await self._register_webhook()  # if the registry was down at start
-        RECONCILES.labels(self.stream, trigger).inc()
+        metrics.RECONCILES.labels(self.stream, trigger).inc()
         self.reconciles += 1
         self._narrowed = bool(snap.narrowed)
         if snap.narrowed:
@@ -286,7 +281,7 @@ class MlflowSource(Closing):
         bid = await self.blobs.put(raw)
         positions = {"state_blob": bid, "state_digest": bid}  # the id is its SHA-256
         self._state, self._positions = new, positions
-        EVENTS.labels(self.stream).inc(len(events))
+        metrics.EVENTS.labels(self.stream).inc(len(events))
         log.info("mlflow_changes", stream=self.stream, trigger=trigger, events=len(events),
                  new_versions=len(snap.missing) - len(deferred), deferred=len(deferred))
         return Delivery(batches=[], positions=dict(positions),
@@ -367,7 +362,7 @@ class MlflowSource(Closing):
                 h.update(chunk)
                 total += len(chunk)
                 ids.append(await self.blobs.put(chunk))
-                ARTIFACT_BYTES.labels(self.stream).inc(len(chunk))
+                metrics.ARTIFACT_BYTES.labels(self.stream).inc(len(chunk))
             await producer
         finally:
             if not producer.done():

@@ -28,6 +28,7 @@ from drstream.connectors.s3.objconfig import ObjectSinkConfig
 from drstream.connectors.s3.store import S3Store, s3_config_from_url
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.codec import Body, EventBatch, KafkaBatch, make_manifest
+from drstream.daemon.drill import drill_lines
 from drstream.daemon.errors import MISSING, ConfigFieldError, DrstreamError
 from drstream.daemon.plugins import (
     ConnectorConfig,
@@ -36,6 +37,7 @@ from drstream.daemon.plugins import (
     StreamFilter,
     StreamTraits,
 )
+from drstream.daemon.tally import EventFilter, EventTally
 
 if TYPE_CHECKING:
     from drstream.daemon.plan import ReplayPlan
@@ -60,14 +62,14 @@ def fold(state: dict[str, dict[str, Any]], ev: Mapping[str, Any]) -> None:
 
 
 @dataclass
-class ObjectTally:
-    events: int = 0
-    bytes: int = 0
-    newest_ms: int | None = None
+class ObjectTally(EventTally):
+    """Besides the counts (bytes: event JSON plus object sizes): for drills, the prefix
+    folded from the kept events."""
+
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-class ObjectFilter:
+class ObjectFilter(EventFilter[ObjectTally]):
     """Keeps the object events of the plan's stream that happened up to its time."""
 
     def __init__(self, plan: ReplayPlan) -> None:
@@ -79,9 +81,7 @@ class ObjectFilter:
         t = self.tally
         if self.plan.stream in body.manifest.positions and (until is None
                                                             or created_at_ms <= until):
-            # the source had shipped every change it saw up to this segment's write time
-            t.newest_ms = created_at_ms if t.newest_ms is None else max(t.newest_ms,
-                                                                        created_at_ms)
+            t.shipped_by(created_at_ms)
         kept: list[dict[str, Any]] = []
         for b in body.batches:
             if isinstance(b, EventBatch) and b.stream == self.plan.stream:
@@ -94,18 +94,6 @@ class ObjectFilter:
         batches: list[KafkaBatch | EventBatch] = [EventBatch(self.plan.stream, kept)] \
             if kept else []
         return Body(make_manifest(body.manifest.positions, list(batches)), batches)
-
-    @property
-    def count(self) -> int:
-        return self.tally.events
-
-    @property
-    def bytes(self) -> int:
-        return self.tally.bytes
-
-    @property
-    def newest_ms(self) -> int | None:
-        return self.tally.newest_ms
 
     def lines(self, plan: ReplayPlan) -> list[str]:
         n = self.tally.events
@@ -206,17 +194,12 @@ class ObjectDrill:
         return {"deleted_objects": deleted}
 
     def lines(self, report: dict[str, Any]) -> list[str]:
-        if "error" in report:
-            return []
-        out = [f"  events                 {report['events']} through seq "
-               f"{report['applied_through_seq']}",
-               f"  checked                {report['objects']} objects "
-               f"({report['object_bytes'] / 2**20:.2f} MiB by sha256)",
-               f"  RPO at the point       {_rpo(report['rpo_at_point_s'])}",
-               f"  mismatches             {len(report['mismatches'])}"]
-        out += [f"    {m['key']!r} {m['field']}: log {m['log']!r} scratch {m['target']!r}"
-                for m in report["mismatches"][:20]]
-        return out
+        return drill_lines(report, lambda r: [
+            f"  events                 {r['events']} through seq {r['applied_through_seq']}",
+            f"  checked                {r['objects']} objects "
+            f"({r['object_bytes'] / 2**20:.2f} MiB by sha256)"],
+            lambda m: f"{m['key']!r} {m['field']}: log {m['log']!r} scratch {m['target']!r}",
+            kept="change")
 
 
 class ObjectStreams:
@@ -265,7 +248,3 @@ class ObjectStreams:
     def drill(self, plan: ReplayPlan, log_id: str, sinks: Sequence[ConnectorConfig],
               stamp: str) -> ObjectDrill:
         return ObjectDrill(plan, stamp, log_id)
-
-
-def _rpo(value: float | None) -> str:
-    return "unknown (no change kept)" if value is None else f"{value}s"

@@ -22,7 +22,6 @@ import asyncio
 import base64
 import functools
 import hashlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,23 +29,14 @@ from drstream.connectors.s3.events import ObjectEvent, validate_event
 from drstream.connectors.s3.objconfig import ObjectSinkConfig
 from drstream.connectors.s3.store import S3Store, is_missing
 from drstream.daemon.codec import Body, EventBatch
-from drstream.daemon.errors import DrstreamError, SinkError, StoreError
+from drstream.daemon.errors import SinkError, StoreError
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import Context
-from drstream.daemon.progress import (
-    apply_in_turn,
-    changes_done,
-    decode_checkpoint,
-    encode_checkpoint,
-)
+from drstream.daemon.progress import SinkProgress, decode_checkpoint, encode_checkpoint
 from drstream.daemon.records import Checkpoint
 
 log = get_logger("drstream.s3.sink")
-
-# Segments without events for this sink move the checkpoint in memory; it is written at
-# most this often (and at close), sparing a PUT per idle segment.
-IDLE_CHECKPOINT_INTERVAL_S = 10.0
 
 
 def _md5(data: bytes) -> str:
@@ -57,19 +47,14 @@ class ObjectSink(Closing):
     def __init__(self, config: ObjectSinkConfig, ctx: Context) -> None:
         self.config = config
         self.name = config.sink_name
-        self.log_id = ctx.log_id
-        self.blobs = ctx.blobs
         self.stream = config.source
+        self.blobs = ctx.blobs  # the objects' bytes
         self.store = S3Store(config, where=f"sinks[{self.name}]")
-        self.bucket = config.bucket
-        self._prefix = config.prefix + "/" if config.prefix else ""
-        self.url = f"s3://{config.bucket}/{config.prefix}"
+        self.bucket, self.url = config.bucket, self.store.url
+        self._prefix = self.store.key_prefix
         self.checkpoint_bucket = config.checkpoint_bucket or config.bucket
         self.checkpoint_key = config.checkpoint_key(ctx.log_id)
-        self._cp = Checkpoint()
-        self._partial: dict[str, Any] | None = None
-        self._persisted_seq = 0
-        self._persisted_at = 0.0
+        self._progress = SinkProgress(self.name, self._write_checkpoint)
         self._open = False
         self.objects_written = 0
 
@@ -77,7 +62,7 @@ class ObjectSink(Closing):
         return f"{self.name} ({self.url})"
 
     def checkpoint(self) -> Checkpoint:
-        return self._cp
+        return self._progress.cp
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -88,14 +73,12 @@ class ObjectSink(Closing):
 
     async def start(self) -> Checkpoint:
         if self._open:
-            return self._cp
+            return self._progress.cp
         await self._connect()
-        self._cp, self._partial = await self._read_checkpoint()
-        self._persisted_seq = self._cp.seq
-        self._persisted_at = time.monotonic()
-        log.info("sink_started", sink=self.name, applied_seq=self._cp.seq,
-                 partial=self._partial, target=self.url)
-        return self._cp
+        self._progress.resume(*await self._read_checkpoint())
+        log.info("sink_started", sink=self.name, applied_seq=self._progress.cp.seq,
+                 partial=self._progress.partial, target=self.url)
+        return self._progress.cp
 
     async def peek(self) -> Checkpoint:
         await self._connect()
@@ -106,15 +89,13 @@ class ObjectSink(Closing):
         return {}
 
     async def close(self) -> None:
+        if not self._open:
+            return
         try:
-            if self._open and self._cp.seq > self._persisted_seq:
-                await self._write_checkpoint(self._cp, None)
-        except DrstreamError as e:
-            log.warning("checkpoint_not_written_at_close", sink=self.name, error=str(e))
+            await self._progress.flush()
         finally:
-            if self._open:
-                await self.store.close()
-                self._open = False
+            await self.store.close()
+            self._open = False
 
     # -- checkpoint ----------------------------------------------------------------------
 
@@ -141,9 +122,6 @@ class ObjectSink(Closing):
         await self.store.request("put checkpoint", self.checkpoint_key, functools.partial(
             self.store.client.put_object, Bucket=self.checkpoint_bucket,
             Key=self.checkpoint_key, Body=data, ContentMD5=_md5(data)))
-        if partial is None:
-            self._persisted_seq = cp.seq
-            self._persisted_at = time.monotonic()
 
     # -- apply one segment ---------------------------------------------------------------
 
@@ -152,7 +130,7 @@ class ObjectSink(Closing):
                 if isinstance(b, EventBatch) and b.stream == self.stream for ev in b.events]
 
     async def apply(self, seq: int, digest: bytes, created_at_ms: int, body: Body) -> None:
-        if self._cp.seq == 0 and seq > 1 and self.stream in body.manifest.positions:
+        if self._progress.cp.seq == 0 and seq > 1 and self.stream in body.manifest.positions:
             # the log was pruned: the objects shipped before `seq` are not in it any more
             raise SinkError(f"{self._where()}: the log starts at segment {seq} (pruned): "
                             f"the objects {self.stream} shipped before it are gone, so a new "
@@ -165,21 +143,10 @@ class ObjectSink(Closing):
                 events.append(validate_event(ev))
             except ValueError as e:
                 raise SinkError(f"{self.name}: segment {seq} event #{i}: {e}") from e
-        done = changes_done(self._partial, seq, digest, self.name)
-        if done:
-            log.info("segment_resumed", sink=self.name, seq=seq, objects_done=done,
-                     objects=len(events))
         cp = Checkpoint(seq=seq, digest=digest, created_at_ms=created_at_ms,
                         positions={self.stream: body.manifest.positions.get(self.stream, {})})
-        await apply_in_turn(events, seq, digest, done,
-                            functools.partial(self._apply_event, seq),
-                            lambda partial: self._write_checkpoint(self._cp, partial))
-        self._partial = None
-        if events or time.monotonic() - self._persisted_at >= IDLE_CHECKPOINT_INTERVAL_S:
-            await self._write_checkpoint(cp, None)
-        self._cp = cp
-        if events:
-            log.info("segment_applied", sink=self.name, seq=seq, objects=len(events))
+        await self._progress.apply(events, seq, digest, cp,
+                                   functools.partial(self._apply_event, seq), unit="objects")
 
     async def _apply_event(self, seq: int, ev: ObjectEvent) -> None:
         key = self._prefix + ev["key"]

@@ -50,13 +50,12 @@ from drstream.daemon.errors import DrstreamError, SourceError, StoreError
 from drstream.daemon.lifecycle import Closing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.plugins import Context
-from drstream.daemon.retry import Backoff
+from drstream.daemon.retry import poll_retry_s
 from drstream.daemon.source import Delivery, SourceProbe
 
 log = get_logger("drstream.s3.source")
 
-RETRY_MIN_S = 0.5  # first retry after a failed scan step
-RETRY_MAX_S = 30.0
+RETRY_MAX_S = 30.0  # a failed scan step is retried after 0.5 s, doubling to this (or interval_s)
 MAX_STEP_EVENTS = 10_000  # events per delivery: a segment's event JSON stays a few MB
 LIST_PAGE = 1000  # keys per listing request (the S3 maximum)
 
@@ -207,8 +206,7 @@ class ObjectSource(Closing):
             if not e.retriable:
                 raise
             self._failures += 1
-            delay = Backoff(RETRY_MIN_S, min(RETRY_MAX_S, self.config.interval_s)).step(
-                self._failures)
+            delay = poll_retry_s(self._failures, self.config.interval_s, RETRY_MAX_S)
             self._next_at = time.monotonic() + delay
             log.warning("s3_scan_failed", stream=self.stream, error=str(e),
                         retry_s=round(delay, 2))

@@ -1,5 +1,5 @@
 """The checkpoint of one-change-at-a-time sinks (daemon/progress.py): round trip, refusal
-of what is not one, and resuming a half-applied segment."""
+of what is not one, resuming a half-applied segment, and when SinkProgress stores it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from drstream.daemon import progress
 from drstream.daemon.errors import SinkError
 from drstream.daemon.progress import (
+    SinkProgress,
     apply_in_turn,
     changes_done,
     decode_checkpoint,
@@ -60,3 +62,52 @@ def test_a_restart_resumes_after_the_changes_done_and_only_in_that_segment() -> 
 
     asyncio.run(apply_in_turn([10, 11, 12, 13], 7, digest, 2, one, write))
     assert applied == [12, 13] and written == [3]
+
+
+def test_sink_progress_resumes_stores_after_changes_and_flushes_idle_segments(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = bytes(32)
+    stored: list[tuple[int, int | None]] = []  # (seq, done) of each checkpoint written
+
+    async def write(cp: Checkpoint, partial: dict[str, object] | None) -> None:
+        stored.append((cp.seq, None if partial is None else int(str(partial["done"]))))
+
+    sink = SinkProgress("s", write)
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    sink.resume(Checkpoint(seq=6), partial_after(7, digest, 1))
+    applied: list[str] = []
+
+    async def one(change: str) -> None:
+        applied.append(change)
+
+    async def run() -> None:
+        await sink.apply(["a", "b", "c"], 7, digest, Checkpoint(seq=7), one, unit="events")
+        assert applied == ["b", "c"] and stored == [(6, 2), (7, None)]
+        assert sink.partial is None and sink.cp.seq == 7
+        await sink.apply([], 8, digest, Checkpoint(seq=8), one, unit="events")
+        assert stored[-1] == (7, None) and sink.cp.seq == 8  # idle: in memory only
+        clock[0] += progress.IDLE_CHECKPOINT_INTERVAL_S
+        await sink.apply([], 9, digest, Checkpoint(seq=9), one, unit="events")
+        assert stored[-1] == (9, None)  # idle, but the interval passed
+        await sink.apply([], 10, digest, Checkpoint(seq=10), one, unit="events")
+        await sink.flush()
+        assert stored[-1] == (10, None)
+        await sink.flush()  # nothing moved since
+        assert len(stored) == 4
+
+    asyncio.run(run())
+
+
+def test_a_checkpoint_not_stored_at_close_is_logged_not_raised() -> None:
+    calls: list[int] = []
+
+    async def refused(cp: Checkpoint, partial: dict[str, object] | None) -> None:
+        calls.append(cp.seq)
+        raise SinkError("registry down")
+
+    sink = SinkProgress("s", refused)
+    sink.cp = Checkpoint(seq=3)
+    asyncio.run(sink.flush())
+    asyncio.run(sink.flush())  # still not stored: tried again
+    assert calls == [3, 3]
