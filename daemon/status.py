@@ -17,7 +17,7 @@ from drstream.daemon.audit import store_report
 from drstream.daemon.blobs import BlobStore
 from drstream.daemon.config import Config
 from drstream.daemon.deltalog import DeltaLog
-from drstream.daemon.errors import DrstreamError
+from drstream.daemon.errors import DrstreamError, SegmentError
 from drstream.daemon.keyring import KeyRing
 from drstream.daemon.logging import get_logger
 from drstream.daemon.records import Checkpoint
@@ -62,11 +62,30 @@ async def read_head(log: DeltaLog, keyring: KeyRing) -> LogHead:
 STALE_HEARTBEATS = 3
 
 
+async def unreadable(log: DeltaLog, seq: int, keyring: KeyRing) -> str | None:
+    """Why segment `seq` cannot be authenticated (tampered bytes, a key this key ring does
+    not hold, not a segment), naming it; None when it reads or is not stored (a gap is
+    read_head's finding)."""
+    data = await log.fetch(seq)
+    if data is None:
+        return None
+    try:
+        await asyncio.to_thread(read_manifest, data, keyring, expect_log_id=log.log_id,
+                                expect_seq=seq)
+    except SegmentError as e:
+        return str(e)
+    return None
+
+
 async def log_findings(config: Config, log: DeltaLog, head: LogHead,
-                       checkpoints: dict[str, Checkpoint]) -> tuple[list[str], list[str]]:
+                       checkpoints: dict[str, Checkpoint], keyring: KeyRing | None = None
+                       ) -> tuple[list[str], list[str]]:
     """(problems, warnings) of a log against its readers: a sink that applied past the head
-    (the log was truncated) or a segment other than the one it applied (rewritten); a head
-    older than STALE_HEARTBEATS heartbeat intervals (a stale log)."""
+    (the log was truncated), a segment other than the one it applied (rewritten), or a next
+    segment it cannot read with `keyring` (damaged: its apply stops there; only that one is
+    read, so a status costs one segment download per sink however far behind it is; verify,
+    which reads every segment, passes none); a head older than STALE_HEARTBEATS heartbeat
+    intervals (a stale log)."""
     problems, warnings = [], []
     for name, cp in checkpoints.items():
         end = head.seq
@@ -83,6 +102,11 @@ async def log_findings(config: Config, log: DeltaLog, head: LogHead,
             if data is not None and segment_digest(data) != cp.digest:
                 problems.append(f"rewritten: segment {cp.seq} ({log.key(cp.seq)}) is not the "
                                 f"one sink {name} applied")
+        if keyring is not None and end is not None and cp.seq < end:
+            damaged = await unreadable(log, cp.seq + 1, keyring)
+            if damaged:
+                problems.append(f"damaged: {damaged}; sink {name} cannot apply past seq "
+                                f"{cp.seq}")
     limit = STALE_HEARTBEATS * config.ship.heartbeat_interval_s
     if head.created_at_ms is not None and (now_ms() - head.created_at_ms) / 1000 > limit:
         age = (now_ms() - head.created_at_ms) / 1000
@@ -180,7 +204,7 @@ async def status(config: Config, store: Store, keyring: KeyRing,
     for name, cp in checkpoints.items():
         report.sinks[name] = _sink_status(cp, head)
     read = {n: cp for n, cp in checkpoints.items() if not isinstance(cp, DrstreamError)}
-    report.problems, report.warnings = await log_findings(config, log_, head, read)
+    report.problems, report.warnings = await log_findings(config, log_, head, read, keyring)
     report.problems += _problems(report, thresholds)
     return report
 

@@ -6,8 +6,9 @@ process on this host (docs/shards.md), against real Kafka clusters and the file 
    again; afterwards the standby equals the primary record by record on every partition,
    every shard applied exactly the partitions it owns, and consumer groups committed on
    the primary on every partition fail over exactly (`drstream failover` over the set).
-2. A shard whose log is damaged (a segment removed from its middle) is named by
-   `drstream status` (exit 1) while the other shards keep shipping and applying.
+2. A shard whose log is damaged (a segment removed from its middle, a bit flipped) or
+   fenced (another deployment's ship took it over) is named by `drstream status` (exit 1)
+   while the other shards keep shipping and applying, record by record.
 3. `drstream shards change` from 2 to 3 shards under load: the standby equals the primary,
    groups fail over exactly, and `replay --until` before and after the change is exact.
 The seed is printed; DRSTREAM_TEST_SEED=N replays a schedule.
@@ -16,8 +17,10 @@ The seed is printed; DRSTREAM_TEST_SEED=N replays a schedule.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from drstream.daemon.keyring import generate_key_file
+from drstream.daemon.layout import segment_key
 from drstream.daemon.shards import shard_log_id, shard_of
 from tests.infra.kafka import KafkaCluster
 from tests.infra.stores import store_fields
@@ -40,10 +45,12 @@ from tests.integration.applylib import (
     compare_replica,
     count,
     create_topics,
+    flip_body_byte,
     next_offsets,
     process_pool,
     read_topics,
     seeded_rng,
+    segment_path,
     unique,
     write_dr_config,
 )
@@ -239,16 +246,77 @@ def test_three_shards_kill9_exactly_once_and_exact_group_failover(
     assert all(f"prune of log {log_id}" in res.stdout for log_id in logs), show(res)
 
 
-def test_status_names_a_damaged_shard_while_the_others_keep_going(
+def take_over_config(setup: DrSetup, tmp_path: Path) -> DrSetup:
+    """The same flow under another deployment's key: its ship reads the log (it holds the
+    old key too) and writes on with a key this deployment does not hold (split brain)."""
+    key = tmp_path / "other-deployment.key"
+    generate_key_file(key)
+    keys = {**setup.raw["keyring"]["keys"], "k-other": f"file:{key}"}
+    other = DrSetup(tmp_path / "other-deployment.yaml",
+                    {**setup.raw, "keyring": {"active": "k-other", "keys": keys}})
+    other.rewrite()
+    return other
+
+
+def harm_shard(harm: str, setup: DrSetup, pool: ProcessPool,
+               procs: dict[tuple[str, int], ShardProcess], tmp_path: Path) -> list[str]:
+    """Harm shard 1's log; returns what status must name besides the shard and its log."""
+    log_id = shard_view(setup, 1).log_id
+    store = tmp_path / "store"
+    if harm == "removed":  # a segment deleted from the middle: a gap
+        wait_for(lambda: segment_path(store, log_id, 4).exists(), 60, "4 segments of shard 1")
+        segment_path(store, log_id, 2).unlink()
+        return ["missing", "seq 2"]
+    if harm == "tampered":  # one bit flipped in a segment the apply has not reached: MAC
+        procs["apply", 1].stop_ok()
+        res = drstream("status", "--config", str(setup.path), "--shard", "1", "--json")
+        [sink] = json.loads(res.stdout)["shards"]["shard 1/3"]["sinks"].values()
+        applied = sink["applied_seq"]
+        wait_for(lambda: segment_path(store, log_id, applied + 2).exists(), 60,
+                 "shard 1's ship two segments past its apply")
+        flip_body_byte(store, log_id, applied + 1)
+        key = segment_key(log_id, applied + 1)
+        # the apply shard, started again, stops at that segment naming it
+        again = start(pool, "apply", setup, 1, "apply-1-again")
+        procs["apply", 1] = again
+        assert again.wait_exit(60) == 3 and key in again.output(), again.describe()
+        return ["damaged", f"seq {applied + 1} object {key}", "authentication failed",
+                f"cannot apply past seq {applied}"]
+    assert harm == "taken_over"
+    # Our ship stalls (a pause, a partition from the store) while another deployment's ship
+    # of shard 1 takes the log over; resumed, ours finds its next seq written: fenced.
+    fenced = procs["ship", 1]
+    os.killpg(fenced.pid, signal.SIGSTOP)
+    try:
+        stalled_at = max(int(p.stem) for p in (store / "logs" / log_id).glob("*.seg"))
+        other = start(pool, "ship", take_over_config(setup, tmp_path), 1, "other-ship-1")
+        wait_for(lambda: segment_path(store, log_id, stalled_at + 3).exists(), 60,
+                 "the other deployment's ship writing shard 1's log", [other])
+    finally:
+        os.killpg(fenced.pid, signal.SIGCONT)
+    assert fenced.wait_exit(60) == 3, fenced.describe()
+    assert "another writer is using log_id" in fenced.output(), fenced.describe()
+    assert other.alive(), other.describe()
+    return ["k-other", f"object {segment_key(log_id, 0).rsplit('/', 1)[0]}/"]
+
+
+@pytest.mark.parametrize("harm", ["removed", "tampered", "taken_over"])
+def test_status_names_a_damaged_or_fenced_shard_while_the_others_keep_going(
     primary_kafka: KafkaCluster, standby_kafka: KafkaCluster, tmp_path: Path,
-    pool: ProcessPool,
+    pool: ProcessPool, harm: str,
 ) -> None:
+    """Shard 1's log loses a segment from its middle, has a bit flipped in the segment its
+    apply reads next, or is taken over by another deployment's ship while ours stalls
+    (ours is fenced, the log goes on under a key we do not hold). `drstream status` exits
+    1 naming shard 1, its log and the segment, and only shard 1; shards 0 and 2 replicate
+    what is produced after the harm, record by record."""
     primary, standby = primary_kafka.bootstrap_servers, standby_kafka.bootstrap_servers
-    topics = spread_topics(primary, "shard-dmg")
+    topics = spread_topics(primary, f"shard-{harm}")
     setup = set_setup(tmp_path, primary, standby, topics, unique("sg"))
     load = LoadProducer(primary, topics, rate_per_s=100, txn_every=10**9).start()
     procs = {(role, k): start(pool, role, setup, k, f"{role}-{k}")
              for role in ("ship", "apply") for k in range(SHARDS)}
+    healthy = [p for (_, k), p in procs.items() if k != 1]
     try:
         for proc in procs.values():
             wait_for(proc.ready, 60, f"{proc.label} started", [proc])
@@ -256,31 +324,46 @@ def test_status_names_a_damaged_shard_while_the_others_keep_going(
         assert ok.returncode == 0, show(ok)
         assert f"set {setup.log_id} of 3 shards: OK" in ok.stdout, show(ok)
 
-        damaged = shard_view(setup, 1)
-        seg_dir = tmp_path / "store" / "logs" / damaged.log_id
-        wait_for(lambda: len(list(seg_dir.glob("*.seg"))) >= 4, 60, "4 segments of shard 1")
-        (seg_dir / f"{2:020d}.seg").unlink()
-        res = drstream("status", "--config", str(setup.path))
-        assert res.returncode == 1, show(res)
-        assert f"PROBLEMS in shard 1/3 (log {damaged.log_id})" in res.stdout, show(res)
-        assert f"shard 1/3 (log {damaged.log_id}): " in res.stdout and "missing" in res.stdout
-        for k in (0, 2):
-            assert f"log {shard_log_id(setup.log_id, k, SHARDS)} at " in res.stdout
-        narrowed = drstream("status", "--config", str(setup.path), "--shard", "2", "--json")
-        assert narrowed.returncode == 0, show(narrowed)
-        assert list(json.loads(narrowed.stdout)["shards"]) == ["shard 2/3"]
-
-        # the other shards keep shipping and applying what is produced after the damage
+        harmed = shard_view(setup, 1).log_id
         with checkpoint_watch(standby) as watch:
-            time.sleep(1.0)
-            now = next_offsets(read_topics(primary, topics))
-            others = [p for (_, k), p in procs.items() if k != 1]
+            named = harm_shard(harm, setup, pool, procs, tmp_path)
+            after_harm = next_offsets(read_topics(primary, topics))
+            res = drstream("status", "--config", str(setup.path))
+            assert res.returncode == 1, show(res)
+            assert f"PROBLEMS in shard 1/3 (log {harmed});" in res.stdout, show(res)
+            problem = next((line for line in res.stdout.splitlines()
+                            if "PROBLEM " in line and harmed in line), "")
+            assert all(n in problem for n in named), f"{named} not all in {problem!r}\n" \
+                + show(res)
+            doc = drstream("status", "--config", str(setup.path), "--json")
+            assert doc.returncode == 1, show(doc)
+            report = json.loads(doc.stdout)
+            assert report["failing_shards"] == ["shard 1/3"], show(doc)
             for k in (0, 2):
-                watch.wait_applied(shard_view(setup, k), owned(now, k), timeout=60,
-                                   procs=others)  # type: ignore[arg-type]
+                shard = report["shards"][f"shard {k}/3"]
+                assert shard["ok"] and shard["log_id"] == shard_log_id(setup.log_id, k, 3)
+            assert any(harmed in p for p in report["shards"]["shard 1/3"]["problems"])
+
+            # shards 0 and 2 go on: what is produced after the harm reaches the standby
+            load.wait_produced(load.produced + 300)
+            target = next_offsets(read_topics(primary, topics))
+            for k in (0, 2):
+                assert sum(owned(target, k).values()) > sum(owned(after_harm, k).values())
+                watch.wait_applied(shard_view(setup, k), owned(target, k), timeout=60,
+                                   procs=healthy)  # type: ignore[arg-type]
     finally:
         load.halt()
         load.stop()
+    source, replica = read_topics(primary, topics), read_topics(standby, topics)
+    keep = {tp: end for k in (0, 2) for tp, end in owned(target, k).items()}
+    compare_replica(upto(as_source(replica, origin="primary"), keep), upto(source, keep),
+                    what=f"standby vs primary on shards 0 and 2 after shard 1 was {harm}")
+
+
+def upto(records: Records, ends: dict[TP, int]) -> Records:
+    """The records of the partitions in `ends`, below each one's end offset."""
+    return {tp: [r for r in recs if r.offset < ends[tp]] for tp, recs in records.items()
+            if tp in ends}
 
 
 def replay_until(setup: DrSetup, standby: str, cut_ms: int, source: Records) -> None:
