@@ -343,6 +343,9 @@ def test_status_names_a_damaged_or_fenced_shard_while_the_others_keep_going(
                 shard = report["shards"][f"shard {k}/3"]
                 assert shard["ok"] and shard["log_id"] == shard_log_id(setup.log_id, k, 3)
             assert any(harmed in p for p in report["shards"]["shard 1/3"]["problems"])
+            narrowed = drstream("status", "--config", str(setup.path), "--shard", "2", "--json")
+            assert narrowed.returncode == 0, show(narrowed)
+            assert list(json.loads(narrowed.stdout)["shards"]) == ["shard 2/3"]
 
             # shards 0 and 2 go on: what is produced after the harm reaches the standby
             load.wait_produced(load.produced + 300)
