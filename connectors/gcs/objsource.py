@@ -1,0 +1,103 @@
+"""A GCS bucket prefix (a dataset, a DVC remote) as a source: the shared object source
+(daemon/objsource.py) over this reader, through the JSON API and the log store's client
+(store.py: credentials, retries, errors).
+
+Change capture compares listings: each key's generation, size and update time (a new
+generation is a create or an overwrite, a key gone from the listing a delete). Object
+versioning is not listed: changes between two scans fold into the newest. A listing is
+1,000 objects a request with page tokens; a read takes the object's metadata, then
+that generation's bytes (so both are of one version) in 1 MiB pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from drstream.connectors.gcs.store import PAGE, GcsBucketConfig, GcsStore, GcsStoreConfig, _ms
+from drstream.daemon import objsource
+from drstream.daemon.errors import SourceError
+from drstream.daemon.objlisting import Entry
+from drstream.daemon.objsource import ObjectRead, ObjectSourceFields, StoreReader, past
+from drstream.daemon.plugins import Context
+
+READ_PIECE = 1 << 20  # bytes per read of an object's body
+# the object resource's fields that are the S3 object headers of an event
+HEADER_FIELDS = {"cacheControl": "CacheControl", "contentDisposition": "ContentDisposition",
+                 "contentEncoding": "ContentEncoding", "contentLanguage": "ContentLanguage"}
+LIST_FIELDS = "items(name,generation,size,updated),nextPageToken"
+
+
+class GcsObjectSourceConfig(ObjectSourceFields, GcsBucketConfig):
+    """The primary bucket prefix `ship` watches (stream `gcs:<name>`)."""
+
+    KIND = "gcs"
+
+
+class GcsReader(StoreReader[GcsStore]):
+    """Lists and reads a bucket prefix through the GCS JSON API (objsource.BucketReader)."""
+
+    def __init__(self, config: GcsObjectSourceConfig) -> None:
+        self.store = GcsStore(GcsStoreConfig.model_validate(
+            config.model_dump(include=set(GcsBucketConfig.model_fields))))
+        self.url = self.store.url
+        self.read_timeout_s = config.request_timeout_s
+
+    async def listing(self, versioned: bool, after: str | None
+                      ) -> AsyncIterator[tuple[str, list[Entry]]]:
+        params = {"maxResults": str(PAGE), "fields": LIST_FIELDS}
+        if after is not None:  # inclusive: the key itself is skipped below
+            params["startOffset"] = self.store._full(after)
+        async for items in self.store.pages("list", "", params):
+            for o in items:
+                key = self.store._key(o["name"])
+                if past(key, after):
+                    yield key, [_entry(key, o)]
+
+    @contextlib.asynccontextmanager
+    async def read(self, key: str, version_id: str) -> AsyncIterator[ObjectRead | None]:
+        meta = await self.store.meta(key)
+        if meta is None:
+            yield None
+            return
+        async with self.store.media(key, str(meta["generation"])) as resp:
+            if resp is None:  # overwritten or deleted since: the next scan sees what is
+                yield None
+                return
+            seen = _entry(key, meta)
+            try:
+                yield ObjectRead(
+                    etag=seen.etag, length=seen.size, last_modified_ms=seen.last_modified_ms,
+                    content_type=meta.get("contentType"),
+                    metadata={str(k): str(v) for k, v in (meta.get("metadata") or {}).items()},
+                    headers={h: str(meta[f]) for f, h in HEADER_FIELDS.items() if meta.get(f)},
+                    pieces=self._pieces(resp))
+            except (OSError, TimeoutError, aiohttp.ClientError) as e:
+                raise SourceError(f"{self.url}: reading {key!r} broke off: {e}",
+                                  retriable=True) from e
+
+    async def _pieces(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        while True:
+            # one stalled read is bounded like one request of the store
+            async with asyncio.timeout(self.read_timeout_s):
+                piece = await resp.content.read(READ_PIECE)
+            if not piece:
+                return
+            yield piece
+
+
+def _entry(key: str, o: dict[str, Any]) -> Entry:
+    """A listed object resource: its generation is the change token."""
+    return Entry(key, "", str(o.get("generation", "")), int(o.get("size", 0)),
+                 _ms(o.get("updated")) or 0)
+
+
+class GcsObjectSource(objsource.ObjectSource):
+    """The `gcs` source type: the shared object source over a GcsReader."""
+
+    def __init__(self, config: GcsObjectSourceConfig, ctx: Context) -> None:
+        super().__init__(config, ctx, GcsReader(config))

@@ -1,0 +1,145 @@
+"""Dataset replication from a GCS bucket prefix (fake-gcs-server) and from an Azure Blob
+container prefix (Azurite) into a standby bucket prefix on the S3 API server: real
+`drstream ship` and `drstream apply` processes, the scripted history of
+objectslib.History written with each service's own client, the standby equal to the
+primary object by object (key, size, sha256, content type, user metadata); then
+`replay --until` a time in the middle of the history into another S3 bucket; and kill -9
+of ship while a GCS source captures large objects.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.infra.emulators import AzuriteServer, FakeGcsServer
+from tests.infra.s3 import S3Server
+from tests.integration import objectslib as lib
+from tests.integration.applylib import ProcessPool, process_pool, seeded_rng
+from tests.support.buckets import AzureBucket, Bucket, GcsBucket, MiB
+from tests.support.procs import drstream, show
+
+pytestmark = pytest.mark.integration
+
+BIG = 12 * MiB  # three 5 MiB chunks, in 4 MiB parts or blocks
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[ProcessPool]:
+    with process_pool(tmp_path) as p:
+        yield p
+
+
+@pytest.fixture(params=["gcs", "azure"])
+def primary(request: pytest.FixtureRequest) -> tuple[Bucket, dict[str, Any]]:
+    """The primary bucket (its client) and the source section's store fields."""
+    if request.param == "gcs":
+        gcs: FakeGcsServer = request.getfixturevalue("gcs")
+        bucket = request.getfixturevalue("gcs_bucket")
+        fields = gcs.store_fields(bucket)
+        return GcsBucket(gcs.port, bucket), fields
+    azurite: AzuriteServer = request.getfixturevalue("azurite")
+    request.getfixturevalue("azure_creds_env")
+    container = request.getfixturevalue("azure_container")
+    return AzureBucket(azurite._client(), container), azurite.store_fields(container)
+
+
+@pytest.fixture
+def s3_env(s3: S3Server, s3_creds_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_* point s3:// URLs (replay's --target-s3) at the server."""
+    for k, v in s3.store_env().items():
+        monkeypatch.setenv(k, v)
+
+
+def _source(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k != "prefix"}
+
+
+def test_scripted_history_then_replay_until(
+        primary: tuple[Bucket, dict[str, Any]], s3: S3Server, s3_env: None,
+        s3_buckets: Callable[[], str], pool: ProcessPool, tmp_path: Path) -> None:
+    bucket, fields = primary
+    standby, scratch = s3_buckets(), s3_buckets()
+    setup = lib.write_objects_config(tmp_path, s3, source_bucket="", standby_bucket=standby,
+                                 source_store=_source(fields))
+    ship, apply = pool.ship(setup), pool.apply(setup)
+    ship.wait_ready(60)
+    apply.wait_ready(60)
+    history = lib.History(bucket, "data", BIG)
+    middle = 6  # after "delete b": a, the unicode key and c exist
+    mid_view, mid_ms = None, 0
+    for i, (_label, step) in enumerate(history.steps):
+        step()
+        if i + 1 == middle:
+            mid_view = lib.wait_equal(s3, ("", "data"), (standby, "replica"), [ship, apply],
+                                  source=bucket)
+            time.sleep(1.2)  # listing times are to the millisecond at best
+            mid_ms = int(time.time() * 1000)
+            time.sleep(1.2)
+        time.sleep(0.2)
+    final = lib.wait_equal(s3, ("", "data"), (standby, "replica"), [ship, apply], timeout=120,
+                       source=bucket)
+    assert set(final) == {"a.txt", "dir/b.bin", lib.UNICODE_KEY, "big/model.bin", "empty"}
+    assert final["a.txt"]["metadata"] == {"owner": "team-y", "rev": "2"}
+    assert final["dir/b.bin"]["metadata"] == {"again": "yes"}
+    assert final[lib.UNICODE_KEY]["content_type"] == "text/plain; charset=utf-8"
+    assert final["big/model.bin"]["size"] == BIG
+    assert not s3.client.list_multipart_uploads(Bucket=standby).get("Uploads")
+    ship.stop_ok()
+    apply.stop_ok()
+
+    assert mid_view is not None and set(mid_view) == {"a.txt", lib.UNICODE_KEY, "c.csv"}
+    until = datetime.fromtimestamp(mid_ms / 1000, UTC).isoformat()
+    stream = f"{fields['type']}:datasets"
+    res = drstream("replay", "--config", str(setup.path), "--stream", stream,
+                   "--target-s3", f"s3://{scratch}/restored", "--until", until)
+    assert res.returncode == 0, show(res)
+    assert lib.view(s3, scratch, "restored") == mid_view
+
+
+def test_kill_ship_during_gcs_capture(
+        gcs: FakeGcsServer, gcs_bucket: str, s3: S3Server, s3_creds_env: None,
+        s3_buckets: Callable[[], str], pool: ProcessPool, tmp_path: Path) -> None:
+    rng = seeded_rng()
+    bucket = GcsBucket(gcs.port, gcs_bucket)
+    standby = s3_buckets()
+    setup = lib.write_objects_config(tmp_path, s3, source_bucket="", standby_bucket=standby,
+                                 source_store=_source(gcs.store_fields(gcs_bucket)),
+                                 source={"capture_budget_bytes": MiB})
+
+    def history() -> None:
+        for i in range(5):
+            bucket.put_big(f"data/big/{i % 3}.bin", BIG + i * 1000, seed=i,
+                           metadata={"i": str(i)}, part=4 * MiB)  # 3 and 4 overwrite
+            for j in range(3):
+                bucket.put(f"data/small/{i}-{j}", f"small {i} {j}".encode(), {})
+            time.sleep(0.3)
+
+    ship, apply = pool.ship(setup, "ship-1"), pool.apply(setup, "apply-1")
+    ship.wait_ready(60)
+    apply.wait_ready(60)
+    writer = threading.Thread(target=history, daemon=True)
+    writer.start()
+    kills = 0
+    while writer.is_alive() or kills < 2:  # the history keeps the source capturing
+        time.sleep(rng.uniform(0.5, 1.5))
+        assert ship.alive(), ship.describe()
+        ship.kill()
+        kills += 1
+        ship = pool.ship(setup, f"ship-{kills + 1}")
+        ship.wait_ready(60)
+    writer.join(60)
+    final = lib.wait_equal(s3, ("", "data"), (standby, "replica"), [ship, apply],
+                           timeout=120, source=bucket)
+    print(f"ship killed {kills} times")
+    assert len(final) == 3 + 15
+    assert not s3.client.list_multipart_uploads(Bucket=standby).get("Uploads")
+    ship.stop_ok()
+    apply.stop_ok()
+
