@@ -375,8 +375,18 @@ class ObjectSource(Closing):
 
     # -- listing ---------------------------------------------------------------------------
 
-    def _listing(self, after: str | None) -> AsyncIterator[tuple[str, list[Entry]]]:
-        return self.reader.listing(bool(self._versioned), after)
+    async def _listing(self, after: str | None) -> AsyncIterator[tuple[str, list[Entry]]]:
+        """The reader's listing, checked to be in key order: the merge with the state
+        relies on it (a key out of order would read as deleted, then as created)."""
+        last = key_order(after) if after is not None else None
+        async for key, listed in self.reader.listing(bool(self._versioned), after):
+            k = key_order(key)
+            if last is not None and k <= last:
+                raise SourceError(f"{self.stream}: {self.url} listed {key!r} after a key that "
+                                  "sorts at or after it in UTF-8 byte order; the object "
+                                  "source needs listings in that order")
+            last = k
+            yield key, listed
 
     # -- capture ---------------------------------------------------------------------------
 
