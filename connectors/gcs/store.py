@@ -346,11 +346,20 @@ class GcsStore(remotestore.RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
         return ObjectInfo(size=int(meta.get("size", 0)), modified_ms=_ms(meta.get("updated")) or 0,
                           retain_until_ms=max(until) if until else None)
 
-    async def meta(self, key: str) -> dict[str, Any] | None:
-        """The object's metadata resource (size, generation, retention), None if absent."""
+    async def meta(self, key: str, generation: str | None = None) -> dict[str, Any] | None:
+        """The metadata resource (size, generation, retention) of the object, or of that
+        generation of it; None if absent."""
+        params = {"generation": generation} if generation else None
         status, _, body = await self._request("head", key, "GET", self._o(key),
-                                              accept=(200, 404))
+                                              params=params, accept=(200, 404))
         return json.loads(body) if status == 200 else None
+
+    async def versioning(self) -> bool:
+        """Whether the bucket keeps noncurrent generations."""
+        _, _, body = await self._request("get bucket", None, "GET",
+                                         f"/storage/v1/b/{self.bucket}",
+                                         params={"fields": "versioning"})
+        return bool(json.loads(body).get("versioning", {}).get("enabled"))
 
     async def exists(self, key: str) -> bool:
         return await self.meta(key) is not None

@@ -26,7 +26,7 @@ from drstream.daemon import objsource as shared_source
 from drstream.daemon.errors import SourceError
 from drstream.daemon.objsource import ObjectSource
 from tests.contract.conftest import log_context
-from tests.infra.emulators import AzuriteServer, FakeGcsServer
+from tests.infra.emulators import AzuriteServer, FakeGcsServer, unique_name
 from tests.infra.s3 import S3Server
 from tests.integration import objectslib as lib
 from tests.integration.applylib import ProcessPool, process_pool, seeded_rng
@@ -44,18 +44,24 @@ def pool(tmp_path: Path) -> Iterator[ProcessPool]:
         yield p
 
 
-@pytest.fixture(params=["gcs", "azure"])
-def primary(request: pytest.FixtureRequest) -> tuple[Bucket, dict[str, Any]]:
+@pytest.fixture(params=["gcs", "gcs-versioned", "azure"])
+def primary(request: pytest.FixtureRequest) -> Iterator[tuple[Bucket, dict[str, Any]]]:
     """The primary bucket (its client) and the source section's store fields."""
     if request.param == "gcs":
         gcs: FakeGcsServer = request.getfixturevalue("gcs")
         bucket = request.getfixturevalue("gcs_bucket")
-        fields = gcs.store_fields(bucket)
-        return GcsBucket(gcs.port, bucket), fields
+        yield GcsBucket(gcs.port, bucket), gcs.store_fields(bucket)
+        return
+    if request.param == "gcs-versioned":  # every generation listed, deletes timed
+        gcs = request.getfixturevalue("gcs")
+        bucket = gcs.create_bucket(unique_name(), versioning=True)
+        yield GcsBucket(gcs.port, bucket), gcs.store_fields(bucket)
+        gcs.delete_bucket(bucket)
+        return
     azurite: AzuriteServer = request.getfixturevalue("azurite")
     request.getfixturevalue("azure_creds_env")
     container = request.getfixturevalue("azure_container")
-    return AzureBucket(azurite._client(), container), azurite.store_fields(container)
+    yield AzureBucket(azurite._client(), container), azurite.store_fields(container)
 
 
 @pytest.fixture
@@ -134,9 +140,9 @@ def test_kill_ship_during_gcs_capture(
     apply.wait_ready(60)
     writer = threading.Thread(target=history, daemon=True)
     writer.start()
-    kills = 0
+    kills = mid_capture = 0
     while writer.is_alive() or kills < 2:  # the history keeps the source capturing
-        time.sleep(rng.uniform(0.5, 1.5))
+        mid_capture += _capturing(tmp_path / "store", setup.log_id, timeout=rng.uniform(1, 3))
         assert ship.alive(), ship.describe()
         ship.kill()
         kills += 1
@@ -145,12 +151,30 @@ def test_kill_ship_during_gcs_capture(
     writer.join(60)
     final = lib.wait_equal(s3, ("", "data"), (standby, "replica"), [ship, apply],
                            timeout=120, source=bucket)
-    print(f"ship killed {kills} times")
+    print(f"ship killed {kills} times, {mid_capture} of them mid-capture")
+    assert mid_capture >= 1
     assert len(final) == 3 + 15
     assert not s3.client.list_multipart_uploads(Bucket=standby).get("Uploads")
     ship.stop_ok()
     apply.stop_ok()
 
+
+
+def _capturing(store: Path, log_id: str, timeout: float) -> bool:
+    """Wait until ship has stored a blob since the last segment (it is reading an object
+    into chunks, not yet named by a segment)."""
+    def count(kind: str) -> int:
+        return sum(1 for p in (store / kind / log_id).rglob("*") if p.is_file())
+
+    deadline = time.monotonic() + timeout
+    segments, blobs = count("logs"), count("blobs")
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        if count("logs") != segments:
+            segments, blobs = count("logs"), count("blobs")
+        elif count("blobs") > blobs:
+            return True
+    return False
 
 
 async def _scan(src: ObjectSource) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:

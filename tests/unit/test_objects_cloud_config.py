@@ -46,7 +46,8 @@ def test_defaults_and_stream(source: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("source", "patch", "path", "shown"), [
     (GCS, {"colour": "red"}, "sources[0].colour", "red"),
     (GCS, {"chunk_bytes": 1 << 20}, "sources[0].chunk_bytes", "1048576"),
-    (GCS, {"versions": "on"}, "sources[0].versions", "on"),  # not listed on GCS
+    (GCS, {"versions": "maybe"}, "sources[0].versions", "maybe"),
+    (AZURE, {"versions": "on"}, "sources[0].versions", "on"),  # blob versions: not listed
     (GCS, {"object_retention": {"retain_days": 1, "mode": "Locked"}},
      "sources[0].object_retention", "retain_days"),  # a log store's field only
     (GCS, {"bucket": "Bad_Bucket"}, "sources[0].bucket", "Bad_Bucket"),
@@ -71,3 +72,25 @@ def test_gcs_and_azure_streams_are_object_streams() -> None:
     assert connectors.stream("azure:datasets") is objects
     with pytest.raises(ConfigFieldError, match="azure:<name>, gcs:<name>, kafka:<name>"):
         connectors.stream("ftp:x")
+
+
+def test_gcs_generations_become_versions_newest_first_and_a_timed_delete() -> None:
+    """A versioned GCS listing has no delete markers: a name whose generations are all
+    noncurrent is a delete at the latest timeDeleted."""
+    from drstream.connectors.gcs.objsource import GcsObjectSourceConfig, GcsReader
+
+    reader = GcsReader(GcsObjectSourceConfig.model_validate(GCS))
+    gen = {"name": "ds/a", "size": "3"}
+    old = {**gen, "generation": "100", "timeCreated": "2026-01-01T00:00:01Z",
+           "timeDeleted": "2026-01-01T00:00:05Z"}
+    new = {**gen, "generation": "200", "timeCreated": "2026-01-01T00:00:05Z"}
+    key, live = reader._key([old, new], versioned=True)
+    assert key == "a"
+    assert [(e.version_id, e.deleted) for e in live] == [("200", False), ("100", False)]
+    gone = {**new, "timeDeleted": "2026-01-01T00:00:09Z"}
+    _, deleted = reader._key([old, gone], versioned=True)
+    assert [(e.version_id, e.deleted) for e in deleted] == [("", True), ("200", False),
+                                                            ("100", False)]
+    assert deleted[0].last_modified_ms == 1767225609000
+    _, plain = reader._key([new], versioned=False)
+    assert [(e.version_id, e.etag) for e in plain] == [("", "200")]
