@@ -76,9 +76,9 @@ class ObjectSourceFields(BaseModel):
                       description="the stream is '<connector>:<name>'")
     interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, le=86400,
                               description="list the whole prefix this often")
+    capture_budget_bytes: int = Field(DEFAULT_CAPTURE_BUDGET_BYTES, ge=1 << 20, le=1 << 40)
     chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=MIN_PART_BYTES, le=MAX_CHUNK,
                              description="objects are shipped in blobs of this size")
-    capture_budget_bytes: int = Field(DEFAULT_CAPTURE_BUDGET_BYTES, ge=1 << 20, le=1 << 40)
 
     @property
     def stream(self) -> str:
