@@ -152,13 +152,13 @@ def _new_object(s3: S3Server, primary: str, standby: str,
                 ship: DrstreamProcess) -> dict[str, float]:
     """Seconds from the put of one new object to its event in ship's output (in the log:
     the segment is written right after) and to its arrival on the standby."""
-    before = ship.output().count('"s3_changes"')
+    before = ship.output().count('"object_changes"')
     put_at = time.monotonic()
     s3.client.put_object(Bucket=primary, Key="data/zz-new", Body=os.urandom(4096))
     logged = arrived = None
     while arrived is None or logged is None:
         now = time.monotonic() - put_at
-        if logged is None and ship.output().count('"s3_changes"') > before:
+        if logged is None and ship.output().count('"object_changes"') > before:
             logged = now
         if arrived is None and listed(s3, standby, "data/zz-new"):
             arrived = now

@@ -333,6 +333,9 @@ class Connector:
     sink: SinkType[Any] | None = None
     stream: StreamKind | None = None
     bench: BenchFactory | None = None  # (source section, sink section, spec) -> a load
+    # the connector whose stream kind this one's streams are (a GCS bucket prefix is an
+    # object stream like S3's: replayed, drilled and verified by the s3 connector)
+    streams_like: str | None = None
 
 
 class Connectors:
@@ -459,13 +462,16 @@ class Connectors:
 
     def kind_of(self, stream: str) -> StreamKind | None:
         c = self.connector(stream.split(":", 1)[0])
+        if c is not None and c.stream is None and c.streams_like is not None:
+            c = self.connector(c.streams_like)
         return c.stream if c is not None else None
 
     def stream(self, stream: str, option: str = "--stream") -> StreamKind:
         """The kind of a stream named `<connector>:<name>`."""
         kind = self.kind_of(stream)
         if kind is None:
-            valid = ", ".join(f"{k}:<name>" for k in sorted(self.streams))
+            valid = ", ".join(f"{c.name}:<name>" for c in self.all()
+                              if c.stream is not None or c.streams_like is not None)
             raise ConfigFieldError(option, stream, f"unknown kind of stream; valid: {valid}")
         return kind
 

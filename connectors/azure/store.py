@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import unquote
 
 import aiohttp
@@ -35,7 +35,6 @@ from pydantic import field_validator, model_validator
 
 from drstream.daemon import remotestore
 from drstream.daemon.errors import ConfigFieldError, StoreError
-from drstream.daemon.plugins import Connector, StoreType
 from drstream.daemon.remotestore import Refusal, Transient
 from drstream.daemon.secrets import read_secret
 from drstream.daemon.store import ObjectInfo, ObjectTooLargeError
@@ -63,7 +62,10 @@ class ImmutabilityConfig(remotestore.RetentionConfig):
     mode: Literal["Unlocked", "Locked"]
 
 
-class AzureStoreConfig(remotestore.CloudStoreConfig):
+class AzureContainerConfig(remotestore.CloudStoreConfig):
+    """Where a container prefix is and how to reach it: what the log store and the object
+    source (objsource.py) both say."""
+
     type: Literal["azure"]
     account: str
     container: str
@@ -71,7 +73,6 @@ class AzureStoreConfig(remotestore.CloudStoreConfig):
     account_key: str | None = None
     sas_token: str | None = None
     connection_string: str | None = None
-    immutability: ImmutabilityConfig | None = None
 
     @field_validator("account")
     @classmethod
@@ -92,13 +93,17 @@ class AzureStoreConfig(remotestore.CloudStoreConfig):
                             "connection_string")(remotestore.secret_ref)
 
     @model_validator(mode="after")
-    def _one_credential(self) -> AzureStoreConfig:
+    def _one_credential(self) -> AzureContainerConfig:
         given = [n for n in ("account_key", "sas_token", "connection_string")
                  if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of account_key, sas_token and connection_string"
                              + (f" (got {', '.join(given)})" if given else ""))
         return self
+
+
+class AzureStoreConfig(AzureContainerConfig):
+    immutability: ImmutabilityConfig | None = None
 
 
 def retain_days(config: AzureStoreConfig) -> int | None:
@@ -146,6 +151,8 @@ class AzureStore(remotestore.RemoteStore[AzureStoreConfig, ContainerClient]):
 
     CREDENTIAL_FIELDS = "account_key, sas_token or connection_string"
     RETENTION = "an immutability policy or legal hold"
+    # more options of the SDK's client (the object source bounds its reads)
+    CLIENT_OPTIONS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: AzureStoreConfig) -> None:
         super().__init__(
@@ -160,7 +167,7 @@ class AzureStore(remotestore.RemoteStore[AzureStoreConfig, ContainerClient]):
         c = self.config
         # our loop retries; the aiohttp transport's timeouts bound connect and each read
         opts: dict[str, Any] = {"retry_total": 0, "connection_timeout": c.connect_timeout_s,
-                                "read_timeout": c.request_timeout_s}
+                                "read_timeout": c.request_timeout_s, **self.CLIENT_OPTIONS}
         if c.connection_string is not None:
             cs = read_secret(c.connection_string, "store.connection_string")
             try:
@@ -278,6 +285,28 @@ class AzureStore(remotestore.RemoteStore[AzureStoreConfig, ContainerClient]):
 
         return await self._retrying("get", key, get)
 
+    async def download(self, key: str) -> Any:
+        """The SDK's downloader of `key` (its properties, then its bytes in pieces of the
+        client's max_chunk_get_size), None when absent; opening is retried, reading is
+        the caller's."""
+        full = self._full(key)
+
+        async def open_() -> Any:
+            try:
+                return await self._c.download_blob(full, max_concurrency=1)
+            except ResourceNotFoundError as e:
+                if _code(e) == "ContainerNotFound":
+                    raise
+                return None
+
+        return await self._retrying("get", key, open_)
+
+    async def page(self, op: str, start_from: str | None, marker: str | None
+                   ) -> tuple[list[Any], str | None]:
+        """One page of the blobs under the prefix (from the full name `start_from`) and
+        the marker of the next (None: the last)."""
+        return await self._page(op, "", start_from, marker)
+
     async def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         found = await self._download(key, None, None, max_bytes)
         return found[0] if found is not None else None
@@ -389,9 +418,3 @@ class AzureStore(remotestore.RemoteStore[AzureStoreConfig, ContainerClient]):
             if marker is None:
                 return
 
-
-CONNECTOR = Connector(
-    name="azure",
-    store=StoreType("azure", AzureStoreConfig, AzureStore, azure_config_from_url, ("az",),
-                    retain_days),
-)

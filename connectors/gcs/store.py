@@ -12,6 +12,7 @@ the whole write.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -30,7 +31,6 @@ from pydantic import field_validator, model_validator
 
 from drstream.daemon import remotestore
 from drstream.daemon.errors import ConfigFieldError, StoreError
-from drstream.daemon.plugins import Connector, StoreType
 from drstream.daemon.remotestore import Refusal, Transient
 from drstream.daemon.secrets import read_secret
 from drstream.daemon.store import ObjectInfo, ObjectTooLargeError
@@ -49,7 +49,10 @@ class ObjectRetentionConfig(remotestore.RetentionConfig):
     mode: Literal["Unlocked", "Locked"]
 
 
-class GcsStoreConfig(remotestore.CloudStoreConfig):
+class GcsBucketConfig(remotestore.CloudStoreConfig):
+    """Where a bucket prefix is and how to reach it: what the log store and the object
+    source (objsource.py) both say."""
+
     type: Literal["gcs"]
     bucket: str
     # Secret references. service_account: the key JSON; token: an OAuth2 access token.
@@ -57,7 +60,6 @@ class GcsStoreConfig(remotestore.CloudStoreConfig):
     service_account: str | None = None
     token: str | None = None
     anonymous: bool = False  # no Authorization header: emulators only
-    object_retention: ObjectRetentionConfig | None = None
 
     @field_validator("bucket")
     @classmethod
@@ -70,11 +72,15 @@ class GcsStoreConfig(remotestore.CloudStoreConfig):
     _refs = field_validator("service_account", "token")(remotestore.secret_ref)
 
     @model_validator(mode="after")
-    def _one_credential(self) -> GcsStoreConfig:
+    def _one_credential(self) -> GcsBucketConfig:
         given = [n for n in ("service_account", "token") if getattr(self, n) is not None]
         if len(given) + self.anonymous > 1:
             raise ValueError("give at most one of service_account, token and anonymous")
         return self
+
+
+class GcsStoreConfig(GcsBucketConfig):
+    object_retention: ObjectRetentionConfig | None = None
 
 
 def retain_days(config: GcsStoreConfig) -> int | None:
@@ -225,10 +231,42 @@ class GcsStore(remotestore.RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
                 answer = await resp.read()
         except (aiohttp.ClientError, OSError) as e:
             raise Transient(e) from e
-        err = _HttpError(resp.status, _error_message(answer))
-        if resp.status in remotestore.RETRIABLE_STATUS:
-            raise Transient(err) from err
-        raise self._http_error(op, key, err) from err
+        raise self._answer_error(op, key, resp.status, answer)
+
+    def _answer_error(self, op: str, key: str | None, status: int, answer: bytes) -> Exception:
+        """What an error answer becomes: Transient (try again) or a StoreError."""
+        err = _HttpError(status, _error_message(answer))
+        out = Transient(err) if status in remotestore.RETRIABLE_STATUS else \
+            self._http_error(op, key, err)
+        out.__cause__ = err  # what the retry loop and messages describe
+        return out
+
+    @contextlib.asynccontextmanager
+    async def media(self, key: str, generation: str
+                    ) -> AsyncIterator[aiohttp.ClientResponse | None]:
+        """That generation of `key` as an open answer whose body the caller reads in
+        pieces (None: it is gone); opening is retried, reading is the caller's."""
+
+        async def open_() -> aiohttp.ClientResponse | None:
+            try:
+                resp = await self._c.get(self.endpoint + self._o(key), headers=await self._auth(),
+                                         params={"alt": "media", "generation": generation})
+                if resp.status == 200:
+                    return resp
+                answer = await resp.read()
+                resp.release()
+            except (aiohttp.ClientError, OSError) as e:
+                raise Transient(e) from e
+            if resp.status == 404:
+                return None
+            raise self._answer_error("get", key, resp.status, answer)
+
+        resp = await self._retrying("get", key, open_)
+        try:
+            yield resp
+        finally:
+            if resp is not None:
+                resp.release()
 
     def _http_error(self, op: str, key: str | None, e: _HttpError) -> StoreError:
         if e.status in (401, 403):
@@ -299,7 +337,7 @@ class GcsStore(remotestore.RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
         return body[:length], int(total) if total.isdigit() else len(body)
 
     async def head(self, key: str) -> ObjectInfo | None:
-        meta = await self._meta(key)
+        meta = await self.meta(key)
         if meta is None:
             return None
         # per-object retention, or the bucket's policy: whichever ends later binds
@@ -308,14 +346,23 @@ class GcsStore(remotestore.RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
         return ObjectInfo(size=int(meta.get("size", 0)), modified_ms=_ms(meta.get("updated")) or 0,
                           retain_until_ms=max(until) if until else None)
 
-    async def _meta(self, key: str) -> dict[str, Any] | None:
-        """The object's metadata resource (size, generation, retention), None if absent."""
+    async def meta(self, key: str, generation: str | None = None) -> dict[str, Any] | None:
+        """The metadata resource (size, generation, retention) of the object, or of that
+        generation of it; None if absent."""
+        params = {"generation": generation} if generation else None
         status, _, body = await self._request("head", key, "GET", self._o(key),
-                                              accept=(200, 404))
+                                              params=params, accept=(200, 404))
         return json.loads(body) if status == 200 else None
 
+    async def versioning(self) -> bool:
+        """Whether the bucket keeps noncurrent generations."""
+        _, _, body = await self._request("get bucket", None, "GET",
+                                         f"/storage/v1/b/{self.bucket}",
+                                         params={"fields": "versioning"})
+        return bool(json.loads(body).get("versioning", {}).get("enabled"))
+
     async def exists(self, key: str) -> bool:
-        return await self._meta(key) is not None
+        return await self.meta(key) is not None
 
     async def delete(self, key: str) -> None:
         """Delete `key` (in a versioned bucket the generation becomes noncurrent)."""
@@ -326,7 +373,7 @@ class GcsStore(remotestore.RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
         versioned bucket); one under retention or a hold is refused: StoreError."""
         full = self._full(key)
         params = {"versions": "true", "fields": "items(name,generation),nextPageToken"}
-        generations = [str(o["generation"]) async for items in self._pages(
+        generations = [str(o["generation"]) async for items in self.pages(
             "list versions", key, params) for o in items if o["name"] == full]
         for generation in generations:
             await self._request("delete", key, "DELETE", self._o(key),
@@ -339,11 +386,11 @@ class GcsStore(remotestore.RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
         params = {"versions": "true", "fields": "items(name,timeDeleted),nextPageToken"}
         if start_after:
             params["startOffset"] = self._prefix + start_after
-        async for items in self._pages("list versions", prefix, params):
+        async for items in self.pages("list versions", prefix, params):
             for obj in items:
                 yield obj["name"], "timeDeleted" not in obj
 
-    async def _pages(self, op: str, prefix: str, params: dict[str, str]
+    async def pages(self, op: str, prefix: str, params: dict[str, str]
                      ) -> AsyncIterator[list[dict[str, Any]]]:
         """The object resources under `prefix`, page by page, in name order."""
         params = {"prefix": self._prefix + prefix, **params}
@@ -362,12 +409,7 @@ class GcsStore(remotestore.RemoteStore[GcsStoreConfig, aiohttp.ClientSession]):
         params = {"maxResults": str(PAGE), "fields": "items(name),nextPageToken"}
         if start_after:  # startOffset is inclusive: list skips the key itself
             params["startOffset"] = self._prefix + start_after
-        async for items in self._pages("list", prefix, params):
+        async for items in self.pages("list", prefix, params):
             for obj in items:
                 yield obj["name"]
 
-
-CONNECTOR = Connector(
-    name="gcs",
-    store=StoreType("gcs", GcsStoreConfig, GcsStore, gcs_config_from_url, ("gs",), retain_days),
-)

@@ -9,48 +9,35 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from drstream.connectors.s3.store import BUCKET_RE, S3BucketConfig
-from drstream.daemon.blobs import MAX_CHUNK
+from drstream.daemon.objsource import MIN_PART_BYTES, ObjectSourceFields
 from drstream.daemon.plugins import SinkConfig
 
+# The sink's names and its parts; the source's settings are every object source's
+# (daemon/objsource.py).
 NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
-DEFAULT_INTERVAL_S = 30.0
-# S3 refuses multipart parts under 5 MiB (the last excepted): an object's chunks become
-# its parts on the standby, so a chunk is never smaller.
-MIN_PART_BYTES = 5 << 20
-DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_PART_BYTES = 8 << 20
 # S3 allows at most 10,000 parts; 8 MiB parts reach 78 GiB, 64 MiB parts 625 GiB.
 MAX_PART_BYTES = 512 << 20
 DEFAULT_CHECKPOINT_PREFIX = ".drstream-checkpoints"
-# Object bytes captured before the source hands what it has to the log (one Delivery, so
-# one segment): a long first sync is checkpointed in the log in steps this size.
-DEFAULT_CAPTURE_BUDGET_BYTES = 256 << 20
+# The object streams a sink applies: a bucket prefix on S3, GCS or Azure Blob Storage.
+OBJECT_STREAM_RE = r"^(s3|gcs|azure):[A-Za-z0-9._-]{1,64}$"
 
 
-class ObjectSourceConfig(S3BucketConfig):
+class ObjectSourceConfig(ObjectSourceFields, S3BucketConfig):
     """The primary bucket prefix `ship` watches (stream `s3:<name>`)."""
 
-    name: str = Field("datasets", pattern=NAME_RE,
-                      description="the stream is 's3:<name>'")
-    interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, le=86400,
-                              description="list the whole prefix this often")
+    KIND = "s3"
+
     versions: Literal["auto", "on", "off"] = Field(
         "auto", description="list object versions (auto: when the bucket's versioning is "
                             "Enabled or Suspended)")
-    chunk_bytes: int = Field(DEFAULT_CHUNK_BYTES, ge=MIN_PART_BYTES, le=MAX_CHUNK,
-                             description="objects are shipped in blobs of this size")
-    capture_budget_bytes: int = Field(DEFAULT_CAPTURE_BUDGET_BYTES, ge=1 << 20, le=1 << 40)
-
-    @property
-    def stream(self) -> str:
-        return f"s3:{self.name}"
 
 
 class ObjectSinkConfig(S3BucketConfig, SinkConfig):
     """The standby bucket prefix `apply` writes (same keys below its own prefix)."""
 
     name: str = Field("standby", pattern=NAME_RE, description="this sink's name")
-    source: str = Field("s3:datasets", pattern=r"^s3:[A-Za-z0-9._-]{1,64}$",
+    source: str = Field("s3:datasets", pattern=OBJECT_STREAM_RE,
                         description="the stream in the log to apply")
     part_bytes: int = Field(DEFAULT_PART_BYTES, ge=MIN_PART_BYTES, le=MAX_PART_BYTES,
                             description="objects larger than this go up in parts this size")

@@ -1,5 +1,6 @@
 """One contract, every source type the registry holds: Kafka on a real cluster, MLflow on
-a real registry, each built through its connector with the core's Context.
+a real registry, bucket prefixes on the S3 API server, fake-gcs-server and Azurite, each
+built through its connector with the core's Context.
 
 What the pipeline relies on from any source: the one lifecycle (idempotent start and
 close), a change arrives as a delivery whose positions are the source's own, a source
@@ -24,6 +25,7 @@ from drstream.daemon.records import KafkaBatch
 from drstream.daemon.source import Delivery, Source
 from tests.contract.conftest import log_context
 from tests.integration.shiplib import create_topic, flush, producer
+from tests.support.buckets import AzureBucket, Bucket, GcsBucket, S3Bucket
 
 pytestmark = pytest.mark.integration
 LOG_ID = "source-contract"
@@ -78,18 +80,43 @@ async def s3_kit(request: pytest.FixtureRequest, ctx: Context) -> SourceKit:
     s3 = request.getfixturevalue("s3")
     request.getfixturevalue("s3_creds_env")
     bucket = request.getfixturevalue("s3_bucket")
-    config = installed().sources["s3"].config_model.model_validate(
-        {**s3.store_fields(bucket, "data"), "interval_s": 0.3})
+    return _bucket_kit(s3.store_fields(bucket, "data"), S3Bucket(s3.client, bucket), ctx)
+
+
+async def gcs_kit(request: pytest.FixtureRequest, ctx: Context) -> SourceKit:
+    gcs = request.getfixturevalue("gcs")
+    bucket = request.getfixturevalue("gcs_bucket")
+    return _bucket_kit(gcs.store_fields(bucket, "data"), GcsBucket(gcs.port, bucket), ctx)
+
+
+async def azure_kit(request: pytest.FixtureRequest, ctx: Context) -> SourceKit:
+    azurite = request.getfixturevalue("azurite")
+    request.getfixturevalue("azure_creds_env")
+    container = request.getfixturevalue("azure_container")
+    return _bucket_kit(azurite.store_fields(container, "data"),
+                       AzureBucket(azurite._client(), container), ctx)
+
+
+def _bucket_kit(fields: dict[str, Any], bucket: Bucket, ctx: Context) -> SourceKit:
+    """A bucket-prefix source on the store `fields` name; a change is one more object."""
+    config = installed().sources[fields["type"]].config_model.model_validate(
+        {**fields, "interval_s": 0.3})
+    return SourceKit(config, _puts(bucket), ctx)
+
+
+def _puts(bucket: Bucket) -> Callable[[], Awaitable[None]]:
+    """A change: one more object under data/."""
     n = [0]
 
     def put_object() -> None:
-        s3.client.put_object(Bucket=bucket, Key=f"data/object-{n[0]}", Body=b"x" * n[0])
+        bucket.put(f"data/object-{n[0]}", b"x" * n[0], {})
         n[0] += 1
 
-    return SourceKit(config, lambda: asyncio.to_thread(put_object), ctx)
+    return lambda: asyncio.to_thread(put_object)
 
 
-KITS = {"kafka": kafka_kit, "mlflow": mlflow_kit, "s3": s3_kit}
+KITS = {"kafka": kafka_kit, "mlflow": mlflow_kit, "s3": s3_kit, "gcs": gcs_kit,
+        "azure": azure_kit}
 
 
 def test_every_source_type_is_under_contract() -> None:

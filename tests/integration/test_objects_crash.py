@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from drstream.connectors.s3.objconfig import DEFAULT_CHUNK_BYTES
+from drstream.daemon.objsource import DEFAULT_CHUNK_BYTES
 from tests.infra.s3 import S3Server
 from tests.integration.applylib import (
     DrProcess,

@@ -30,6 +30,7 @@ from tests.integration.objectslib import (
     wait_equal,
     write_objects_config,
 )
+from tests.support.buckets import S3Bucket
 from tests.support.procs import drstream, show
 
 pytestmark = pytest.mark.integration
@@ -66,7 +67,7 @@ def test_scripted_history_then_replay_until_and_drill(
     ship, apply = pool.ship(setup), pool.apply(setup)
     ship.wait_ready(60)
     apply.wait_ready(60)
-    history = History(s3, primary, "data", BIG_OBJECT_MB * MiB)
+    history = History(S3Bucket(s3.client, primary), "data", BIG_OBJECT_MB * MiB)
     middle = 6  # after "delete b": a, the unicode key and c exist
     mid_view, mid_ms, mid_seq = None, 0, 0
     started = time.monotonic()

@@ -19,6 +19,7 @@ from drstream.connectors.s3.objconfig import ObjectSinkConfig, ObjectSourceConfi
 from drstream.connectors.s3.objreplay import fold
 from drstream.connectors.s3.objsink import ObjectSink
 from drstream.connectors.s3.objsource import ObjectSource
+from drstream.daemon import objsource as shared_source
 from drstream.daemon.codec import make_manifest
 from drstream.daemon.errors import SinkError
 from drstream.daemon.plugins import Context
@@ -74,7 +75,7 @@ async def test_steps_resume_and_later_scans(
         s3: S3Server, s3_creds_env: None, s3_buckets: Callable[[], str], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, versioned: bool) -> None:
     monkeypatch.setattr(objsource, "LIST_PAGE", 7)
-    monkeypatch.setattr(objsource, "MAX_STEP_EVENTS", 40)
+    monkeypatch.setattr(shared_source, "MAX_STEP_EVENTS", 40)
     bucket = s3_buckets()
     if versioned:
         s3.client.put_bucket_versioning(Bucket=bucket,

@@ -39,3 +39,11 @@ def test_datasets_example_shows_every_source_and_sink_key() -> None:
     doc = yaml.safe_load((Path(__file__).parents[2] / "configs" / "datasets-s3.yaml").read_text())
     assert set(doc["sources"][0]) == set(installed().sources["s3"].config_model.model_fields)
     assert set(doc["sinks"][0]) == set(installed().sinks["s3"].config_model.model_fields)
+
+
+@pytest.mark.parametrize("kind", ["gcs", "azure"])
+def test_cloud_datasets_examples_show_every_source_key(kind: str) -> None:
+    path = Path(__file__).parents[2] / "configs" / f"datasets-{kind}.yaml"
+    doc = yaml.safe_load(path.read_text())
+    assert set(doc["sources"][0]) == set(installed().sources[kind].config_model.model_fields)
+    assert doc["sinks"][0]["source"] == f"{kind}:datasets"

@@ -16,7 +16,11 @@ from pydantic import ValidationError
 
 from drstream.connectors.file.store import FileStore, FileStoreConfig
 from drstream.connectors.s3.events import validate_event
-from drstream.connectors.s3.listing import (
+from drstream.connectors.s3.objconfig import ObjectSinkConfig, ObjectSourceConfig
+from drstream.daemon.blobs import BlobStore
+from drstream.daemon.errors import BlobError
+from drstream.daemon.keyring import KeyRing
+from drstream.daemon.objlisting import (
     Entry,
     StateError,
     StateWriter,
@@ -26,10 +30,6 @@ from drstream.connectors.s3.listing import (
     key_order,
     read_state,
 )
-from drstream.connectors.s3.objconfig import ObjectSinkConfig, ObjectSourceConfig
-from drstream.daemon.blobs import BlobStore
-from drstream.daemon.errors import BlobError
-from drstream.daemon.keyring import KeyRing
 
 keys = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1,
                max_size=12)
