@@ -109,7 +109,7 @@ class Applier(Starting):
     async def _start_of_pruned_log(self) -> int:
         """A sink that applied nothing starts at the oldest stored segment; after a prune
         that is not seq 1, and its predecessor's digest is taken from its own header."""
-        first = await self.log.first_seq()
+        first = await self.log.log_start()
         if first is None or first == 1:
             return 0
         data = await self.log.fetch(first)

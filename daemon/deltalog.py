@@ -117,6 +117,27 @@ class DeltaLog:
             return seq_from_key(key)
         return None
 
+    async def log_start(self) -> int | None:
+        """Where the log begins: seq 1, or after a prune its oldest stored segment; None
+        while nothing is stored. An oldest segment past seq 1 that was written before any
+        seq was durable does not start a pruned log (prune never leaves one first): seq 1
+        is still in flight, or a writer's crash lost it and left this one behind the hole,
+        so the log begins at 1."""
+        oldest = await self.first_seq()
+        if oldest is not None and oldest > 1 and await self.written_before_any_durable(oldest):
+            return 1
+        return oldest
+
+    async def written_before_any_durable(self, seq: int) -> bool:
+        """Segment `seq` names no durable seq: its writer wrote it while seq 1 was still in
+        flight. False when that cannot be read (no key ring, or the segment is gone)."""
+        data = await self.fetch(seq) if self.keyring is not None else None
+        if data is None or self.keyring is None:
+            return False
+        _, manifest = await asyncio.to_thread(read_manifest, data, self.keyring,
+                                              expect_log_id=self.log_id, expect_seq=seq)
+        return durable_at_write(manifest) == 0
+
     async def exists(self, seq: int) -> bool:
         return await self.store.exists(self.key(seq))
 
@@ -160,6 +181,8 @@ class DeltaLog:
         first = await self.first_seq()
         if first is None:
             return Tail(None, None)
+        if first > 1 and await self.written_before_any_durable(first):
+            return Tail(None, None, await self._later_than(0))  # behind seq 1 (log_start)
         lo, step = first, 1
         while await self.exists(lo + step):
             lo, step = lo + step, step * 2

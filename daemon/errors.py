@@ -128,12 +128,14 @@ class ChainError(SegmentError):
 
 
 class LogGapError(ChainError):
-    """Segments are missing from the middle of a log (later ones are stored): the log is
-    damaged, not shorter. Names the missing seqs and the segment that proves it."""
+    """Segments are missing from the middle or the start of a log (later ones are stored
+    and prove them durable once): the log is damaged, not shorter. Names the missing seqs
+    and the segment that proves it."""
 
     def __init__(self, log_id: str, missing: list[int], evidence: str) -> None:
         self.missing = missing
-        super().__init__(f"{describe_seqs(missing)} missing from the middle of the log "
+        where = "at the start" if missing[0] == 1 else "from the middle"
+        super().__init__(f"{describe_seqs(missing)} missing {where} of the log "
                          f"({evidence}); restore them, or truncate the log with "
                          "`drstream log truncate`", log_id=log_id, seq=missing[0])
 

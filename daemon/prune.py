@@ -90,6 +90,12 @@ async def prune(config: Config, store: Store, keyring: KeyRing, older_than_s: fl
             keep_from, why = seq, f"replay {name!r} is unfinished and needs seq {seq} on"
     result.keep_from = keep_from
     why = await _plan(log_, result, first, keep_from, _now_ms() - older_than_s * 1000) or why
+    new_first = result.deleted[-1] + 1 if result.deleted else first
+    if new_first > first and await log_.written_before_any_durable(new_first):
+        # A writer (or apply) would take such a first segment for a crash's leftovers
+        # behind a lost seq 1 (DeltaLog.log_start), so keep the log's start.
+        result.deleted.clear()
+        why = f"seq {new_first} was written before seq 1 was durable"
     result.kept_reason = why
     if result.deleted and not dry_run:
         doc = await store_report(store, config.log_id, {

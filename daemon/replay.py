@@ -93,8 +93,8 @@ async def pruned_start(store: Store, keyring: KeyRing, log_id: str, stream: str
                        ) -> tuple[int, Any] | None:
     """(seq, the stream's positions) of the oldest stored segment when the log was pruned
     (its first segment is not seq 1); None otherwise."""
-    log_ = DeltaLog(store, log_id)
-    first = await log_.first_seq()
+    log_ = DeltaLog(store, log_id, keyring)
+    first = await log_.log_start()
     if first is None or first == 1:
         return None
     data = await log_.fetch(first)
@@ -186,7 +186,7 @@ async def _pin(store: Store, log_: DeltaLog, plan: ReplayPlan, applier: Applier)
     segment, which a fresh replay of a pruned log seeds from) on. The new pin is stored
     before the older ones of the same name go, so the segments are never unpinned."""
     after = await applier.start()
-    keep_from = max(after, await log_.first_seq() or 1)
+    keep_from = max(after, await log_.log_start() or 1)
     name = _pin_name(plan.name)
     key = replay_pin_key(log_.log_id, name, keep_from)
     doc = {"replay": plan.name, "log_id": log_.log_id, "stream": plan.stream,

@@ -74,7 +74,9 @@ async def _stored(fields: dict[str, object], log_id: str) -> dict[int, str]:
 
 
 def contiguous(stored: dict[int, str]) -> dict[int, str]:
-    run, seq = {}, min(stored, default=1)
+    """The run from seq 1 (this log is never pruned): segments stored behind a lost seq 1
+    were never durable."""
+    run, seq = {}, 1
     while seq in stored:
         run[seq] = stored[seq]
         seq += 1

@@ -81,9 +81,9 @@ def setup(tmp_path: Path) -> Setup:
         async with FileStore(FileStoreConfig(type="file", path=str(store))) as fs:
             writer = LogWriter(fs, LOG, keyring)
             await writer.open()
-            for i in range(SEGMENTS):
+            for i in range(SEGMENTS):  # one at a time: each names its predecessor durable
                 await writer.append(body(3, start=3 * i))
-            await writer.flush()
+                await writer.flush()
 
     asyncio.run(write())
     raw = {"log_id": LOG, "store": {"type": "file", "path": str(store)},
