@@ -18,6 +18,10 @@ key}`, and continues after `cursor` (the next scan after a restart does too): a 
 of a large bucket is checkpointed in the log in steps, and a crash repeats at most one
 step. A crash before a delivery is durable repeats its listing from the same positions:
 events reach the log at least once, and the sink applies them idempotently.
+
+A store's connector may add a WakeHint (S3: bucket notifications through SQS): a scan
+then starts as soon as the hint says the bucket changed, not only every `interval_s`.
+The listing still decides what changed, so a hint lost or wrong costs latency only.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
@@ -121,6 +125,18 @@ class BucketReader(Protocol):
     def read(self, key: str, version_id: str) -> AbstractAsyncContextManager[ObjectRead | None]:
         """The object (that version when version_id is not ""), None when it is gone."""
         ...
+
+
+class WakeHint(Protocol):
+    """A latency hint of a store, optional (bucket event notifications): it calls `wake`
+    whenever the bucket says something changed, however often; the source then starts
+    its next scan at once instead of after `interval_s`. Nothing it says is read for what
+    changed. A hint that cannot reach its service must not raise: the source lists every
+    `interval_s` meanwhile."""
+
+    async def start(self, wake: Callable[[], None]) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 ST = TypeVar("ST", bound=Starting)
@@ -228,21 +244,26 @@ def shipped_state(blobs: BlobStore, positions: dict[str, Any]) -> Chained:
 
 
 class ObjectSource(Closing):
-    """A bucket prefix as a source, whatever the store: `reader` lists and reads it."""
+    """A bucket prefix as a source, whatever the store: `reader` lists and reads it;
+    `hint`, when the store has one configured, wakes the next scan early."""
 
-    def __init__(self, config: ObjectSourceFields, ctx: Context, reader: BucketReader) -> None:
+    def __init__(self, config: ObjectSourceFields, ctx: Context, reader: BucketReader,
+                 hint: WakeHint | None = None) -> None:
         self.config = config
         self.stream = config.stream
         self.log_id = ctx.log_id
         self.blobs = ctx.blobs
         self.reader = reader
         self.url = reader.url
+        self.hint = hint
         self._positions: dict[str, Any] = {}
         self._versioned: bool | None = None
         self._open = False
         self._scan: AsyncIterator[tuple[list[dict[str, Any]], dict[str, Any]]] | None = None
         self._next_at = 0.0
         self._failures = 0
+        self._wake = asyncio.Event()  # set by the hint: scan at once
+        self._hinting = False
         self.scans = 0
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -257,10 +278,16 @@ class ObjectSource(Closing):
         self._open = True
         self._versioned = await self.reader.versioned()
         self._next_at = 0.0
+        if self.hint is not None and not self._hinting:
+            await self.hint.start(self._wake.set)
+            self._hinting = True
         log.info("object_source_started", stream=self.stream, source=self.url,
                  versions=self._versioned, resuming_after=self._positions.get("cursor"))
 
     async def close(self) -> None:
+        if self.hint is not None and self._hinting:
+            self._hinting = False
+            await self.hint.close()
         if self._scan is not None:
             with contextlib.suppress(Exception):
                 await self._scan.aclose()  # type: ignore[attr-defined]
@@ -270,8 +297,8 @@ class ObjectSource(Closing):
             self._open = False
 
     def reconfigure(self, config: ObjectSourceFields) -> None:
-        """Interval, chunk size and budget apply from the next scan; where it reads needs
-        a restart."""
+        """Interval, chunk size and budget apply from the next scan; where it reads and
+        its hint need a restart."""
         self.config = config
         self._next_at = 0.0
 
@@ -280,10 +307,11 @@ class ObjectSource(Closing):
     async def read(self, timeout_s: float) -> Delivery | None:
         if self._scan is None:
             wait = self._next_at - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(min(timeout_s, wait))
-                if time.monotonic() < self._next_at:
+            if wait > 0 and not self._woken():
+                await self._sleep(min(timeout_s, wait))
+                if time.monotonic() < self._next_at and not self._woken():
                     return None
+            self._wake.clear()  # a hint from now on calls for another scan
             self._scan = self._run_scan(dict(self._positions))
         try:
             events, positions = await anext(self._scan)
@@ -306,6 +334,19 @@ class ObjectSource(Closing):
         return Delivery(batches=[], positions=dict(positions),
                         nbytes=len(json.dumps(events, separators=(",", ":"))),
                         events=[EventBatch(self.stream, events)] if events else [])
+
+    def _woken(self) -> bool:
+        return self._wake.is_set() and not self._failures
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait `seconds`, or until the hint wakes the source (not while a failed scan
+        backs off: a hint does not call for retries)."""
+        if self._failures:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
 
     async def _run_scan(self, pos: dict[str, Any]
                         ) -> AsyncIterator[tuple[list[dict[str, Any]], dict[str, Any]]]:

@@ -37,6 +37,13 @@ C = TypeVar("C", bound=ConnectorConfig)
 RETRIABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
+def http_endpoint(v: str | None) -> str | None:
+    """An endpoint is an http(s) URL; kept without its trailing slash."""
+    if v is not None and not v.startswith(("http://", "https://")):
+        raise ValueError(f"endpoint_url {v!r} must start with http:// or https://")
+    return v.rstrip("/") if v else v
+
+
 class CloudStoreConfig(ConnectorConfig):
     """Fields every HTTP object store has; the store's own model adds where and who."""
 
@@ -61,12 +68,7 @@ class CloudStoreConfig(ConnectorConfig):
                 raise ValueError(str(e).replace("object key", "prefix")) from None
         return v
 
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint_url {v!r} must start with http:// or https://")
-        return v.rstrip("/") if v else v
+    _endpoint = field_validator("endpoint_url")(http_endpoint)
 
     @model_validator(mode="after")
     def _backoff(self) -> CloudStoreConfig:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from drstream.connectors.s3.notify import NotificationsConfig
 from drstream.connectors.s3.store import BUCKET_RE, S3BucketConfig
 from drstream.daemon.objsource import MIN_PART_BYTES, ObjectSourceFields
 from drstream.daemon.plugins import SinkConfig
@@ -31,6 +32,9 @@ class ObjectSourceConfig(ObjectSourceFields, S3BucketConfig):
     versions: Literal["auto", "on", "off"] = Field(
         "auto", description="list object versions (auto: when the bucket's versioning is "
                             "Enabled or Suspended)")
+    notifications: NotificationsConfig | None = Field(
+        None, description="an SQS queue of the bucket's events: list at once on one "
+                          "(a latency hint; off by default)")
 
 
 class ObjectSinkConfig(S3BucketConfig, SinkConfig):

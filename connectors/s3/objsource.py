@@ -3,7 +3,7 @@ shipped through the shared object source (daemon/objsource.py), which this reade
 and reads for: ListObjectVersions when versions are listed (new objects, overwrites,
 delete markers, versions removed for good), ListObjectsV2 otherwise (ETag, size and
 last-modified compared), 1,000 keys a request with continuation; GetObject streamed in
-1 MiB pieces.
+1 MiB pieces. Bucket notifications through SQS (notify.py) are its wake hint.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import aiohttp
 from botocore.exceptions import BotoCoreError
 
 from drstream.connectors.s3.events import HEADERS
+from drstream.connectors.s3.notify import QueueHint
 from drstream.connectors.s3.objconfig import ObjectSourceConfig
 from drstream.connectors.s3.store import S3Store, is_missing
 from drstream.daemon import objsource
@@ -147,8 +148,14 @@ class S3Reader(StoreReader[S3Store]):
 
 
 class ObjectSource(objsource.ObjectSource):
-    """The `s3` source type: the shared object source over an S3Reader."""
+    """The `s3` source type: the shared object source over an S3Reader, woken by the
+    bucket's notifications in an SQS queue when `notifications` is set."""
 
     def __init__(self, config: ObjectSourceConfig, ctx: Context) -> None:
-        super().__init__(config, ctx, S3Reader(config, where=f"sources[{config.stream}]"))
+        where = f"sources[{config.stream}]"
+        hint = None
+        if config.notifications is not None:
+            hint = QueueHint(config.notifications, config, config.stream,
+                             f"{where}.notifications")
+        super().__init__(config, ctx, S3Reader(config, where=where), hint)
 

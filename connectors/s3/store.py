@@ -145,6 +145,16 @@ def is_missing(e: BaseException) -> bool:
         _code(cause) in _MISSING_KEY_CODES or _code(cause) == "NoSuchVersion")
 
 
+def credentials(c: S3BucketConfig, where: str) -> dict[str, str]:
+    """The client's key pair read from its references (empty: botocore's default chain);
+    `where` names the config section in a secret's error."""
+    if not (c.access_key_id and c.secret_access_key):
+        return {}
+    return {"aws_access_key_id": read_secret(c.access_key_id, f"{where}.access_key_id"),
+            "aws_secret_access_key": read_secret(c.secret_access_key,
+                                                 f"{where}.secret_access_key")}
+
+
 def _retriable(e: ClientError) -> bool:
     return _code(e) in _RETRIABLE_CODES or _status(e) >= 500 or _status(e) == 429
 
@@ -172,15 +182,7 @@ class S3Store(remotestore.RemoteStore[S3BucketConfig, Any]):  # aiobotocore's cl
 
     async def _connect(self) -> None:
         c = self.config
-        creds: dict[str, str] = {}
-        if c.access_key_id and c.secret_access_key:
-            creds = {
-                "aws_access_key_id": read_secret(c.access_key_id,
-                                                 f"{self.where}.access_key_id"),
-                "aws_secret_access_key": read_secret(
-                    c.secret_access_key, f"{self.where}.secret_access_key"
-                ),
-            }
+        creds = credentials(c, self.where)
         boto_config = AioConfig(
             connect_timeout=c.connect_timeout_s,
             read_timeout=c.read_timeout_s,

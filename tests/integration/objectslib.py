@@ -117,3 +117,33 @@ class History:
     def put(self, rel: str, data: bytes, metadata: dict[str, str],
             content_type: str = "text/plain") -> None:
         self.bucket.put(self.full(rel), data, metadata, content_type)
+
+
+def notify_queue(s3: S3Server, bucket: str, prefix: str) -> str:
+    """A new SQS queue on the server that `bucket` sends its ObjectCreated/ObjectRemoved
+    events under `prefix/` to (the bucket's notification configuration); its URL. The
+    server queues one s3:TestEvent message as the configuration is set, like S3."""
+    sqs = s3.new_client("sqs")
+    try:
+        url = str(sqs.create_queue(QueueName=unique("drstream-hint"))["QueueUrl"])
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])[
+            "Attributes"]["QueueArn"]
+    finally:
+        sqs.close()
+    s3.client.put_bucket_notification_configuration(
+        Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [{
+            "QueueArn": arn, "Events": ["s3:ObjectCreated:*", "s3:ObjectRemoved:*"],
+            "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": f"{prefix}/"}]}},
+        }]})
+    return url
+
+
+def queued(s3: S3Server, url: str) -> int:
+    """Messages in the queue, visible or being handled (not yet deleted)."""
+    sqs = s3.new_client("sqs")
+    try:
+        attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])
+    finally:
+        sqs.close()
+    return sum(int(v) for v in attrs["Attributes"].values())

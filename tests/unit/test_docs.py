@@ -41,7 +41,8 @@ TOP_KEYS = tuple(Config.model_fields)
 # metric label values, Kafka broker settings.
 NOT_CONFIG_KEYS = {"at_ms", "records_not_replicated", "key_id", "source_offsets_lost",
                    "config_reload_rejected", "bad_signature", "group_left", "group_right",
-                   "auto.offset.reset", "rpo_s", "applied_seq", "handover_waiting"}
+                   "auto.offset.reset", "rpo_s", "applied_seq", "handover_waiting",
+                   "s3_notifications_unreachable", "s3_notifications_connected"}
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 SHELL_OPERATORS = {"|", "||", "&", "&&", ";", ">", ">>", "<"}

@@ -147,7 +147,8 @@ def registered_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     """Scraped name -> (type, label names) of everything in drstream's registry."""
     import drstream.connectors.kafka.source
     import drstream.connectors.mlflow.source
-    import drstream.connectors.mlflow.webhook  # noqa: F401  (each registers its metrics on import)
+    import drstream.connectors.mlflow.webhook
+    import drstream.connectors.s3.notify  # noqa: F401  (each registers its metrics on import)
     from drstream.daemon.metrics import REGISTRY
 
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
@@ -164,7 +165,7 @@ def registered_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
 
 
 def documented_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
-    rows = re.findall(r"^\| `([a-z_:]+)` \| (\w+) \| ([^|]+) \|", README.read_text(), re.M)
+    rows = re.findall(r"^\| `([a-z0-9_:]+)` \| (\w+) \| ([^|]+) \|", README.read_text(), re.M)
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for name, kind, labels in rows:
         assert name not in out, f"{name} documented twice"
