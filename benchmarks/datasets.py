@@ -13,7 +13,15 @@ beside a bare get/put loop with the same client library (aiobotocore) in the sam
    peak RSS of each process tree sampled from /proc. The standby is then compared with the
    primary object by object (size, sha256, content type, metadata).
 4. RPO and end-to-end lag of one new 4 KiB object once the case is in sync (listing
-   interval 1 s; no notification hint exists to compare with).
+   interval 1 s).
+
+    python -m benchmarks.datasets --rpo                         # RPO with/without the hint
+
+`--rpo`: RPO of a new object (its PUT on the primary until a listing of the standby
+shows it, polled every 20 ms), `--rpo-samples` objects one after the other, with the
+same `interval_s` twice: listing only, then with bucket notifications to an SQS queue on
+the same server (the latency hint, docs/datasets.md). Before each PUT a random pause of
+0 to `interval_s`, so PUTs fall anywhere between two listings, not right after one.
 
 MB = 10^6 bytes of object content. A benchmark: nothing asserts on time.
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +45,12 @@ from benchmarks.common import (
     exit_on_sigterm,
     machine_facts,
     md_table,
+    summarize,
     text_table,
     write_results,
 )
 from tests.infra.s3 import KEY_ENV, SECRET_ENV, S3Server
-from tests.integration.objectslib import put_big, view, write_objects_config
+from tests.integration.objectslib import notify_queue, put_big, view, write_objects_config
 from tests.support.procs import DrstreamProcess
 
 PART = 8 * MiB
@@ -166,18 +176,91 @@ def _new_object(s3: S3Server, primary: str, standby: str,
     return {"new_object_shipped_s": round(logged, 2), "new_object_on_standby_s": round(arrived, 2)}
 
 
+def rpo_run(s3: S3Server, hint: bool, samples: int, interval_s: float,
+            work: Path) -> dict[str, Any]:
+    """PUT one 4 KiB object at a time; seconds until the standby has each."""
+    name = "hint" if hint else "interval"
+    primary, standby = s3.create_bucket(), s3.create_bucket()
+    source: dict[str, Any] = {"interval_s": interval_s}
+    if hint:
+        source["notifications"] = {"sqs_queue_url": notify_queue(s3, primary, "data")}
+    (work / name).mkdir(parents=True)
+    setup = write_objects_config(work / name, s3, source_bucket=primary,
+                                 standby_bucket=standby, standby_prefix="data", source=source,
+                                 ship={"flush_interval_s": 0.1})
+    ship = DrstreamProcess(["ship", "--config", str(setup.path)], work / name / "ship.log")
+    apply = DrstreamProcess(["apply", "--config", str(setup.path)], work / name / "apply.log")
+    rng = random.Random(7)
+    times: list[float] = []
+    try:
+        ship.wait_ready(60)
+        apply.wait_ready(60)
+        if hint:
+            ship.wait_output("s3_notifications_connected", 60)
+        for i in range(samples):
+            time.sleep(rng.uniform(0, interval_s))
+            key = f"data/rpo-{i:04d}"
+            put_at = time.monotonic()
+            s3.client.put_object(Bucket=primary, Key=key, Body=os.urandom(4096))
+            while not listed(s3, standby, key):
+                for p in (ship, apply):
+                    if not p.alive():
+                        raise SystemExit(f"{p.command} exited\n{p.describe(60)}")
+                time.sleep(0.02)
+            times.append(time.monotonic() - put_at)
+    finally:
+        for p in (ship, apply):
+            p.terminate()
+    stats = summarize(times)
+    return {"mode": "notification hint" if hint else "listing only", "interval_s": interval_s,
+            "samples": len(times),
+            **{f"rpo_{k}_s": round(float(stats[k] or 0), 2)
+               for k in ("min", "p50", "p90", "p99", "max", "mean")},
+            "rpo_all_s": [round(t, 3) for t in times]}
+
+
+def rpo_main(args: argparse.Namespace, facts: dict[str, Any], s3: S3Server) -> None:
+    with tempfile.TemporaryDirectory(prefix="drs-datasets-rpo-") as tmp:
+        rows = [rpo_run(s3, hint, args.rpo_samples, args.rpo_interval, Path(tmp))
+                for hint in (False, True)]
+    cols = ["mode", "interval_s", "samples", "rpo_min_s", "rpo_p50_s", "rpo_p90_s",
+            "rpo_p99_s", "rpo_max_s", "rpo_mean_s"]
+    table = [[r[c] for c in cols] for r in rows]
+    print(text_table(cols, table))
+    cmd = (f"python -m benchmarks.datasets --rpo --rpo-samples {args.rpo_samples} "
+           f"--rpo-interval {args.rpo_interval}")
+    md = (f"# Dataset replication: RPO of a new object, with and without the notification "
+          f"hint\n\n`{cmd}`\n\n{facts['nproc']} CPUs, {facts['timestamp']}, commit "
+          f"{facts['commit']}, load average {facts['loadavg_at_start'][0]:.2f} at start\n\n"
+          f"{md_table(cols, table)}\n")
+    for path in write_results(f"{args.name}-rpo", {"machine": facts, "args": vars(args),
+                                                   "runs": rows}, md):
+        print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", type=int, default=1000, help="small objects (0: skip)")
     ap.add_argument("--small-kib", type=int, default=4)
     ap.add_argument("--large", type=int, default=3, help="large objects (0: skip)")
     ap.add_argument("--large-mib", type=int, default=64)
-    ap.add_argument("--name", default="datasets", help="results/<name>.{json,md}")
+    ap.add_argument("--name", default="datasets",
+                    help="results/<name>.{json,md} (--rpo: <name>-rpo)")
+    ap.add_argument("--rpo", action="store_true",
+                    help="only the RPO of new objects, with and without the hint")
+    ap.add_argument("--rpo-samples", type=int, default=30)
+    ap.add_argument("--rpo-interval", type=float, default=5.0, help="interval_s of both runs")
     args = ap.parse_args()
     exit_on_sigterm()
     facts = machine_facts()
     s3 = S3Server.start_new("bench-s3")
     os.environ[KEY_ENV], os.environ[SECRET_ENV] = s3.access_key, s3.secret_key
+    if args.rpo:
+        try:
+            rpo_main(args, facts, s3)
+        finally:
+            s3.stop()
+        return
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="drs-datasets-") as tmp:
