@@ -24,7 +24,7 @@ from drstream.daemon import envelope
 from drstream.daemon.blobs import MAX_CHUNK, BlobStore, _derive, blob_id
 from drstream.daemon.codec import Body, EventBatch, make_manifest
 from drstream.daemon.deltalog import DeltaLog, LogWriter
-from drstream.daemon.errors import BlobError, LogGapError, LogStateError, StoreError
+from drstream.daemon.errors import BlobError, LogStateError, StoreError
 from drstream.daemon.layout import blob_key, segments_prefix
 from drstream.daemon.prune import prune
 from drstream.daemon.segment import encode_segment, segment_digest
@@ -71,7 +71,10 @@ class CountingStore:
 
 
 async def test_oldest_segments_deleted_by_hand_are_seen(setup: LogSetup) -> None:
-    await make_log(setup, 12)
+    # one upload at a time: seq 4 names seq 3 durable, so the log may have been pruned to
+    # start there (a first segment written before seq 1 was durable never starts one:
+    # tests/unit/test_log_start.py)
+    await make_log(setup, 12, max_in_flight=1)
     for seq in (1, 2, 3):
         await setup.store.delete(setup.key(seq))
     report = await verify_log(DeltaLog(setup.store, LOG))
@@ -79,13 +82,9 @@ async def test_oldest_segments_deleted_by_hand_are_seen(setup: LogSetup) -> None
     assert "seqs 1..3 missing at the start" in report.problems[0].message
     res = await asyncio.to_thread(drstream, "verify", "--config", str(setup.config_path))
     assert res.returncode == 1 and "no `drstream prune` removed them" in res.stdout, show(res)
-    # seq 4 was written before seq 1 was durable, so the log cannot have been pruned to
-    # start there: prune sees a gap at the start (seq 12 proves 1..9 durable once) and
-    # deletes nothing
-    with pytest.raises(LogGapError, match=r"seqs 1\.\.3 missing at the start"):
-        await prune(setup.config, setup.store, setup.keyring, 0.0)
+    # a later prune does not explain what it did not remove
+    await prune(setup.config, setup.store, setup.keyring, 0.0)
     report = await verify_log(DeltaLog(setup.store, LOG))
-    assert report.segments == 9, report
     assert [(p.seq, p.kind) for p in report.problems] == [(1, "missing")], report.problems
 
 
