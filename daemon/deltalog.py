@@ -124,15 +124,20 @@ class DeltaLog:
         is still in flight, or a writer's crash lost it and left this one behind the hole,
         so the log begins at 1."""
         oldest = await self.first_seq()
-        if oldest is not None and oldest > 1 and await self.written_before_any_durable(oldest):
-            return 1
-        return oldest
+        return 1 if await self._behind_seq_one(oldest) else oldest
+
+    async def _behind_seq_one(self, oldest: int | None) -> bool:
+        """The oldest stored seq is past 1 and was written before any seq was durable."""
+        return oldest is not None and oldest > 1 and \
+            await self.written_before_any_durable(oldest)
 
     async def written_before_any_durable(self, seq: int) -> bool:
         """Segment `seq` names no durable seq: its writer wrote it while seq 1 was still in
         flight. False when that cannot be read (no key ring, or the segment is gone)."""
-        data = await self.fetch(seq) if self.keyring is not None else None
-        if data is None or self.keyring is None:
+        if self.keyring is None:
+            return False
+        data = await self.fetch(seq)
+        if data is None:
             return False
         _, manifest = await asyncio.to_thread(read_manifest, data, self.keyring,
                                               expect_log_id=self.log_id, expect_seq=seq)
@@ -181,8 +186,8 @@ class DeltaLog:
         first = await self.first_seq()
         if first is None:
             return Tail(None, None)
-        if first > 1 and await self.written_before_any_durable(first):
-            return Tail(None, None, await self._later_than(0))  # behind seq 1 (log_start)
+        if await self._behind_seq_one(first):  # the log still begins at 1 (log_start)
+            return Tail(None, None, await self._later_than(0))
         lo, step = first, 1
         while await self.exists(lo + step):
             lo, step = lo + step, step * 2
